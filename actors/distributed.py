@@ -1,0 +1,155 @@
+"""torch.distributed bring-up for one rank, and the typed byte channel the ranks talk over.
+
+Every rank calls `init_rank_groups` with the same arguments but its own rank. The world group
+uses NCCL on GPU (the data plane: tp all-reduce, pp hidden states) and a second, gloo group over
+the same ranks carries control traffic on CPU (step plans, results, start-up facts) as msgpack
+bytes, so no rank ever unpickles what came over the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from actors.process_groups import GroupCoordinator, RankCoords, global_rank, single_rank_group
+
+logger = logging.getLogger("strata")
+
+
+@dataclass
+class RankGroups:
+    coords: RankCoords
+    tp: GroupCoordinator
+    pp: GroupCoordinator  # the ranks holding this tensor slice in every stage, in stage order
+    control: dist.ProcessGroup | None  # gloo over all ranks, for msgpack bytes
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_rank_groups(
+    coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0
+) -> RankGroups:
+    """Joins the world and builds the tp, pp and control groups (all ranks, same order)."""
+    if coords.world_size == 1:
+        return RankGroups(coords, single_rank_group(), single_rank_group(), None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=coords.rank,
+        world_size=coords.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    tp_size, pp_size = coords.tp_size, coords.pp_size
+    tp = pp = None
+    # new_group is collective: every rank creates every group, in the same order.
+    for stage in range(pp_size):
+        ranks = [global_rank(stage, t, tp_size) for t in range(tp_size)]
+        group = dist.new_group(ranks) if tp_size > 1 else None
+        if stage == coords.pp_rank:
+            tp = GroupCoordinator(ranks, coords.rank, group)
+    for t in range(tp_size):
+        ranks = [global_rank(s, t, tp_size) for s in range(pp_size)]
+        group = dist.new_group(ranks) if pp_size > 1 else None
+        if t == coords.tp_rank:
+            pp = GroupCoordinator(ranks, coords.rank, group)
+    control = dist.new_group(list(range(coords.world_size)), backend="gloo") if backend != "gloo" else None
+    control = control or dist.group.WORLD
+    logger.info("rank %d joined: %s backend, tp group %s, pp group %s", coords.rank, backend, tp.ranks, pp.ranks)
+    return RankGroups(coords, tp, pp, control)
+
+
+def broadcast_bytes(data: bytes | None, group: dist.ProcessGroup, src: int = 0) -> bytes:
+    """Rank `src` passes the bytes; every rank gets them back."""
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=src, group=group)
+    buf = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data is not None
+        else torch.empty(int(size.item()), dtype=torch.uint8)
+    )
+    dist.broadcast(buf, src=src, group=group)
+    return buf.numpy().tobytes()
+
+
+def send_bytes(data: bytes, dst: int, group: dist.ProcessGroup) -> None:
+    dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=dst, group=group)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group)
+
+
+def recv_bytes(src: int, group: dist.ProcessGroup) -> bytes:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src=src, group=group)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(buf, src=src, group=group)
+    return buf.numpy().tobytes()
+
+
+def all_gather_msgpack(obj, group: dist.ProcessGroup | None, world_size: int) -> list:
+    """Every rank's `obj` (msgpack-able), in rank order."""
+    if group is None or world_size == 1:
+        return [obj]
+    data = msgpack.packb(obj, use_bin_type=True)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world_size)]
+    dist.all_gather(bufs, padded, group=group)
+    return [
+        msgpack.unpackb(b[: int(s.item())].numpy().tobytes(), raw=False, strict_map_key=False)
+        for b, s in zip(bufs, sizes, strict=True)
+    ]
+
+
+def all_reduce_min(value: int, group: dist.ProcessGroup | None) -> int:
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+DERIVED_ENV: set[str] = set()  # variables set by set_socket_ifname_for, not by the user
+
+
+def set_socket_ifname_for(address: str) -> None:
+    """Points gloo and NCCL at the interface holding `address`, unless the user chose one.
+
+    Without this they may pick 127.0.0.1 and ranks on other hosts never connect."""
+    ifname = interface_for_address(address)
+    if ifname is None:
+        return
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if var not in os.environ or var in DERIVED_ENV:
+            os.environ[var] = ifname
+            DERIVED_ENV.add(var)
+
+
+def interface_for_address(address: str) -> str | None:
+    """The network interface that holds `address`, read from `ip -o addr` (Linux)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        # "2: eth0    inet 10.0.0.2/24 brd ..."
+        if len(parts) >= 4 and parts[2] == "inet" and parts[3].split("/")[0] == address:
+            return parts[1]
+    return None

@@ -1,0 +1,208 @@
+"""The driver: rank 0 (pipeline stage 0, tensor rank 0) plus the engine loop, the tokenizer and
+the request streams.
+
+Under Ray it is an async actor placed in bundle 0 of stage 0; under the mp backend a plain
+object in the serving process. Either way the engine loop runs in its own thread (a step blocks
+on the model), and callers talk to it through `generate` (an async stream of RequestOutput),
+`generate_batch` (offline: results as each request finishes) and `abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import torch
+from transformers import AutoConfig
+
+from actors.distributed import free_port
+from actors.engine import EngineCore
+from actors.executor import DriverExecutor, MpRankLauncher, RayRankLauncher
+from actors.rank import RankWorker
+from app.config import EngineConfig
+from app.model_source import effective_max_model_len, eos_token_ids, load_tokenizer
+from app.outputs import RequestOutput
+from app.sampling_params import SamplingParams
+from app.startup_log import log_startup
+
+logger = logging.getLogger("strata")
+
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+class Driver:
+    def __init__(self, config_json: str, model_dir: str, placement=None):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = config = EngineConfig.model_validate_json(config_json)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        self.worker = RankWorker(config_json, model_dir, rank=0, local_device_index=0)
+        if placement is not None:
+            self.launcher = RayRankLauncher(config_json, model_dir, config.world_size, placement)
+        else:
+            gpus = torch.cuda.device_count()
+            self.launcher = MpRankLauncher(config_json, model_dir, config.world_size, gpus)
+        master_addr = self.worker.node_ip()
+        master_port = free_port(master_addr)
+        handle = self.launcher.start(master_addr, master_port)
+        self.rank_facts = self.worker.bring_up(master_addr, master_port)
+        self.launcher.wait_started(handle)
+        num_blocks = self.worker.num_blocks
+        self.max_model_len = effective_max_model_len(config, hf_config, num_blocks)
+        log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
+        self.executor = DriverExecutor(self.worker)
+        self.engine = EngineCore(config, self.executor, self.tokenizer, hf_config.vocab_size,
+                                 self.max_model_len, num_blocks, eos_token_ids(hf_config, self.tokenizer))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        if self.worker.device.type == "cuda":
+            torch.cuda.set_device(self.worker.device)  # the current device is per thread
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # noqa: BLE001 - every request must hear of it
+                logger.exception("engine step failed; failing the running requests")
+                self._fail_all(err)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out, final=out.finished)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd, request_id, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "add":
+                prompt, ids, params, sink = payload
+                self._sinks[request_id] = sink
+                try:
+                    self.engine.add_request(request_id, prompt, ids, params)
+                except Exception as err:  # noqa: BLE001 - reported to that request only
+                    self._deliver(request_id, err, final=True)
+            elif cmd == "abort":
+                out = self.engine.abort(request_id)
+                if out is not None:
+                    self._deliver(request_id, out, final=True)
+
+    def _deliver(self, request_id: str, item, final: bool) -> None:
+        sink = self._sinks.pop(request_id, None) if final else self._sinks.get(request_id)
+        if sink is not None:
+            sink(item)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {err}"), final=True)
+
+    # ---- requests in (any thread) ----
+
+    def tokenize_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is not None:
+            return list(prompt_token_ids)
+        if not isinstance(prompt, str):
+            raise ValueError(f"A prompt must be a string or token ids, got {type(prompt).__name__}.")
+        return self.tokenizer.encode(prompt)
+
+    def submit(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+               params: SamplingParams, sink: Sink) -> None:
+        """Validates (raising ValueError here, before the engine sees it) and queues a request."""
+        ids = self.tokenize_prompt(prompt, prompt_token_ids)
+        self.engine.validate(ids, params)
+        self._commands.put(("add", request_id, (prompt, ids, params, sink)))
+        self._wake.set()
+
+    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Streams the request's cumulative output after every step; aborts it if the consumer
+        stops listening (a client that went away frees its KV blocks)."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self.submit(request_id, prompt, prompt_token_ids, params,
+                    lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def generate_batch(self, requests: list[tuple[str, str | None, list[int] | None, SamplingParams]]):
+        """Offline: queues every request, then yields (index, final output) as each finishes.
+        All requests are validated first; a bad one raises before any is queued."""
+        ids = [self.tokenize_prompt(p, t) for _, p, t, _ in requests]
+        for i, ((_, _, _, params), tokens) in enumerate(zip(requests, ids, strict=True)):
+            try:
+                self.engine.validate(tokens, params)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue = asyncio.Queue()
+        for i, ((request_id, prompt, _, params), tokens) in enumerate(zip(requests, ids, strict=True)):
+            sink = (lambda item, i=i: loop.call_soon_threadsafe(done.put_nowait, (i, item))
+                    if isinstance(item, BaseException) or item.finished else None)
+            self._commands.put(("add", request_id, (prompt, tokens, params, sink)))
+        self._wake.set()
+        for _ in requests:
+            i, item = await done.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+        self._wake.set()
+
+    # ---- what the outside sees ----
+
+    def ready(self) -> dict:
+        return {"max_model_len": self.max_model_len, "num_blocks": self.worker.num_blocks,
+                "ranks": self.rank_facts}
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> str:
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def step_times(self) -> list[list[tuple[float, float]]]:
+        return [self.worker.step_times(), *self.launcher.step_times()]
+
+    def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.executor.shutdown()
+        self.launcher.stop()
+        self.worker.shutdown()

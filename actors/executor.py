@@ -1,0 +1,142 @@
+"""Starting the non-driver ranks (on Ray or as local processes) and running steps across them.
+
+The driver process hosts rank 0 itself. `RayRankLauncher` puts ranks 1..N-1 into their placement
+bundles as Ray actors; `MpRankLauncher` starts them as processes on this node. Either way every
+rank then runs the same `RankWorker.bring_up`, and all but rank 0 enter `run_loop`.
+`DriverExecutor.execute` broadcasts a plan, runs rank 0's share, and returns the sampling rank's
+result.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+
+from actors.distributed import DERIVED_ENV, broadcast_bytes, recv_bytes
+from actors.rank import RankWorker
+from actors.step_plan import StepPlan, StepResult
+
+logger = logging.getLogger("strata")
+
+# Variables every rank inherits from the driver's environment (besides any the user lists in
+# STRATA_FORWARD_ENV, comma-separated), so NCCL and gloo settings reach remote nodes.
+_FORWARD_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING", "STRATA_", "HF_", "OMP_")
+
+
+def rank_env() -> dict[str, str]:
+    """Environment for a rank process. This node's address, and the interfaces we derived from
+    it, are not forwarded: every node finds its own (the user's own choices are forwarded)."""
+    extra = {v.strip() for v in os.environ.get("STRATA_FORWARD_ENV", "").split(",") if v.strip()}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in extra}
+    for key in (*DERIVED_ENV, "STRATA_HOST_IP"):
+        env.pop(key, None)
+    # Multicast over NVLink has hung on the machines we test on; keep it off unless asked.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    return env
+
+
+class DriverExecutor:
+    """Rank 0's side of a step: broadcast the plan, run the local shard, collect the result."""
+
+    def __init__(self, worker: RankWorker):
+        self.worker = worker
+        self.coords = worker.coords
+        self.sampler_rank = self.coords.world_size - self.coords.tp_size  # tp rank 0, last stage
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        control = self.worker.groups.control
+        if self.coords.world_size > 1:
+            broadcast_bytes(plan.encode(), control, src=0)
+        result = self.worker.execute(plan)
+        if self.sampler_rank != 0:
+            result = StepResult.decode(recv_bytes(self.sampler_rank, control))
+        return result
+
+    def shutdown(self) -> None:
+        if self.coords.world_size > 1 and self.worker.groups is not None:
+            broadcast_bytes(StepPlan(step_id=-1, kind="shutdown").encode(), self.worker.groups.control, src=0)
+
+
+class RayRankLauncher:
+    """Ranks 1..N-1 as Ray actors, one per placement bundle."""
+
+    def __init__(self, config_json: str, model_dir: str, world_size: int, placement):
+        import ray
+
+        self.placement = placement
+        actor_cls = ray.remote(RankWorker)
+        self.actors = []
+        for rank in range(1, world_size):
+            opts = dict(placement.actor_resources(), scheduling_strategy=placement.strategy_for_rank(rank),
+                        runtime_env={"env_vars": rank_env()}, name=None, max_concurrency=2)
+            self.actors.append(actor_cls.options(**opts).remote(config_json, model_dir, rank, 0))
+        self._loops = []
+
+    def start(self, master_addr: str, master_port: int):
+        """Begins bring-up on every remote rank; returns a handle to wait on."""
+        return [a.bring_up.remote(master_addr, master_port) for a in self.actors]
+
+    def wait_started(self, handle) -> None:
+        import ray
+
+        ray.get(handle)
+        self._loops = [a.run_loop.remote() for a in self.actors]
+
+    def step_times(self) -> list[list[tuple[float, float]]]:
+        import ray
+
+        return ray.get([a.step_times.remote() for a in self.actors])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        import ray
+
+        if self._loops:
+            ray.wait(self._loops, num_returns=len(self._loops), timeout=timeout_s)
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def _mp_rank_main(config_json: str, model_dir: str, rank: int, device_index: int,
+                  master_addr: str, master_port: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    worker = RankWorker(config_json, model_dir, rank, device_index)
+    worker.bring_up(master_addr, master_port)
+    worker.run_loop()
+    worker.shutdown()
+
+
+class MpRankLauncher:
+    """Ranks 1..N-1 as local processes (the multiprocessing backend)."""
+
+    def __init__(self, config_json: str, model_dir: str, world_size: int, gpus_on_node: int):
+        self.args = (config_json, model_dir)
+        self.ranks = range(1, world_size)
+        self.gpus = gpus_on_node
+        self.procs: list[mp.Process] = []
+
+    def start(self, master_addr: str, master_port: int):
+        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
+        for rank in self.ranks:
+            device = rank % self.gpus if self.gpus else 0
+            p = ctx.Process(target=_mp_rank_main, daemon=True,
+                            args=(*self.args, rank, device, master_addr, master_port, rank_env()))
+            p.start()
+            self.procs.append(p)
+        return None
+
+    def wait_started(self, handle) -> None:
+        return None  # bring_up's collectives already synchronised every rank with the driver
+
+    def step_times(self) -> list[list[tuple[float, float]]]:
+        return []
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []

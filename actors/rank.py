@@ -1,0 +1,148 @@
+"""The rank: one model shard and its KV cache on one GPU (or CPU slot), running steps.
+
+Lifecycle, the same under Ray and multiprocessing:
+  1. `bring_up`: join the process groups, load this rank's slice of the weights, size the KV
+     cache (minimum over all ranks), allocate it, and share start-up facts with every rank.
+  2. rank 0 (the driver) calls `execute` per step itself, after broadcasting the plan; every
+     other rank sits in `run_loop`, receiving plans until a shutdown plan arrives. One Ray call
+     starts the loop; per-step Ray calls would be too slow for decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import time
+
+import torch
+from transformers import AutoConfig
+
+from actors.distributed import (
+    all_gather_msgpack,
+    all_reduce_min,
+    broadcast_bytes,
+    init_rank_groups,
+    send_bytes,
+    set_socket_ifname_for,
+)
+from actors.kv_cache import allocate_kv_caches, profile_num_blocks
+from actors.model_runner import ModelRunner
+from actors.process_groups import rank_coords
+from actors.step_plan import StepPlan
+from app.config import EngineConfig
+from app.model_source import layer_partition
+from model.architectures.partition import layer_range_for_stage
+from model.context import ModelContext
+from model.loader import load_model
+
+logger = logging.getLogger("strata")
+
+
+def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type != "cuda":
+        return torch.float32  # the CPU reference path; half precision on CPU is slow and lossy
+    checkpoint = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # As vLLM: half-precision checkpoints keep their type, float32 ones run in bfloat16.
+    return checkpoint if checkpoint in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RankWorker:
+    def __init__(self, config_json: str, model_dir: str, rank: int, local_device_index: int = 0):
+        self.config = EngineConfig.model_validate_json(config_json)
+        self.model_dir = model_dir
+        self.coords = rank_coords(rank, self.config.tensor_parallel_size, self.config.pipeline_parallel_size)
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_device_index)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.runner: ModelRunner | None = None
+        self.groups = None
+        self.num_blocks = 0
+
+    def node_ip(self) -> str:
+        return os.environ.get("STRATA_HOST_IP") or _default_ip()
+
+    def bring_up(self, master_addr: str, master_port: int) -> list[dict]:
+        """Joins, loads, sizes the KV cache. Returns every rank's start-up facts, in rank order."""
+        cfg = self.config
+        if self.coords.world_size > 1:
+            set_socket_ifname_for(self.node_ip())
+        self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device)
+        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        dtype = resolve_dtype(cfg, hf_config, self.device)
+        partition = layer_partition(cfg, hf_config.num_hidden_layers)
+        layer_range = layer_range_for_stage(partition, self.coords.pp_rank)
+        ctx = ModelContext(tp=self.groups.tp, pp_rank=self.coords.pp_rank, pp_size=self.coords.pp_size,
+                           layer_range=layer_range, dtype=dtype, device=self.device,
+                           enable_expert_parallel=cfg.enable_expert_parallel)
+        rss_before = _rss_bytes()
+        load_started = time.time()
+        model = load_model(self.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
+        load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        load_seconds = time.time() - load_started
+        capacity = profile_num_blocks(model, cfg, hf_config.hidden_size, self.coords.is_first_stage,
+                                      dtype, self.device)
+        self.num_blocks = all_reduce_min(capacity, self.groups.control)
+        caches = allocate_kv_caches(model, self.num_blocks, cfg.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, caches, self.groups, cfg.block_size, hf_config.hidden_size,
+                                  dtype, self.device)
+        facts = {
+            "rank": self.coords.rank, "tp_rank": self.coords.tp_rank, "pp_rank": self.coords.pp_rank,
+            "host": socket.gethostname(), "ip": self.node_ip(), "device": str(self.device),
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "layers": list(layer_range), "dtype": str(dtype).removeprefix("torch."),
+            "param_bytes": model.param_bytes(), "load_peak_bytes": max(0, load_peak),
+            "load_seconds": round(load_seconds, 2), "kv_blocks_capacity": capacity,
+            "num_blocks": self.num_blocks,
+        }
+        return all_gather_msgpack(facts, self.groups.control, self.coords.world_size)
+
+    def execute(self, plan: StepPlan):
+        return self.runner.execute(plan)
+
+    def run_loop(self) -> int:
+        """Non-driver ranks: receive and run plans until shutdown. Returns the steps run."""
+        steps = 0
+        while True:
+            plan = StepPlan.decode(broadcast_bytes(None, self.groups.control, src=0))
+            if plan.kind == "shutdown":
+                return steps
+            result = self.runner.execute(plan)
+            if result is not None:  # the sampling rank of a pipeline: results go to the driver
+                send_bytes(result.encode(), dst=0, group=self.groups.control)
+            steps += 1
+
+    def step_times(self) -> list[tuple[float, float]]:
+        return list(self.runner.step_times) if self.runner else []
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _default_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,268 @@
+"""The scheduler: which sequences run in the next step, and how many tokens each computes.
+
+Plain Python (no torch, no Ray), tested on CPU with made-up sampled tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from actors.block_manager import BlockManager
+from actors.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits of one step and of the KV cache."""
+
+    max_num_seqs: int  # running sequences at most (admitted, holding blocks)
+    max_num_batched_tokens: int  # tokens computed in one step, prefill chunks and decodes together
+    max_model_len: int  # prompt + output tokens of one sequence at most
+    block_size: int  # token slots per KV cache block
+    num_blocks: int  # KV cache blocks in all
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+        # Without this a long sequence could never fit, even alone, and would wait forever.
+        if self.max_model_len > self.num_blocks * self.block_size:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) is larger than the KV cache "
+                f"({self.num_blocks} blocks x {self.block_size} = {self.num_blocks * self.block_size} "
+                "tokens); lower max_model_len or give the KV cache more memory"
+            )
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute tokens ``[start_pos, start_pos + num_tokens)`` of ``seq`` this step.
+
+    ``samples``: the chunk reaches the end of the sequence's known tokens, so the last position's
+    logits are sampled and one token comes back for ``seq``.
+    """
+
+    seq: Sequence
+    start_pos: int
+    num_tokens: int
+    samples: bool
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens to feed: ``seq.all_token_ids[start_pos:start_pos + num_tokens]``."""
+        return self.seq.token_ids_between(self.start_pos, self.start_pos + self.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan.
+
+    ``chunks``: at most one per sequence, running ones first, in arrival order.
+    ``preempted``: sequences preempted by this call (their blocks are already free).
+    ``freed_seq_ids``: sequences finished, aborted or preempted since the previous ``schedule()``;
+    ranks drop their per-sequence state for them. An id may repeat or be unknown to a rank.
+    """
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    freed_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill and recompute preemption (vLLM v1 style).
+
+    Each ``schedule()`` call plans one step under a budget of ``max_num_batched_tokens`` tokens:
+
+    1. Running sequences, oldest first. Each gets ``min(tokens left to compute, budget left)``
+       tokens: 1 when decoding, a chunk when its prompt is still being prefilled. Blocks are
+       allocated for the scheduled tokens. When they cannot be, the newest running sequence that
+       is not in flight is preempted (blocks freed, ``num_computed_tokens = 0``, status WAITING, to
+       the front of the waiting queue; prompt and output so far are recomputed on readmission), and
+       allocation is retried. If the sequence itself is the newest running one, it is preempted.
+       If only in-flight sequences are newer, it sits this step out (keeping its blocks) rather
+       than lose its cache to younger sequences: they become preemptible when their results return.
+    2. Waiting sequences, FIFO, while budget and ``max_num_seqs`` allow. A long prompt is chunked
+       to the budget left. A sequence whose blocks do not fit stays at the head of the queue
+       (admissions never preempt, and nothing overtakes it). No admissions in a step where a
+       running sequence was short of blocks.
+
+    Sequences with ``in_flight`` set (a chunk scheduled, its result not yet passed to ``update``)
+    are skipped, so the engine may call ``schedule()`` again before ``update()`` of an earlier
+    output and keep several batches in flight (pipeline parallelism). In-flight sequences are
+    never preempted. ``finish()`` may free an in-flight sequence's blocks; that is safe as long as
+    the ranks run batches in the order they were scheduled (a later batch that reuses a block
+    writes it after the earlier one did).
+
+    Progress: when blocks are short the oldest sequences keep theirs, so the oldest always
+    progresses; any sequence fits alone, as the config checks max_model_len <= cache size.
+    The engine checks stop conditions and ``max_model_len`` and calls ``finish()``; the scheduler
+    only asserts that no chunk reaches past ``max_model_len`` tokens.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None = None) -> None:
+        self.config = config
+        if block_manager is None:
+            block_manager = BlockManager(config.num_blocks, config.block_size)
+        if (block_manager.num_blocks, block_manager.block_size) != (config.num_blocks, config.block_size):
+            raise ValueError("block_manager does not match the config's num_blocks / block_size")
+        self.block_manager = block_manager
+        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, by id
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # sorted by arrival_order
+        self._freed_seq_ids: list[int] = []  # since the previous schedule()
+        self._arrivals = itertools.count()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def get(self, seq_id: int) -> Sequence | None:
+        return self._seqs.get(seq_id)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back of the waiting queue and stamp its ``arrival_order``."""
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} was already added")
+        if not 0 < seq.num_tokens <= self.config.max_model_len:
+            raise ValueError(
+                f"sequence {seq.seq_id} has {seq.num_tokens} tokens; "
+                f"it needs 1 to max_model_len={self.config.max_model_len}"
+            )
+        seq.arrival_order = next(self._arrivals)
+        seq.status = SequenceStatus.WAITING
+        self._seqs[seq.seq_id] = seq
+        self._waiting.append(seq)
+
+    def finish(self, seq_id: int, status: SequenceStatus) -> None:
+        """End a sequence: free its blocks, drop it from the queues, report it in the next
+        ``freed_seq_ids``. Unknown (or already finished) ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"finish() needs a FINISHED_* status, got {status.name}")
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        seq.status = status
+        self.block_manager.free(seq)
+        self._freed_seq_ids.append(seq_id)
+
+    def abort(self, seq_id: int) -> None:
+        """``finish(seq_id, FINISHED_ABORTED)``; unknown ids are a no-op."""
+        self.finish(seq_id, SequenceStatus.FINISHED_ABORTED)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (see the class docstring). Marks every scheduled sequence in flight."""
+        out = SchedulerOutput(freed_seq_ids=self._freed_seq_ids)
+        self._freed_seq_ids = []
+        budget = self.config.max_num_batched_tokens
+        short_of_blocks = False
+
+        # Indexing, not iteration: preemption removes entries from self._running.
+        i = 0
+        while i < len(self._running) and budget > 0:
+            seq = self._running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.in_flight or num_new <= 0:
+                i += 1
+                continue
+            if self._make_room(seq, num_new, out):
+                out.chunks.append(self._chunk(seq, num_new))
+                budget -= num_new
+            else:
+                short_of_blocks = True
+            if seq.status is SequenceStatus.RUNNING:  # else it preempted itself: i is the next one
+                i += 1
+
+        admit = not short_of_blocks and not out.preempted
+        while admit and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            seq = self._waiting[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate(seq, num_new):
+                break  # FIFO: nothing overtakes the head of the queue
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self._running, seq, key=lambda s: s.arrival_order)
+            out.chunks.append(self._chunk(seq, num_new))
+            budget -= num_new
+        return out
+
+    def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Take a step's results: ``sampled`` maps seq_id -> token for every chunk that samples.
+
+        For every chunk: ``num_computed_tokens += num_tokens`` and ``in_flight = False``; for chunks
+        that sample, ``sampled[seq_id]`` is appended. Outputs must be passed back in the order they
+        were scheduled. Sequences finished while in flight are only cleared, nothing is appended.
+        """
+        for chunk in output.chunks:
+            seq = chunk.seq
+            seq.in_flight = False
+            if seq.status.is_finished:
+                continue
+            assert seq.num_computed_tokens == chunk.start_pos, f"out-of-order update for {seq}"
+            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.samples:
+                if seq.seq_id not in sampled:
+                    raise KeyError(f"no sampled token for sequence {seq.seq_id}, whose chunk samples")
+                seq.append_token(sampled[seq.seq_id])
+
+    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        end = start + num_new
+        assert end <= self.config.max_model_len, f"{seq} would pass max_model_len; the engine must finish it"
+        seq.in_flight = True
+        return ScheduledChunk(seq=seq, start_pos=start, num_tokens=num_new, samples=end == seq.num_tokens)
+
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """Allocate blocks for ``num_new`` more tokens of running ``seq``, preempting newer
+        sequences while short. False: ``seq`` gets nothing this step (it was preempted itself, or
+        only in-flight sequences are newer)."""
+        while not self.block_manager.allocate(seq, num_new):
+            victim = self._pick_victim(seq)
+            if victim is None:
+                return False
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _pick_victim(self, seq: Sequence) -> Sequence | None:
+        """The newest running sequence not in flight, if newer than ``seq``; ``seq`` itself if it
+        is the newest running one; None if every newer one is in flight."""
+        for candidate in reversed(self._running):
+            if candidate is seq:
+                return seq if candidate is self._running[-1] else None
+            if not candidate.in_flight:
+                return candidate
+        raise AssertionError(f"{seq} is not running")
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Drop ``seq``'s cache and requeue it at the front; it is recomputed on readmission."""
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self._waiting.appendleft(seq)
+        out.preempted.append(seq)
+        out.freed_seq_ids.append(seq.seq_id)

@@ -1,0 +1,104 @@
+"""A sequence: one request's tokens, how many of them are in the KV cache, and where.
+
+Plain Python (no torch, no Ray), shared by the scheduler, the block manager and the engine.
+
+Token accounting, the invariant everything else relies on:
+
+    0 <= num_computed_tokens <= num_tokens = len(prompt_token_ids) + len(output_token_ids)
+
+``num_computed_tokens`` counts the leading tokens whose keys and values are in the cache. After a
+chunk that reaches the end of the known tokens is run, one token is sampled and appended, so a
+decoding sequence always has exactly one token (the last sampled one) left to compute.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life. The FINISHED_* states are terminal."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()  # EOS or a stop string / stop token
+    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = enum.auto()  # the client went away, or the engine gave up on it
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(
+    {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED}
+)
+
+
+# eq=False: sequences are compared by identity; queues look them up and remove them.
+@dataclass(eq=False)
+class Sequence:
+    """One request's token stream and its scheduling state.
+
+    The engine creates it (``seq_id``, ``request_id``, ``prompt_token_ids``); the scheduler owns
+    the rest: it stamps ``arrival_order`` in ``Scheduler.add``, moves ``status``, sets
+    ``in_flight`` and advances ``num_computed_tokens``; the block manager owns ``block_ids``.
+    Tokens are only ever appended, through ``append_token``, so a slice of ``all_token_ids`` that
+    was handed to the model stays valid.
+    """
+
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # Set by Scheduler.add; preemption picks the running sequence with the largest one.
+    arrival_order: int = -1
+    # A scheduled chunk whose result has not come back yet; schedule() skips such sequences.
+    in_flight: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens: everything known so far."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """A new list, prompt then output. Prefer ``token_ids_between`` for short slices."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without copying the whole stream (decode reads one token)."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
+    def append_token(self, token_id: int) -> None:
+        """Record one sampled token. Its KV is computed when it is fed back in the next chunk."""
+        self.output_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(seq_id={self.seq_id}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, "
+            f"in_flight={self.in_flight})"
+        )

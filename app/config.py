@@ -1,0 +1,108 @@
+"""EngineConfig: every engine setting in one typed object, validated at the door, passed down whole.
+
+Field names and meanings follow vLLM's (`LLM(...)` keywords and `vllm serve` flags), so a vLLM
+user's habits carry over. Unknown or invalid settings fail here, naming the setting and what is
+allowed, before any actor starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ExecutorBackend = Literal["auto", "ray", "mp"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+LoadFormat = Literal["auto", "safetensors", "dummy"]
+
+
+class EngineConfig(BaseModel):
+    """What to serve, how to split it, and how much memory and batch it may use."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    model: str | None = None
+    """Local Hugging Face directory or hub id; None serves the bundled SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Tokenizer directory or id; None uses the model's."""
+    served_model_name: str | None = None
+    """Name the API reports and accepts; default: the model argument (or the bundled name)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Ranks each layer's weights are split across (one node by default)."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """Stages the decoder layers are split into (stages may span nodes)."""
+    pp_layer_partition: list[int] | None = None
+    """Explicit layers per stage, e.g. [8, 8, 7, 7]; None splits evenly."""
+    enable_expert_parallel: bool = False
+    """Place whole MoE experts on ranks instead of splitting every expert across tp ranks."""
+    distributed_executor_backend: ExecutorBackend = "auto"
+    """ray: rank actors on a Ray cluster; mp: local processes; auto: ray."""
+
+    dtype: DType = "auto"
+    """auto: the checkpoint's dtype on GPU, float32 on CPU."""
+    load_format: LoadFormat = "auto"
+    """dummy: random weights of the right shapes, no files read (benchmarks)."""
+    seed: int = 0
+    max_model_len: int | None = Field(None, ge=1)
+    """Prompt + output tokens per request; None: the model's max_position_embeddings."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """Share of each GPU's memory the engine may use (weights + activations + KV cache)."""
+    cpu_kv_cache_space_gib: float = Field(1.0, gt=0.0)
+    """KV cache size on CPU, in GiB (like VLLM_CPU_KVCACHE_SPACE)."""
+    num_kv_blocks_override: int | None = Field(None, ge=1)
+    """Fix the number of KV blocks (tests use it to force preemption)."""
+    block_size: int = Field(16, ge=1, le=256)
+    max_num_seqs: int = Field(256, ge=1)
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    """Most tokens in one step; longer prompts are prefilled in chunks."""
+    max_logprobs: int = Field(20, ge=0)
+    """Largest logprobs / prompt_logprobs a request may ask for."""
+    enforce_eager: bool = False
+    """Accepted for vLLM compatibility; Strata always runs eagerly today."""
+
+    placement_timeout_s: float = Field(30.0, gt=0)
+    """How long to wait for the placement group before failing with what the cluster has."""
+    ray_address: str | None = None
+    """Ray cluster to join; None: RAY_ADDRESS, else a new local Ray."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size must be a power of two between 1 and 256, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> EngineConfig:
+        part = self.pp_layer_partition
+        if part is not None:
+            if len(part) != self.pipeline_parallel_size or any(n < 1 for n in part):
+                raise ValueError(
+                    f"pp_layer_partition={part} must give pipeline_parallel_size="
+                    f"{self.pipeline_parallel_size} layer counts, each >= 1"
+                )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def describe_validation_error(err: Exception) -> str:
+    """One line per bad setting: 'name: what is wrong (got value)'."""
+    from pydantic import ValidationError
+
+    if not isinstance(err, ValidationError):
+        return str(err)
+    lines = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(EngineConfig.model_fields)
+            lines.append(f"unknown argument {name!r}; allowed: {allowed}")
+        else:
+            lines.append(f"{name}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)

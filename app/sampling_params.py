@@ -1,0 +1,175 @@
+"""SamplingParams: how one request wants its text generated, with vLLM's fields and defaults.
+
+Built by keyword exactly as in vLLM (`SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64)`);
+an unknown keyword raises TypeError naming it. Every invalid value raises ValueError whose message
+names the field, the value and what is allowed ("temperature must be non-negative, got -1.0.").
+After construction `stop` and `stop_token_ids` are always lists, and a greedy request
+(temperature 0) has its truncation knobs (top_p, top_k, min_p) reset to off, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from model.sampler import GREEDY_EPS, SamplerOptions
+
+# The engine's default cap on logprobs / prompt_logprobs (vLLM's max_logprobs).
+DEFAULT_MAX_LOGPROBS = 20
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (vLLM's `SamplingParams`).
+
+    n: completions per prompt. temperature: 0 means greedy. top_p: nucleus mass in (0, 1].
+    top_k: 0 or -1 means off. min_p: drop tokens below min_p * (max prob). seed: per-request
+    generator, so the same seed reproduces the same tokens. presence/frequency_penalty: over
+    generated tokens, in [-2, 2]. repetition_penalty: over prompt and generated tokens, > 0.
+    stop / stop_token_ids: end the completion on these strings / ids. max_tokens: None means up to
+    the model's context length. min_tokens: eos and stop ids are blocked until this many tokens.
+    logprobs / prompt_logprobs: how many top alternatives to report per position (None: none).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:  # vLLM's "no seed" spelling
+            self.seed = None
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self._verify()
+        if self.temperature < GREEDY_EPS:
+            # Truncation cannot change an argmax; reset it so it is never applied by accident.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _verify(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+        for name in ("n", "top_k", "min_tokens"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be an integer or None, got {value!r}.")
+
+        # `not (x >= lo)` rather than `x < lo`, so NaN is rejected too.
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero, got {self.repetition_penalty}."
+            )
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                f"got {self.min_tokens}."
+            )
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain only non-empty strings, got {self.stop!r}.")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(
+                    f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}."
+                )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def verify_max_logprobs(self, max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
+        """Raise ValueError when logprobs or prompt_logprobs ask for more than the engine's cap."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise ValueError(
+                    f"{name} must be at most max_logprobs={max_logprobs}, got {value}. "
+                    f"Start the engine with a larger max_logprobs to allow more."
+                )
+
+    def all_stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        """stop_token_ids plus the model's eos id(s), unless the request ignores eos."""
+        ids = list(self.stop_token_ids or [])
+        if eos_token_id is not None and not self.ignore_eos:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            ids += [e for e in eos if e not in ids]
+        return ids
+
+    def to_sampler_options(self, eos_token_id: int | Sequence[int] | None) -> SamplerOptions:
+        """The subset the sampling rank needs, in plain types (msgpack-able via dataclasses.asdict)."""
+        return SamplerOptions(
+            temperature=0.0 if self.is_greedy else float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=max(self.top_k, 0),  # -1 and 0 both mean off; the sampler knows only 0
+            min_p=float(self.min_p),
+            seed=self.seed,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            min_tokens=self.min_tokens,
+            stop_token_ids=self.all_stop_token_ids(eos_token_id),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (the engine mutates per-request copies, never the user's object)."""
+        return copy.deepcopy(self)

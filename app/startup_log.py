@@ -1,0 +1,30 @@
+"""The lines the engine prints at start: where every rank went and how big the KV cache is."""
+
+from __future__ import annotations
+
+import logging
+
+from app.config import EngineConfig
+
+logger = logging.getLogger("strata")
+
+
+def log_startup(config: EngineConfig, rank_facts: list[dict], num_blocks: int, max_model_len: int) -> None:
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    logger.info("parallelism: tensor_parallel_size=%d, pipeline_parallel_size=%d, %d rank(s)%s",
+                tp, pp, tp * pp, ", expert parallel" if config.enable_expert_parallel else "")
+    for stage in range(pp):
+        members = [f for f in rank_facts if f["pp_rank"] == stage]
+        hosts = sorted({f"{f['host']} ({f['ip']})" for f in members})
+        devices = ", ".join(f"rank {f['rank']}: {f['device']}" for f in members)
+        start, end = members[0]["layers"]
+        logger.info("stage %d -> %s -> [%s] -> layers %d-%d (%d layers)", stage, ", ".join(hosts), devices,
+                    start, end - 1, end - start)
+    for f in rank_facts:
+        logger.info("rank %d (tp %d, pp %d) on %s %s: %.1f MiB of %s weights loaded in %.1f s",
+                    f["rank"], f["tp_rank"], f["pp_rank"], f["host"], f["gpu"], f["param_bytes"] / 2**20,
+                    f["dtype"], f["load_seconds"])
+    tokens = num_blocks * config.block_size
+    logger.info("KV cache size: %s tokens", f"{tokens:,}")
+    logger.info("Maximum concurrency for %s tokens per request: %.2fx", f"{max_model_len:,}",
+                tokens / max_model_len)

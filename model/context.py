@@ -1,0 +1,47 @@
+"""What a model shard needs to know about where it runs: its groups, its layers, its dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.process_groups import GroupCoordinator
+
+
+@dataclass
+class ModelContext:
+    """Placement of one model shard, passed whole to every layer constructor.
+
+    `layer_range` is the [start, end) slice of decoder layers this pipeline stage holds; None means
+    the even split of `model.architectures.partition.even_layer_partition` for `pp_rank` (all layers
+    when pp_size == 1).
+    """
+
+    tp: GroupCoordinator  # tensor-parallel group of this rank (size 1 = no TP)
+    pp_rank: int = 0
+    pp_size: int = 1
+    layer_range: tuple[int, int] | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    enable_expert_parallel: bool = False  # read by MoE layers: whole experts per rank
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def empty(self, *shape: int) -> torch.Tensor:
+        """Uninitialised parameter storage in this shard's dtype and device."""
+        return torch.empty(*shape, dtype=self.dtype, device=self.device)
