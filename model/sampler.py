@@ -55,7 +55,9 @@ class SamplerOptions:
 class SequenceSamplingState:
     """One sequence's sampling state on the sampling rank; lives as long as the sequence.
 
-    `generator` exists only for seeded requests and must be on the logits' device.
+    `generator` exists only for seeded requests. It is made on `device`, or, when that is None or
+    not the logits' device, on the logits' device at the first draw (before any draw, so the seeded
+    stream starts there from the beginning).
     `prompt_token_ids` is fixed; `output_token_ids` is appended to in place (the caller adds each
     sampled token) or replaced by a new list.
     """
@@ -65,15 +67,14 @@ class SequenceSamplingState:
         options: SamplerOptions,
         prompt_token_ids: list[int],
         output_token_ids: list[int] | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> None:
         self.options = options
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = output_token_ids if output_token_ids is not None else []
         self.generator: torch.Generator | None = None
-        if options.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(options.seed)
+        if options.seed is not None and device is not None:
+            self.generator = torch.Generator(device=device).manual_seed(options.seed)
         # C-int mirrors of the token lists: penalties need them as tensors every step, and
         # converting Python ints anew each step costs milliseconds at long contexts.
         self._prompt_ids = array("q", prompt_token_ids)
@@ -84,6 +85,14 @@ class SequenceSamplingState:
     def is_greedy(self) -> bool:
         # top_k == 1 is greedy too; taking the argmax also fixes how ties break.
         return self.options.temperature < GREEDY_EPS or self.options.top_k == 1
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """This sequence's generator on `device` (None when unseeded)."""
+        if self.options.seed is None:
+            return None
+        if self.generator is None or not _same_device(self.generator.device, device):
+            self.generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        return self.generator
 
     def prompt_ids(self) -> array:
         return self._prompt_ids
@@ -97,6 +106,11 @@ class SequenceSamplingState:
         else:
             self._output_ids.extend(self.output_token_ids[mirrored:])
         return self._output_ids
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # torch.Generator(device="cuda").device has no index; the logits' device has one.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 @dataclass
@@ -129,12 +143,14 @@ def _token_counts(rows: list[list[array]], vocab: int, device: torch.device) -> 
     counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)
     if flat:
         ids = torch.frombuffer(flat, dtype=torch.long)
-        row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
-        ids = (ids.clamp(0, vocab - 1) + row_of * vocab).to(torch.long)
+        lens = torch.tensor(lengths)
         if device.type == "cuda":
-            ids = ids.pin_memory()
-        ids = ids.to(device, non_blocking=True)
-        counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.float32, device=device))
+            ids, lens = ids.pin_memory(), lens.pin_memory()
+        ids, lens = ids.to(device, non_blocking=True), lens.to(device, non_blocking=True)
+        # Row offsets on the device (output_size given: no sync); on the host this was the hot spot.
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lens, output_size=len(flat))
+        ids = ids.clamp(0, vocab - 1) + row_of * vocab
+        counts.index_add_(0, ids, torch.ones(len(flat), dtype=torch.float32, device=device))
     return counts.view(len(rows), vocab)
 
 
@@ -287,7 +303,8 @@ class Sampler:
         # (multinomial would sync). Seeded rows redraw their q from their own generator.
         q = torch.empty_like(probs).exponential_()
         for row, s in enumerate(states):
-            if s.generator is not None:
-                q[row].exponential_(generator=s.generator)
+            generator = s.generator_on(q.device)
+            if generator is not None:
+                q[row].exponential_(generator=generator)
         q.clamp_(min=torch.finfo(q.dtype).tiny)  # a zero would turn a masked 0/0 into NaN
         return (probs / q).argmax(dim=-1)

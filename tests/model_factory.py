@@ -117,11 +117,19 @@ class Driver:
     block_size: int = 4
     num_blocks: int = 32
     caches: list[list[torch.Tensor]] = field(default_factory=list)
+    device: torch.device = field(init=False)
 
     def __post_init__(self) -> None:
+        param = next(self.stages[0].parameters())
+        self.device = param.device
         self.caches = [
             [
-                torch.full(m.kv_cache_shape(self.num_blocks, self.block_size), float("nan"))
+                torch.full(
+                    m.kv_cache_shape(self.num_blocks, self.block_size),
+                    float("nan"),
+                    dtype=param.dtype,
+                    device=self.device,
+                )
                 for _ in range(m.num_local_layers)
             ]
             for m in self.stages
@@ -135,13 +143,13 @@ class Driver:
             [start for _, _, start in batch],
             [self.block_tables[s] for s, _, _ in batch],
             self.block_size,
-            "cpu",
+            self.device,
         )
-        ids = torch.tensor([t for _, toks, _ in batch for t in toks])
+        ids = torch.tensor([t for _, toks, _ in batch for t in toks], device=self.device)
         out: Any = None
         for model, caches in zip(self.stages, self.caches, strict=True):
             out = model(ids, positions, caches, attn, out if isinstance(out, dict) else None)
-        return self.stages[-1].compute_logits(out)
+        return self.stages[-1].compute_logits(out).cpu()
 
 
 PROMPTS = [[(7 * i + 3) % 512 for i in range(11)], [(13 * i + 5) % 512 for i in range(6)]]

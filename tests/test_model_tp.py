@@ -111,7 +111,8 @@ def test_tensor_parallel_matches_single_rank(case: str, tp_runs) -> None:
         for seq in (0, 1):
             diff = float((logits[seq] - reference[seq]).abs().max())
             assert diff < TOL, f"{case} rank {rank} seq {seq}: max |diff| {diff}"
-        # Each rank holds 1/tp of everything that is split, plus what must be replicated.
+        # Each rank holds 1/tp of everything that is split, plus what must be replicated (exact here;
+        # the 5% slack is for vocab padding on other shapes).
         sharded = rank_bytes - replicated - kv_extra
         assert abs(sharded - ideal) <= 0.05 * ideal, (case, rank, rank_bytes, ideal, replicated, kv_extra)
 

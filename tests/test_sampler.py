@@ -70,6 +70,14 @@ def test_different_seeds_differ() -> None:
     assert a != b and a == again
 
 
+def test_generator_made_on_logits_device_when_none_given() -> None:
+    lazy, eager = _state(seed=9), SequenceSamplingState(SamplerOptions(seed=9), [1], device="cpu")
+    assert lazy.generator is None and eager.generator is not None
+    logits = torch.zeros(1, V)
+    assert _draws(logits, [lazy], [0], 5) == _draws(logits, [eager], [0], 5)
+    assert lazy.generator is not None and _state().generator_on(logits.device) is None
+
+
 def _reference(logits: list[float], temperature: float, top_k: int, top_p: float, min_p: float):
     """Plain-Python distribution: softmax(l / T), top-k, top-p, min_p (vs max prob), renormalised."""
     exps = [math.exp(v / temperature) for v in logits]

@@ -1,0 +1,148 @@
+"""POST /v1/completions: prompts in (strings or token ids, one or many), text out.
+
+Each prompt is one engine request with `n` completions; choice `p * n + i` is completion i of
+prompt p, as in vLLM. Logprobs use the legacy completions format (tokens, token_logprobs,
+top_logprobs, text_offset); with `echo`, the prompt and its logprobs come first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi.responses import StreamingResponse
+
+from app.outputs import PositionLogprobs, RequestOutput
+from app.server.errors import bad_request
+from app.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from app.server.serving import EngineRequest, Serving, check_unsupported, clamp_logprob, now, random_id, usage
+from app.server.streaming import Cursor, sse, sse_stream
+
+
+def add_logprobs(lp: CompletionLogprobs, token_ids: list[int], positions: list[PositionLogprobs | None],
+                 offset: int, first_text: str = "") -> int:
+    """Appends one entry per token; returns the text offset after them. A position without
+    logprobs (the first prompt token: nothing predicts it) gets None and `first_text`."""
+    for tid, entry in zip(token_ids, positions, strict=False):
+        if entry is None or tid not in entry:
+            token, logprob, top = first_text, None, None
+        else:
+            token = entry[tid].decoded_token or ""
+            logprob = clamp_logprob(entry[tid].logprob)
+            ranked = sorted(entry.values(), key=lambda x: x.rank if x.rank is not None else 1 << 30)
+            top = {(x.decoded_token or ""): clamp_logprob(x.logprob) for x in ranked}
+        lp.tokens.append(token)
+        lp.token_logprobs.append(logprob)
+        lp.top_logprobs.append(top)
+        lp.text_offset.append(offset)
+        offset += len(token)
+    return offset
+
+
+class CompletionServing(Serving):
+    async def create(self, req: CompletionRequest) -> CompletionResponse | StreamingResponse:
+        arrival = now()
+        self.check_common(req)
+        check_unsupported(req, suffix="")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request(f"best_of is not supported (it may only equal n={req.n}), got {req.best_of}.",
+                              "best_of")
+        prompts = await self._prompts(req)
+        requests: list[EngineRequest] = []
+        request_id = random_id("cmpl")
+        for p, (text, ids) in enumerate(prompts):
+            max_tokens = self.resolve_max_tokens(req.max_tokens, len(ids))
+            params = self.sampling_params(
+                **req.to_sampling_kwargs(), max_tokens=max_tokens, logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+            requests.append((f"{request_id}-{p}", text, ids, params))
+        self.admit(req.n * len(prompts))
+        stream = await self.start(requests, arrival)
+        echoes = [await self._echo(req, text, ids) for text, ids in prompts] if req.echo else None
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        if req.stream:
+            events = self._events(req, request_id, stream, echoes, num_prompt_tokens)
+            return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+        finals: dict[int, RequestOutput] = {}
+        async with aclosing(stream) as it:
+            async for p, out in it:
+                finals[p] = out
+        choices = []
+        for p in range(len(prompts)):
+            for o in finals[p].outputs:
+                text, lp, offset = "", None, 0
+                if echoes is not None:
+                    text, lp, offset = self._echo_part(req, finals[p], echoes[p])
+                if req.logprobs is not None:
+                    lp = lp or CompletionLogprobs()
+                    add_logprobs(lp, o.token_ids, o.logprobs or [], offset)
+                choices.append(CompletionChoice(index=p * req.n + o.index, text=text + o.text, logprobs=lp,
+                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                  usage=usage(num_prompt_tokens, list(finals.values())))
+
+    async def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be empty.", "prompt")
+        out: list[tuple[str | None, list[int]]] = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append((p, await self.client.encode(p)))
+            else:
+                if not p:
+                    raise bad_request("prompt must not contain an empty list of token ids.", "prompt")
+                out.append((None, list(p)))
+        return out
+
+    async def _echo(self, req: CompletionRequest, text: str | None, ids: list[int]) -> tuple[str, str]:
+        """(prompt text to echo, text of its first token, for the logprobs of that position)."""
+        prompt_text = text if text is not None else await self.client.decode(ids)
+        first = await self.client.decode(ids[:1]) if req.logprobs is not None else ""
+        return prompt_text, first
+
+    def _echo_part(self, req: CompletionRequest, out: RequestOutput,
+                   echo: tuple[str, str]) -> tuple[str, CompletionLogprobs | None, int]:
+        prompt_text, first = echo
+        if req.logprobs is None:
+            return prompt_text, None, len(prompt_text)
+        lp = CompletionLogprobs()
+        offset = add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs or [None], 0, first)
+        return prompt_text, lp, offset
+
+    async def _events(self, req: CompletionRequest, request_id: str,
+                      stream: AsyncIterator[tuple[int, RequestOutput]], echoes: list[tuple[str, str]] | None,
+                      num_prompt_tokens: int) -> AsyncIterator[str]:
+        created = int(time.time())
+        cursors: dict[tuple[int, int], Cursor] = {}
+        offsets: dict[tuple[int, int], int] = {}
+        finals: dict[int, RequestOutput] = {}
+        async with aclosing(stream) as it:
+            async for p, out in it:
+                finals[p] = out
+                for o in out.outputs:
+                    key = (p, o.index)
+                    first = key not in cursors
+                    delta = cursors.setdefault(key, Cursor()).advance(o)
+                    if delta is None and not (first and echoes is not None):
+                        continue
+                    text, lp = (delta.text if delta else ""), None
+                    if first and echoes is not None:
+                        echo_text, lp, offsets[key] = self._echo_part(req, out, echoes[p])
+                        text = echo_text + text
+                    if req.logprobs is not None and delta is not None:
+                        lp = lp or CompletionLogprobs()
+                        offsets[key] = add_logprobs(lp, delta.token_ids, delta.logprobs or [], offsets.get(key, 0))
+                    choice = CompletionChoice(index=p * req.n + o.index, text=text, logprobs=lp,
+                                              finish_reason=delta.finish_reason if delta else None,
+                                              stop_reason=delta.stop_reason if delta else None)
+                    yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                                 choices=[choice]))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                                         usage=usage(num_prompt_tokens, list(finals.values()))))

@@ -1,0 +1,73 @@
+"""Session-wide fixtures: one Ray for the whole run (CI has two cores), the bundled model, and
+tiny random models with a real tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+# Ray's dashboard and usage reporting only cost time in tests.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray per test session, with logical CPUs for up to 8 ranks."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=10, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from app.bundled_model import ensure_bundled_model
+
+    return ensure_bundled_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm2_dir):
+    """Builds a tiny random model of an architecture on demand (cached per session), with the
+    bundled model's tokenizer copied in so the engine can detokenize its ids."""
+    from tests.model_factory import LLAMA3_ROPE, make_tiny_model
+
+    built: dict[str, str] = {}
+    variants = {
+        "llama": dict(arch="llama", rope_scaling=LLAMA3_ROPE),
+        "llama-sharded": dict(arch="llama", num_shards=3),
+        "llama-tied": dict(arch="llama", tie=True),
+        "mistral": dict(arch="mistral"),
+        "qwen2": dict(arch="qwen2"),
+        "qwen3": dict(arch="qwen3"),
+    }
+
+    def build(name: str, **overrides) -> str:
+        key = name + repr(sorted(overrides.items()))
+        if key not in built:
+            path = tmp_path_factory.mktemp(name)
+            make_tiny_model(path=path, **variants[name], **overrides)
+            for f in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(smollm2_dir, f)):
+                    shutil.copy(os.path.join(smollm2_dir, f), path)
+            built[key] = str(path)
+        return built[key]
+
+    return build
