@@ -51,6 +51,7 @@ class EngineCore:
         self.token_text = TokenText(tokenizer)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.num_preemptions = 0
         self.last_step_seconds = 0.0
 
     # ---- requests in ----
@@ -113,6 +114,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests whose output changed."""
         scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
         plan = self._build_plan(scheduled)
         result = self.executor.execute(plan)
         self.last_step_seconds = result.step_seconds
@@ -182,5 +184,6 @@ class EngineCore:
             "num_blocks": self.block_manager.num_blocks,
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generation_tokens,
+            "num_preemptions_total": self.num_preemptions,
             "last_step_seconds": self.last_step_seconds,
         }

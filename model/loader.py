@@ -87,7 +87,7 @@ def load_model(
     "auto" and "safetensors" read `model_dir`/*.safetensors; "dummy" makes random weights.
     """
     cls = get_model_class(getattr(hf_config, "architectures", None))
-    check_tp_compatible(hf_config, ctx.tp_size)  # before any allocation
+    check_tp_compatible(hf_config, ctx.tp_size, ctx.enable_expert_parallel)  # before any allocation
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
     model = cls(hf_config, ctx)

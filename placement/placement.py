@@ -11,6 +11,7 @@ asked and what the cluster has. It never leaves a group pending forever.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -103,8 +104,9 @@ def reserve(config: EngineConfig) -> StagePlacement:
     resource = "GPU" if any(n.gpus > 0 for n in nodes) else "CPU"
     check_fits(config, nodes, resource)
     tp = config.tensor_parallel_size
+    tag = uuid.uuid4().hex[:8]  # several engines may share a cluster
     groups = [
-        placement_group([{resource: 1}] * tp, strategy="STRICT_PACK", name=f"strata-stage-{stage}")
+        placement_group([{resource: 1}] * tp, strategy="STRICT_PACK", name=f"strata-{tag}-stage-{stage}")
         for stage in range(config.pipeline_parallel_size)
     ]
     placement = StagePlacement(resource, groups, tp)

@@ -56,3 +56,18 @@ def assert_logprobs_close(ours: list[dict], reference: torch.Tensor, k: int = 5,
         ours_sorted = sorted((float(ref[t]) for t in top_ids), reverse=True)
         ref_sorted = torch.topk(ref, k).values.tolist()
         assert max(abs(a - b) for a, b in zip(ours_sorted, ref_sorted, strict=True)) < atol, pos
+
+
+@torch.no_grad()
+def hf_greedy_processed(model_dir: str, prompt: list[int], max_new_tokens: int, process) -> list[int]:
+    """Greedy decoding where `process(logits, prompt, output)` may change the raw logits first
+    (a plain re-statement of a sampling rule, to check ours against)."""
+    model = hf_model(model_dir)
+    out = model(torch.tensor([prompt]), use_cache=True)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = process(out.logits[0, -1].float().clone(), list(prompt), list(generated))
+        nxt = int(logits.argmax())
+        generated.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return generated

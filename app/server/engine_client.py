@@ -8,6 +8,7 @@ server never sees ranks, actors or backends; it sees a stream of RequestOutput p
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -75,10 +76,13 @@ class EngineClient:
 
     def _abort_soon(self, request_id: str) -> None:
         # Called from a `finally` that may be unwinding a cancellation: schedule, do not await.
+        # The task runs in an empty context: under Ray Serve the cancelled request's context
+        # would make Ray cancel this call too, as a child of the cancelled request.
         try:
-            task = asyncio.get_running_loop().create_task(self.abort(request_id))
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop any more (interpreter shutdown)
             return
+        task = contextvars.Context().run(loop.create_task, self.abort(request_id))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 

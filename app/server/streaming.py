@@ -27,7 +27,8 @@ _END = object()
 
 
 def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
+    # Nulls are left out (as vLLM does): a delta carries only what changed.
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
 @dataclass

@@ -9,14 +9,14 @@ packed qkv_proj and gate_up_proj (see `packed_modules`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from model.architectures.partition import even_layer_partition, layer_range_for_stage
-from model.architectures.weights import PackedModules, load_packed_weights
+from model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
 from model.context import ModelContext
 from model.layers.activation import SiluAndMul
 from model.layers.attention import AttentionMetadata, PagedAttention
@@ -89,27 +89,55 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: PretrainedConfig, ctx: ModelContext):
+    """Gated SiLU MLP, split like Megatron. `intermediate_size` defaults to the config's; with
+    `reduce_results=False` the caller all-reduces (an MoE block folds its shared expert into its own
+    reduction)."""
+
+    def __init__(
+        self,
+        cfg: PretrainedConfig,
+        ctx: ModelContext,
+        intermediate_size: int | None = None,
+        reduce_results: bool = True,
+    ):
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported (only 'silu')")
         bias = bool(getattr(cfg, "mlp_bias", False))
-        inter = cfg.intermediate_size
+        inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], ctx, bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, ctx, bias=bias)
+        self.down_proj = RowParallelLinear(
+            inter, cfg.hidden_size, ctx, bias=bias, reduce_results=reduce_results
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# Builds the feed-forward block of one decoder layer: (config, ctx, layer index) -> module whose
+# output is already reduced across tp ranks. MoE families pass their own.
+MlpFactory = Callable[[PretrainedConfig, ModelContext, int], nn.Module]
+
+
+def dense_mlp(cfg: PretrainedConfig, ctx: ModelContext, layer_idx: int) -> nn.Module:
+    return LlamaMLP(cfg, ctx)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: PretrainedConfig, ctx: ModelContext, layer_idx: int, **attn_options: bool):
+    def __init__(
+        self,
+        cfg: PretrainedConfig,
+        ctx: ModelContext,
+        layer_idx: int,
+        make_mlp: MlpFactory = dense_mlp,
+        **attn_options: bool,
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.self_attn = LlamaAttention(cfg, ctx, layer_idx, **attn_options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
-        self.mlp = LlamaMLP(cfg, ctx)
+        self.mlp = make_mlp(cfg, ctx, layer_idx)
 
     def forward(
         self,
@@ -137,7 +165,12 @@ class LlamaModel(nn.Module):
     """
 
     def __init__(
-        self, cfg: PretrainedConfig, ctx: ModelContext, layer_range: tuple[int, int], **attn_options: bool
+        self,
+        cfg: PretrainedConfig,
+        ctx: ModelContext,
+        layer_range: tuple[int, int],
+        make_mlp: MlpFactory = dense_mlp,
+        **attn_options: bool,
     ):
         super().__init__()
         self.start, self.end = layer_range
@@ -145,7 +178,9 @@ class LlamaModel(nn.Module):
             VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx) if ctx.is_first_stage else None
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, ctx, i, **attn_options) if self.start <= i < self.end else nn.Identity()
+            LlamaDecoderLayer(cfg, ctx, i, make_mlp, **attn_options)
+            if self.start <= i < self.end
+            else nn.Identity()
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx) if ctx.is_last_stage else None
@@ -169,6 +204,16 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(cfg, "attention_bias", False))
         return bias, bias
 
+    @classmethod
+    def make_mlp(cls, cfg: PretrainedConfig, ctx: ModelContext, layer_idx: int) -> nn.Module:
+        """The feed-forward block of decoder layer `layer_idx` (MoE families override this)."""
+        return dense_mlp(cfg, ctx, layer_idx)
+
+    @classmethod
+    def rename_checkpoint_tensor(cls, name: str) -> tuple[str, ShardId] | None:
+        """(parameter name, shard id) for checkpoint names `packed_modules` cannot express, else None."""
+        return None
+
     def __init__(self, hf_config: PretrainedConfig, ctx: ModelContext):
         super().__init__()
         self.config, self.ctx = hf_config, ctx
@@ -181,7 +226,13 @@ class LlamaForCausalLM(nn.Module):
         self.num_local_layers = self.layer_range[1] - self.layer_range[0]
         qkv_bias, o_bias = self.projection_biases(hf_config)
         self.model = LlamaModel(
-            hf_config, ctx, self.layer_range, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=self.qk_norm
+            hf_config,
+            ctx,
+            self.layer_range,
+            self.make_mlp,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=self.qk_norm,
         )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head: ParallelLMHead | None = None
@@ -260,7 +311,8 @@ class LlamaForCausalLM(nn.Module):
         aliases = (
             {"model.embed_tokens.weight": ["lm_head.weight"]} if tied and not head_shares_embedding else {}
         )
-        load_packed_weights(self, weights, self.packed_modules, skip, aliases)
+        rename: CheckpointRename = self.rename_checkpoint_tensor
+        load_packed_weights(self, weights, self.packed_modules, skip, aliases, rename)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -197,3 +197,16 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None and (self.reduce_results or self.tp.rank == 0):
             y = y + self.bias
         return y
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T + b with the whole W on every rank: small matrices every rank needs in full (an MoE
+    router, a shared-expert gate), so every rank computes the same output from the same input."""
+
+    def __init__(self, input_size: int, output_size: int, ctx: ModelContext, bias: bool = False):
+        super().__init__()
+        self.weight = _param(ctx.empty(output_size, input_size), default_weight_loader)
+        self.bias = _param(ctx.empty(output_size), default_weight_loader) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,178 @@
+"""`strata serve [MODEL]`: the OpenAI-compatible server, with vLLM's flags and meanings.
+
+Flags become one EngineConfig and one ServerSettings, validated before anything starts. A flag
+this build cannot honour yet fails here, naming it; none is silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import EngineConfig, describe_validation_error
+from app.server.settings import API_KEY_ENV, ServerSettings
+
+logger = logging.getLogger("strata")
+
+
+class FlagError(ValueError):
+    """A flag this build cannot honour, or a combination that makes no sense."""
+
+
+def _partition(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 8,8,7,7, got {text!r}") from None
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API",
+        description="Serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, ...), "
+                    "split across GPUs and nodes on Ray. Flags follow `vllm serve`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="the same as MODEL, as a flag")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: the model's)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names the API accepts in `model`; the first is the one it reports (default: MODEL)")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                     help="ranks each layer's weights are split across (one node)")
+    par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                     help="pipeline stages the layers are split into (stages may span nodes)")
+    par.add_argument("--pp-layer-partition", type=_partition, default=None,
+                     help="layers per pipeline stage, comma-separated, e.g. 8,8,7,7 (default: even)")
+    par.add_argument("--enable-expert-parallel", action="store_true",
+                     help="place whole MoE experts on ranks instead of splitting every expert across tp ranks")
+    par.add_argument("--distributed-executor-backend", choices=["auto", "ray", "mp"], default="auto",
+                     help="ray: ranks are Ray actors, the API is a Ray Serve app; mp: local processes, the "
+                          "API is served by uvicorn; auto: ray (mp only with --nnodes and --master-addr)")
+    par.add_argument("--address", default=None,
+                     help="Ray cluster to join (default: $RAY_ADDRESS, else one on this machine, else a new "
+                          "local Ray)")
+    par.add_argument("--nnodes", type=int, default=None, help="mp backend: number of nodes (not supported yet)")
+    par.add_argument("--node-rank", type=int, default=None, help="mp backend: this node's rank (not supported yet)")
+    par.add_argument("--master-addr", default=None, help="mp backend: node 0's address (not supported yet)")
+    par.add_argument("--master-port", type=int, default=None, help="mp backend: node 0's port (not supported yet)")
+    par.add_argument("--headless", action="store_true",
+                     help="mp backend: run ranks only, no API server (not supported yet)")
+
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                     help="weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU")
+    eng.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
+                     help="dummy: random weights of the right shapes, nothing read (benchmarks)")
+    eng.add_argument("--seed", type=int, default=0, help="engine random seed")
+    eng.add_argument("--max-model-len", type=int, default=None,
+                     help="prompt + output tokens per request (default: the model's context length)")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="share of each GPU's memory the engine may use (weights, activations, KV cache)")
+    eng.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                     help="most tokens in one step; longer prompts are prefilled in chunks")
+    eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+    eng.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
+    eng.add_argument("--enforce-eager", action="store_true",
+                     help="run without graphs (Strata always runs eagerly today, so this changes nothing)")
+
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 (or the node's address) to accept remote clients")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--api-key", default=None,
+                     help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_ENV})")
+    srv.add_argument("--max-waiting-requests", type=int, default=256,
+                     help="beyond this many queued sequences, answer 503 with Retry-After")
+    srv.add_argument("--max-n", type=int, default=16, help="largest `n` a request may ask for")
+    srv.add_argument("--max-tokens-cap", type=int, default=None,
+                     help="largest max_tokens a request may ask for (default: only max-model-len limits it)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on Ctrl-C / SIGTERM, seconds in-flight requests may run before they are cut off")
+    srv.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                     default="info", help="log level of the HTTP server")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def pick_backend(args: argparse.Namespace) -> str:
+    """auto is ray (Strata is a Ray application); mp only with the mp-only multi-node flags."""
+    backend = args.distributed_executor_backend
+    if backend == "auto":
+        multi_node_mp = args.nnodes is not None and args.master_addr is not None
+        backend = "mp" if multi_node_mp else "ray"
+        logger.info("--distributed-executor-backend auto: using %s%s", backend,
+                    " (--nnodes with --master-addr)" if multi_node_mp else "")
+    return backend
+
+
+def check_flags(args: argparse.Namespace, backend: str) -> None:
+    """Fails on every flag this build cannot honour, naming it."""
+    if args.nnodes is not None and args.nnodes != 1:
+        raise FlagError(f"--nnodes {args.nnodes}: multi-node serving with the mp backend is not supported yet; "
+                        f"use the ray backend on a Ray cluster (`ray start` on every node) instead")
+    for flag, given in (("--node-rank", args.node_rank is not None), ("--master-addr", args.master_addr),
+                        ("--master-port", args.master_port is not None), ("--headless", args.headless)):
+        if given:
+            raise FlagError(f"{flag}: multi-node serving with the mp backend is not supported yet; use the ray "
+                            f"backend on a Ray cluster instead")
+    if args.address and backend != "ray":
+        raise FlagError("--address names a Ray cluster; it needs --distributed-executor-backend ray (or auto)")
+    if args.model and args.model_tag and args.model != args.model_tag:
+        raise FlagError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
+    backend = pick_backend(args)
+    check_flags(args, backend)
+    names = args.served_model_name
+    try:
+        config = EngineConfig(
+            model=args.model or args.model_tag, tokenizer=args.tokenizer,
+            served_model_name=names[0] if names else None,
+            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+            pp_layer_partition=args.pp_layer_partition, enable_expert_parallel=args.enable_expert_parallel,
+            distributed_executor_backend=backend, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_logprobs=args.max_logprobs,
+            enforce_eager=args.enforce_eager, ray_address=args.address,
+        )
+        extra = {"api_key": args.api_key} if args.api_key else {}  # else $STRATA_API_KEY
+        settings = ServerSettings(
+            host=args.host, port=args.port, served_model_name=names, max_waiting_requests=args.max_waiting_requests,
+            max_n=args.max_n, max_tokens_cap=args.max_tokens_cap, drain_timeout_s=args.drain_timeout,
+            uvicorn_log_level=args.uvicorn_log_level, **extra,
+        )
+    except ValidationError as err:
+        raise FlagError(describe_validation_error(err)) from None
+    return config, settings
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, settings = configs_from_args(args)
+    except FlagError as err:
+        print(f"strata serve: error: {err}", file=sys.stderr)
+        return 2
+    from app.server.launch import serve_with_ray, serve_with_uvicorn
+
+    if config.distributed_executor_backend == "mp":
+        return serve_with_uvicorn(config, settings)
+    return serve_with_ray(config, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`strata serve` alone (used by `python -m app.job`)."""
+    parser = argparse.ArgumentParser(prog="strata")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,131 @@
+"""Running the server until Ctrl-C / SIGTERM, on either backend, then shutting down cleanly.
+
+ray: the Serve application (app/server/serve_app.py) behind Serve's HTTP proxy on --host/--port.
+On a signal, deleting the app makes Serve stop routing to it and drain in-flight requests for a
+bounded time; the replica then stops the engine, releasing its actors and placement groups.
+mp: the same FastAPI app under uvicorn with a LocalDriver; uvicorn drains on a signal
+(`timeout_graceful_shutdown`), then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+
+from app.config import EngineConfig
+from app.model_source import preflight
+from app.server.settings import ServerSettings
+
+logger = logging.getLogger("strata")
+
+
+def _announce(settings: ServerSettings, port: int) -> None:
+    name = (settings.served_model_name or ["?"])[0]
+    print(f"Strata is serving {name} at http://{settings.host}:{port} (OpenAI API under /v1). "
+          f"Ctrl-C to stop.", flush=True)
+
+
+def _prepare(config: EngineConfig, settings: ServerSettings) -> str | None:
+    """Checks the model before anything starts; returns its directory, or None after printing why."""
+    try:
+        spec = preflight(config)
+    except (ValueError, RuntimeError) as err:
+        print(f"strata serve: error: {err}", file=sys.stderr)
+        return None
+    config.pp_layer_partition = spec.partition
+    if not settings.served_model_name:
+        settings.served_model_name = [spec.served_name]
+    return spec.model_dir
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
+    import ray
+    from ray import serve
+
+    from app.driver_handle import ensure_ray
+    from app.server.serve_app import APP_NAME, ingress_app
+
+    if _prepare(config, settings) is None:
+        return 1
+    # Until the app is up, SIGTERM interrupts start-up like Ctrl-C, so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    rc = 0
+    try:
+        ensure_ray(config)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(ingress_app(config, settings), name=APP_NAME, route_prefix="/")
+        _announce(settings, settings.port)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as err:  # noqa: BLE001 - start-up failed: say why, then clean up
+        print(f"strata serve: error: {err}", file=sys.stderr)
+        rc = 1
+    logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
+                settings.drain_timeout_s)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops waiting at once
+    _stop_serve(APP_NAME)
+    ray.shutdown()
+    return rc
+
+
+def _stop_serve(app_name: str) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(app_name)  # blocks until the replica drained and stopped the engine
+        if not serve.status().applications:
+            serve.shutdown()  # ours was the only app: stop the proxy and controller too
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        logger.warning("Serve shutdown failed", exc_info=True)
+
+
+def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
+    import uvicorn
+
+    from app.driver_handle import start_driver
+    from app.server.api import build_app
+    from app.server.engine_client import EngineClient
+
+    model_dir = _prepare(config, settings)
+    if model_dir is None:
+        return 1
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        handle = start_driver(config, model_dir)
+    except KeyboardInterrupt:
+        return 0
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own handlers
+    try:
+        app = build_app(EngineClient(handle, config.max_num_seqs), settings)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
+            timeout_graceful_shutdown=int(settings.drain_timeout_s)))
+
+        async def run() -> None:
+            task = asyncio.create_task(server.serve())
+            while not server.started and not task.done():
+                await asyncio.sleep(0.1)
+            if server.started:
+                sockets = [s for srv in server.servers for s in srv.sockets]
+                _announce(settings, sockets[0].getsockname()[1] if sockets else settings.port)
+            await task
+
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        logger.info("stopping the engine")
+        handle.shutdown()
+    return 0

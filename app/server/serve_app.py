@@ -1,0 +1,107 @@
+"""The Ray Serve deployment: one ingress replica that starts the engine and serves the FastAPI app.
+
+`strata serve` (ray backend), `serve run cluster/serve_config.yaml` and `serve deploy` all build
+it here, so they serve the same thing. The replica asks for no CPU (the ranks hold the
+resources) and starts the driver, which reserves the ranks' placement groups; on shutdown Serve
+drains in-flight requests for `drain_timeout_s`, then `__del__` stops the driver and releases
+its actors and placement groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from app.config import EngineConfig, describe_validation_error
+from app.driver_handle import start_driver
+from app.model_source import preflight
+from app.server.api import build_app as build_fastapi_app
+from app.server.engine_client import EngineClient
+from app.server.settings import ServerSettings
+
+logger = logging.getLogger("strata.server")
+
+APP_NAME = "strata"
+# Room above the engine's own queue for /health, /metrics and requests about to be refused:
+# our 503 (with Retry-After) must answer before Serve starts queueing in its router.
+_EXTRA_ONGOING = 64
+
+
+@serve.deployment(name="StrataIngress", ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=1,
+                  health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress()
+class StrataIngress:
+    async def __init__(self, engine_config: dict[str, Any], server_settings: dict[str, Any]):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = EngineConfig.model_validate(engine_config)
+        self.settings = ServerSettings.model_validate(server_settings)
+        spec = await asyncio.to_thread(preflight, self.config)
+        self.config.pp_layer_partition = spec.partition
+        if not self.settings.served_model_name:
+            self.settings.served_model_name = [spec.served_name]
+        # Loading blocks for seconds; keep the replica's event loop free meanwhile.
+        self.handle = await asyncio.to_thread(start_driver, self.config, spec.model_dir)
+        self.client = EngineClient(self.handle, self.config.max_num_seqs)
+        self._stopped = False
+
+    def __serve_build_asgi_app__(self):
+        return build_fastapi_app(self.client, self.settings)
+
+    async def check_health(self) -> None:
+        """Serve restarts the replica (and with it the engine) when the engine stops answering."""
+        if not await self.client.healthy(self.settings.health_timeout_s):
+            raise RuntimeError("the engine did not answer stats() in time")
+
+    def __del__(self) -> None:
+        if getattr(self, "_stopped", True):
+            return
+        self._stopped = True
+        logger.info("shutting down the engine")
+        self.handle.shutdown()
+
+
+def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
+    """The Serve application for these settings (what `serve.run` takes)."""
+    from actors.executor import rank_env
+
+    return StrataIngress.options(
+        # The replica sees the same STRATA_/HF_/NCCL_ settings as the ranks (it may be on another node).
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": rank_env()}},
+        max_ongoing_requests=config.max_num_seqs + settings.max_waiting_requests + _EXTRA_ONGOING,
+        graceful_shutdown_timeout_s=settings.drain_timeout_s + 30,  # + the engine's own shutdown
+        graceful_shutdown_wait_loop_s=1.0,
+    ).bind(config.model_dump(), settings.model_dump())
+
+
+def split_args(args: dict[str, Any]) -> tuple[EngineConfig, ServerSettings]:
+    """One flat dict (the YAML's `args`, flag names with - or _) -> (EngineConfig, ServerSettings).
+    `served_model_name` feeds both. An unknown key raises ValueError listing the allowed ones."""
+    engine: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    for raw_key, value in args.items():
+        key = raw_key.replace("-", "_")
+        if key == "served_model_name":
+            names = [value] if isinstance(value, str) else list(value)
+            engine[key], server[key] = names[0], names
+        elif key in ServerSettings.model_fields:
+            server[key] = value
+        elif key in EngineConfig.model_fields:
+            engine[key] = value
+        else:
+            allowed = sorted({*EngineConfig.model_fields, *ServerSettings.model_fields})
+            raise ValueError(f"unknown argument {raw_key!r}; allowed: {', '.join(allowed)}")
+    try:
+        return EngineConfig(**engine), ServerSettings(**server)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error(err)) from None
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's app builder (`import_path: app.server.serve_app:build_app` with `args:`)."""
+    config, settings = split_args(args or {})
+    return ingress_app(config, settings)

@@ -1,0 +1,203 @@
+"""Routed experts of a Mixture-of-Experts layer, split by tensor parallelism or placed whole on ranks.
+
+Two placements, chosen by `ModelContext.enable_expert_parallel` (the EP group is the tp group):
+
+    split (default): every rank holds every expert, each cut like a dense MLP: rows
+        [r*I/tp, (r+1)*I/tp) of gate and up, the same columns of down.
+    expert parallel: rank r holds experts [r*E/ep, (r+1)*E/ep) whole.
+
+Either way a rank computes its partial sum of the layer's output for every token, so the layer ends
+with one all-reduce over the tp group (`SparseMoeBlock`), never one per expert. Attention stays
+tensor-parallel in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.context import ModelContext
+from model.layers.linear import LoadedSlice, ReplicatedLinear, copy_checked, read_narrow, slice_shape
+from model.layers.moe_router import TopKRouter
+
+ExpertPart = Literal["gate", "up", "down", "gate_up"]
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """The shard id of an expert tensor: which part of which expert; expert None = all, stacked.
+
+    Per-expert checkpoints (Mixtral's w1/w3/w2, Qwen's gate/up/down_proj) give one expert's part;
+    transformers 5 in-memory names give `experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows)
+    and `experts.down_proj` [E, H, I].
+    """
+
+    expert: int | None
+    part: ExpertPart
+
+
+class FusedMoE(nn.Module):
+    """This rank's share of one layer's routed experts, their loading, compute and token counts.
+
+    w13_weight [local experts, 2 * local intermediate, hidden] holds gate rows then up rows;
+    w2_weight [local experts, hidden, local intermediate]. `expert_counts` [num_experts] counts the
+    token-expert pairs routed to each expert (all experts, not only local ones) since the last
+    `take_counts()`; routing is replicated, so it is the same on every rank.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, ctx: ModelContext):
+        super().__init__()
+        size, rank = ctx.tp_size, ctx.tp_rank
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.expert_parallel = ctx.enable_expert_parallel
+        if self.expert_parallel:
+            if num_experts % size:
+                raise ValueError(f"expert parallel size {size} does not divide num_experts={num_experts}")
+            self.num_local, self.inter_local = num_experts // size, intermediate_size
+            self.expert_start, self.inter_start = rank * self.num_local, 0
+        else:
+            if intermediate_size % size:
+                raise ValueError(
+                    f"tensor_parallel_size={size} does not divide the experts' intermediate size "
+                    f"{intermediate_size}"
+                )
+            self.num_local, self.inter_local = num_experts, intermediate_size // size
+            self.expert_start, self.inter_start = 0, rank * self.inter_local
+        n, local = self.inter_local, range(self.expert_start, self.expert_start + self.num_local)
+        self.w13_weight = self._param(ctx.empty(self.num_local, 2 * n, hidden_size))
+        self.w13_weight.required_shards = [  # type: ignore[attr-defined]
+            (f"{e}.{part}_proj.weight", ExpertShard(e, part)) for e in local for part in ("gate", "up")
+        ]
+        self.w2_weight = self._param(ctx.empty(self.num_local, hidden_size, n))
+        self.w2_weight.required_shards = [  # type: ignore[attr-defined]
+            (f"{e}.down_proj.weight", ExpertShard(e, "down")) for e in local
+        ]
+        counts = torch.zeros(num_experts, dtype=torch.long, device=ctx.device)
+        self.register_buffer("expert_counts", counts, persistent=False)
+
+    def _param(self, data: torch.Tensor) -> nn.Parameter:
+        p = nn.Parameter(data, requires_grad=False)
+        p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        return p
+
+    @property
+    def local_experts(self) -> range:
+        return range(self.expert_start, self.expert_start + self.num_local)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: LoadedSlice, shard: ExpertShard
+    ) -> list[ExpertShard]:
+        """Reads this rank's experts and intermediate slice of `loaded`, nothing else; returns the
+        shards it filled (none for another rank's expert, whose slice is never indexed)."""
+        if not isinstance(shard, ExpertShard):
+            raise ValueError(f"expert weights need an ExpertShard id, got {shard!r}")
+        n, i0 = self.inter_local, self.inter_start
+        with torch.no_grad():
+            if shard.expert is None:
+                return self._load_stacked(param, loaded, shard.part)
+            e = shard.expert - self.expert_start
+            if not 0 <= e < self.num_local:
+                return []
+            what = f"expert {shard.expert} {shard.part}"
+            if shard.part == "down":
+                copy_checked(param.data[e], read_narrow(loaded, 1, i0, n), what)
+            elif shard.part in ("gate", "up"):
+                dst = param.data[e].narrow(0, 0 if shard.part == "gate" else n, n)
+                copy_checked(dst, read_narrow(loaded, 0, i0, n), what)
+            else:
+                raise ValueError(f"a single expert's tensor cannot be {shard.part!r}")
+        return [shard]
+
+    def _load_stacked(self, param: nn.Parameter, loaded: LoadedSlice, part: ExpertPart) -> list[ExpertShard]:
+        n, i0 = self.inter_local, self.inter_start
+        experts = slice(self.expert_start, self.expert_start + self.num_local)
+        if part == "down":  # [E, H, I]: local experts, our intermediate columns
+            copy_checked(param.data, loaded[experts, :, i0 : i0 + n], "stacked experts down")
+            return [ExpertShard(e, "down") for e in self.local_experts]
+        if part != "gate_up":
+            raise ValueError(f"stacked expert tensors are 'gate_up' or 'down', got {part!r}")
+        full = slice_shape(loaded)[1] // 2  # [E, 2I, H]: gate rows [0, I), up rows [I, 2I)
+        for j, start in enumerate((i0, full + i0)):
+            copy_checked(
+                param.data.narrow(1, j * n, n), loaded[experts, start : start + n, :], "stacked gate_up"
+            )
+        return [ExpertShard(e, p) for e in self.local_experts for p in ("gate", "up")]
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing [T, k] -> this rank's unreduced share of sum_k weight * expert(x), [T, H].
+
+        Token-expert pairs are sorted by expert, so each local expert's tokens are one contiguous
+        run: one gate_up and one down matmul per local expert, no loop over tokens.
+        """
+        k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        self.expert_counts += counts
+        order = torch.argsort(flat_ids, stable=True)  # stable: a token's pairs add in expert order, as HF
+        per_expert = counts.tolist()  # the layer's one host sync: the matmul sizes
+        first = sum(per_expert[: self.expert_start])
+        local_counts = per_expert[self.expert_start : self.expert_start + self.num_local]
+        pairs = order[first : first + sum(local_counts)]
+        out = torch.zeros_like(x)
+        if pairs.numel() == 0:
+            return out
+        tokens = pairs // k
+        xs = x[tokens]
+        ys = torch.empty_like(xs)
+        offset = 0
+        for e, count in enumerate(local_counts):
+            if count:
+                rows = slice(offset, offset + count)
+                gate, up = F.linear(xs[rows], self.w13_weight[e]).chunk(2, dim=-1)
+                ys[rows] = F.linear(F.silu(gate) * up, self.w2_weight[e])
+                offset += count
+        ys *= topk_weights.reshape(-1)[pairs].to(ys.dtype).unsqueeze(-1)
+        return out.index_add_(0, tokens, ys)
+
+    def take_counts(self) -> torch.Tensor:
+        """The counts since the last call (a copy), then zero."""
+        counts = self.expert_counts.clone()
+        self.expert_counts.zero_()
+        return counts
+
+
+class SparseMoeBlock(nn.Module):
+    """Router, routed experts and an optional shared expert, combined by one all-reduce.
+
+    `shared_expert` must return its unreduced tensor-parallel partial (a LlamaMLP built with
+    reduce_results=False). With `shared_expert_gate` it is scaled per token by sigmoid(x g^T); that
+    factor is the same on every rank, so it commutes with the reduction and the shared expert rides
+    in the routed experts' all-reduce (Qwen2-MoE).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        ctx: ModelContext,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: bool = False,
+    ):
+        super().__init__()
+        self.tp = ctx.tp
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize, ctx)
+        self.experts = FusedMoE(hidden_size, num_experts, intermediate_size, ctx)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, ctx) if shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return self.tp.all_reduce(out)

@@ -1,0 +1,171 @@
+"""Fixtures for the HTTP server tests: a live `strata serve` subprocess per backend, the offline
+`LLM`'s outputs to compare against, and a fake driver handle for in-process app tests.
+
+Only one Ray runs at a time: the ray-backend server and `serve run` join the test process's Ray
+(through RAY_ADDRESS), started here unless another fixture already started one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+MODEL_NAME = "smol"
+MAX_N = 4
+MAX_TOKENS_CAP = 1024
+MAX_TOKENS = 24
+COMPLETION_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
+CHAT_MESSAGES = [[{"role": "user", "content": "What is the capital of France?"}],
+                 [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]]
+LONG_PROMPT, LONG_TOKENS = "Write a long story about the sea.", 96  # the request that runs beside bad ones
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Ctrl-C, as a user would; kill the process group only if it does not stop in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+@dataclass
+class LiveServer:
+    backend: str
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {API_KEY}"})
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def async_openai(self, **kwargs):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        kwargs.setdefault("headers", self.headers)
+        return httpx.post(self.url + path, timeout=120, **kwargs)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, keyed `name{labels}` (labels sorted, model_name left out)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=30).text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+                samples[f"{s.name}{{{labels}}}"] = s.value
+        return samples
+
+
+@pytest.fixture(scope="session")
+def server_ray_address() -> str:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def server_env(ray_address: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STRATA_API_KEY")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+@pytest.fixture(scope="module", params=["ray", "mp"])
+def live_server(request, tmp_path_factory) -> LiveServer:
+    """`strata serve` on the bundled model, one per backend, torn down (Ctrl-C) after the module."""
+    backend = request.param
+    address = request.getfixturevalue("server_ray_address") if backend == "ray" else None
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"serve-{backend}") / "server.log"
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--distributed-executor-backend", backend,
+           "--port", str(port), "--max-model-len", "2048", "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
+           "--max-n", str(MAX_N), "--max-tokens-cap", str(MAX_TOKENS_CAP), "--drain-timeout", "5"]
+    proc = spawn(cmd, server_env(address), log)
+    server = LiveServer(backend, f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_healthy(server.url, proc, log)
+        yield server
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+@dataclass
+class Reference:
+    """The offline LLM's greedy outputs, and the tokenizer, for the same prompts the tests send."""
+
+    tokenizer: object
+    completions: dict[str, tuple[str, list[int]]]
+    chats: list[tuple[str, list[int]]]
+    long: str
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    from app import LLM, SamplingParams
+
+    llm = LLM(distributed_executor_backend="mp", max_model_len=2048)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+        outs = llm.generate(COMPLETION_PROMPTS, greedy, use_tqdm=False)
+        completions = {p: (o.outputs[0].text, o.outputs[0].token_ids) for p, o in zip(COMPLETION_PROMPTS, outs)}
+        chats = [(o.outputs[0].text, o.outputs[0].token_ids)
+                 for o in llm.chat(CHAT_MESSAGES, greedy, use_tqdm=False)]
+        long = llm.generate([LONG_PROMPT], SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+        return Reference(llm.get_tokenizer(), completions, chats, long)
+    finally:
+        llm.shutdown()
