@@ -71,22 +71,30 @@ def init_rank_groups(
     return RankGroups(coords, tp, pp, control)
 
 
-def broadcast_bytes(data: bytes | None, group: dist.ProcessGroup, src: int = 0) -> bytes:
-    """Rank `src` passes the bytes; every rank gets them back."""
-    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-    dist.broadcast(size, src=src, group=group)
-    buf = (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if data is not None
-        else torch.empty(int(size.item()), dtype=torch.uint8)
-    )
-    dist.broadcast(buf, src=src, group=group)
-    return buf.numpy().tobytes()
+class PendingSends:
+    """Sends in flight. A sender never waits for its receiver (a pipeline stage must go on to the
+    next micro-batch); the works and their buffers are kept until they complete."""
+
+    def __init__(self, keep: int = 64):
+        self._works: list[tuple[dist.Work, object]] = []
+        self._keep = keep
+
+    def add(self, work: dist.Work, buffers: object) -> None:
+        self._works.append((work, buffers))
+        while len(self._works) > self._keep:  # the receiver consumed these long ago
+            self._works.pop(0)[0].wait()
+
+    def wait_all(self) -> None:
+        for work, _ in self._works:
+            work.wait()
+        self._works.clear()
 
 
-def send_bytes(data: bytes, dst: int, group: dist.ProcessGroup) -> None:
-    dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=dst, group=group)
-    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=group)
+def isend_bytes(data: bytes, dst: int, group: dist.ProcessGroup, pending: PendingSends) -> None:
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    pending.add(dist.isend(size, dst=dst, group=group), size)
+    pending.add(dist.isend(payload, dst=dst, group=group), payload)
 
 
 def recv_bytes(src: int, group: dist.ProcessGroup) -> bytes:

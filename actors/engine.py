@@ -6,6 +6,7 @@ executor hides where ranks live; `execute(plan)` returns the sampling rank's Ste
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from typing import Protocol
@@ -24,7 +25,8 @@ logger = logging.getLogger("strata")
 
 
 class Executor(Protocol):
-    def execute(self, plan: StepPlan) -> StepResult: ...
+    def submit(self, plan: StepPlan) -> StepResult | None: ...
+    def collect(self) -> StepResult: ...
 
 
 class EngineCore:
@@ -53,6 +55,9 @@ class EngineCore:
         self.num_generation_tokens = 0
         self.num_preemptions = 0
         self.last_step_seconds = 0.0
+        # Micro-batches in flight: one per pipeline stage keeps every stage busy.
+        self.pipeline_depth = config.pipeline_parallel_size
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepResult | None]] = collections.deque()
 
     # ---- requests in ----
 
@@ -112,14 +117,30 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests whose output changed."""
-        scheduled = self.scheduler.schedule()
-        self.num_preemptions += len(scheduled.preempted)
-        plan = self._build_plan(scheduled)
-        result = self.executor.execute(plan)
+        """One engine step: fill the pipeline with up to `pipeline_depth` micro-batches, then
+        finish the oldest; returns the requests whose output changed."""
+        while len(self._in_flight) < self.pipeline_depth:
+            scheduled = self.scheduler.schedule(self._micro_batch_cap())  # skips those in flight
+            if scheduled.is_empty:
+                break
+            self.num_preemptions += len(scheduled.preempted)
+            self._in_flight.append((scheduled, self.executor.submit(self._build_plan(scheduled))))
+        if not self._in_flight:
+            return []
+        scheduled, result = self._in_flight.popleft()
+        if result is None:
+            result = self.executor.collect()
         self.last_step_seconds = result.step_seconds
         self.scheduler.update(scheduled, {sid: r.token_id for sid, r in result.sampled.items()})
         return self._process(scheduled, result)
+
+    def _micro_batch_cap(self) -> int | None:
+        """With pipeline stages, an equal share of the sequences per micro-batch: one batch of
+        everything would leave the other stages idle."""
+        if self.pipeline_depth == 1:
+            return None
+        total = self.scheduler.num_running + self.scheduler.num_waiting
+        return max(1, -(-total // self.pipeline_depth))
 
     def _build_plan(self, scheduled: SchedulerOutput) -> StepPlan:
         plan = StepPlan(step_id=next(self._step_ids), finished_seq_ids=self._finished_since_plan)

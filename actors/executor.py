@@ -13,7 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 
-from actors.distributed import DERIVED_ENV, broadcast_bytes, recv_bytes
+from actors.distributed import DERIVED_ENV, PendingSends, isend_bytes, recv_bytes
 from actors.rank import RankWorker
 from actors.step_plan import StepPlan, StepResult
 
@@ -38,25 +38,37 @@ def rank_env() -> dict[str, str]:
 
 
 class DriverExecutor:
-    """Rank 0's side of a step: broadcast the plan, run the local shard, collect the result."""
+    """Rank 0's side of a step: send the plan to every rank, run the local shard, and (with
+    pipeline stages) collect the sampling rank's result later.
+
+    Plans go point to point rather than by broadcast: a broadcast would wait for every rank,
+    including a later stage still busy with the previous micro-batch."""
 
     def __init__(self, worker: RankWorker):
         self.worker = worker
         self.coords = worker.coords
         self.sampler_rank = self.coords.world_size - self.coords.tp_size  # tp rank 0, last stage
+        self.pending = PendingSends()
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        control = self.worker.groups.control
-        if self.coords.world_size > 1:
-            broadcast_bytes(plan.encode(), control, src=0)
-        result = self.worker.execute(plan)
-        if self.sampler_rank != 0:
-            result = StepResult.decode(recv_bytes(self.sampler_rank, control))
-        return result
+    def _send_plan(self, plan: StepPlan) -> None:
+        data = plan.encode()
+        for rank in range(1, self.coords.world_size):
+            isend_bytes(data, rank, self.worker.groups.control, self.pending)
+
+    def submit(self, plan: StepPlan) -> StepResult | None:
+        """Starts the step everywhere and runs rank 0's share; returns the result when rank 0
+        samples (no pipeline), else None: `collect` gets it once the last stage is done."""
+        self._send_plan(plan)
+        return self.worker.execute(plan)
+
+    def collect(self) -> StepResult:
+        """The sampling rank's result of the oldest step not yet collected."""
+        return StepResult.decode(recv_bytes(self.sampler_rank, self.worker.groups.control))
 
     def shutdown(self) -> None:
         if self.coords.world_size > 1 and self.worker.groups is not None:
-            broadcast_bytes(StepPlan(step_id=-1, kind="shutdown").encode(), self.worker.groups.control, src=0)
+            self._send_plan(StepPlan(step_id=-1, kind="shutdown"))
+            self.pending.wait_all()
 
 
 class RayRankLauncher:

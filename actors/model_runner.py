@@ -7,11 +7,12 @@ computes logits, and only the sampling rank (tensor rank 0 of the last stage) sa
 
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
 
-from actors.distributed import RankGroups
+from actors.distributed import PendingSends, RankGroups
 from actors.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
 from model.layers.attention import AttentionMetadata
 from model.sampler import Sampler, SamplerOptions, SequenceSamplingState
@@ -30,8 +31,10 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.sampling_states: dict[int, SequenceSamplingState] = {}
-        # (start, end) wall-clock times of recent steps, so overlap across stages can be checked.
-        self.step_times: list[tuple[float, float]] = []
+        # (start, end) of each step's compute, from its inputs' arrival to its outputs' sending,
+        # so tests can check that pipeline stages overlap. Bounded: only recent steps are kept.
+        self.step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
+        self.pending = PendingSends()
 
     def _update_sampling_states(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:
@@ -65,10 +68,13 @@ class ModelRunner:
             input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
         else:
             intermediate = self._recv_intermediate(sum(query_lens))
+            started = time.time()  # waiting for the previous stage is not this stage's work
         out = self.model(input_ids, positions, self.kv_caches, attn, intermediate)
         if not self.coords.is_last_stage:
-            self._send_intermediate(out)
+            if out["hidden_states"].is_cuda:
+                torch.cuda.current_stream().synchronize()  # so the interval covers the compute
             self.step_times.append((started, time.time()))
+            self._send_intermediate(out)
             return None
         result = self._logits_and_sample(plan, out, query_lens)
         self.step_times.append((started, time.time()))
@@ -130,4 +136,5 @@ class ModelRunner:
     def _send_intermediate(self, out: dict[str, torch.Tensor]) -> None:
         pp = self.groups.pp
         for name in ("hidden_states", "residual"):
-            pp.send(out[name], pp.rank + 1)
+            tensor = out[name].contiguous()
+            self.pending.add(pp.isend(tensor, pp.rank + 1), tensor)

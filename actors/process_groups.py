@@ -98,6 +98,9 @@ class GroupCoordinator:
     def send(self, x: torch.Tensor, dst_in_group: int) -> None:
         dist.send(x.contiguous(), dst=self.ranks[dst_in_group], group=self.group)
 
+    def isend(self, x: torch.Tensor, dst_in_group: int) -> dist.Work:
+        return dist.isend(x, dst=self.ranks[dst_in_group], group=self.group)
+
     def recv(self, x: torch.Tensor, src_in_group: int) -> torch.Tensor:
         dist.recv(x, src=self.ranks[src_in_group], group=self.group)
         return x

@@ -22,9 +22,9 @@ from transformers import AutoConfig
 from actors.distributed import (
     all_gather_msgpack,
     all_reduce_min,
-    broadcast_bytes,
     init_rank_groups,
-    send_bytes,
+    isend_bytes,
+    recv_bytes,
     set_socket_ifname_for,
 )
 from actors.kv_cache import allocate_kv_caches, profile_num_blocks
@@ -114,12 +114,13 @@ class RankWorker:
         """Non-driver ranks: receive and run plans until shutdown. Returns the steps run."""
         steps = 0
         while True:
-            plan = StepPlan.decode(broadcast_bytes(None, self.groups.control, src=0))
+            plan = StepPlan.decode(recv_bytes(0, self.groups.control))
             if plan.kind == "shutdown":
+                self.runner.pending.wait_all()
                 return steps
             result = self.runner.execute(plan)
             if result is not None:  # the sampling rank of a pipeline: results go to the driver
-                send_bytes(result.encode(), dst=0, group=self.groups.control)
+                isend_bytes(result.encode(), 0, self.groups.control, self.runner.pending)
             steps += 1
 
     def step_times(self) -> list[tuple[float, float]]:

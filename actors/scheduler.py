@@ -171,16 +171,20 @@ class Scheduler:
         """``finish(seq_id, FINISHED_ABORTED)``; unknown ids are a no-op."""
         self.finish(seq_id, SequenceStatus.FINISHED_ABORTED)
 
-    def schedule(self) -> SchedulerOutput:
-        """Plan the next step (see the class docstring). Marks every scheduled sequence in flight."""
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """Plan the next step (see the class docstring). Marks every scheduled sequence in flight.
+
+        ``max_seqs`` caps this step's sequences: with pipeline parallelism the engine splits the
+        running sequences over several micro-batches, so that every stage has one to work on."""
         out = SchedulerOutput(freed_seq_ids=self._freed_seq_ids)
         self._freed_seq_ids = []
         budget = self.config.max_num_batched_tokens
         short_of_blocks = False
+        cap = max_seqs if max_seqs is not None else self.config.max_num_seqs
 
         # Indexing, not iteration: preemption removes entries from self._running.
         i = 0
-        while i < len(self._running) and budget > 0:
+        while i < len(self._running) and budget > 0 and len(out.chunks) < cap:
             seq = self._running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if seq.in_flight or num_new <= 0:
@@ -195,7 +199,8 @@ class Scheduler:
                 i += 1
 
         admit = not short_of_blocks and not out.preempted
-        while admit and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+        while (admit and self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs
+               and len(out.chunks) < cap):
             seq = self._waiting[0]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, num_new):

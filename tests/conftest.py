@@ -71,3 +71,7 @@ def tiny_models(tmp_path_factory, smollm2_dir):
         return built[key]
 
     return build
+
+
+# The HTTP server tests' fixtures (a live `strata serve` per backend, the offline reference).
+from tests.server_fixtures import live_server, reference, server_ray_address  # noqa: E402, F401

@@ -161,7 +161,8 @@ def reference() -> Reference:
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
         outs = llm.generate(COMPLETION_PROMPTS, greedy, use_tqdm=False)
-        completions = {p: (o.outputs[0].text, o.outputs[0].token_ids) for p, o in zip(COMPLETION_PROMPTS, outs)}
+        completions = {p: (o.outputs[0].text, o.outputs[0].token_ids)
+                       for p, o in zip(COMPLETION_PROMPTS, outs, strict=True)}
         chats = [(o.outputs[0].text, o.outputs[0].token_ids)
                  for o in llm.chat(CHAT_MESSAGES, greedy, use_tqdm=False)]
         long = llm.generate([LONG_PROMPT], SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True),

@@ -153,7 +153,34 @@ def test_expert_count_ep_does_not_divide_fails_before_loading(tmp_path) -> None:
     with pytest.raises(ValueError, match="num_experts=6"):
         load_model(None, cfg, ModelContext(tp=fake_tp4, enable_expert_parallel=True), load_format="dummy")
     # Split experts need the expert intermediate size to divide instead; EP lifts that.
-    odd = tiny_moe_config("mixtral", intermediate_size=36)
-    with pytest.raises(ValueError, match=r"does not divide intermediate_size=36 .*; sizes that work: 1, 2$"):
+    odd = tiny_moe_config("mixtral", intermediate_size=34)
+    with pytest.raises(ValueError, match=r"does not divide intermediate_size=34 .*; sizes that work: 1, 2$"):
         check_tp_compatible(odd, 4)
     check_tp_compatible(odd, 4, enable_expert_parallel=True)
+
+
+class CountingGroup(GroupCoordinator):
+    """A pretend rank 0 of a tp group of `size`: collectives are counted and return their input."""
+
+    def __init__(self, size: int):
+        super().__init__(list(range(size)), 0, None)
+        self.all_reduces = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.all_reduces += 1
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return torch.cat([x] * self.size, dim=dim)
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_one_all_reduce_per_moe_layer(ep: bool) -> None:
+    """Embedding, then per layer attention's o_proj and the MoE block (shared expert folded in)."""
+    from moe_factory import tiny_moe_config
+
+    group = CountingGroup(2)
+    cfg = tiny_moe_config("qwen2_moe")
+    model = load_model(None, cfg, ModelContext(tp=group, enable_expert_parallel=ep), load_format="dummy")
+    Driver([model], TABLES).step([(0, PROMPTS[0], 0)])
+    assert group.all_reduces == 1 + 2 * cfg.num_hidden_layers

@@ -78,20 +78,24 @@ class ServerMetrics:
         """Passes a request's outputs through, observing TTFT (from `arrival`, a perf_counter
         time), inter-token latency and end-to-end latency."""
         name = self.model_name
-        last = arrival
-        first = True
-        async with aclosing(stream) as it:
-            async for out in it:
-                now = time.perf_counter()
-                if any(o.token_ids for o in out.outputs):
-                    (self.ttft if first else self.itl).labels(name).observe(now - last)
-                    first = False
-                last = now
-                if out.finished:
-                    self.e2e.labels(name).observe(now - arrival)
-                    for o in out.outputs:
-                        self.requests.labels(name, o.finish_reason or "abort").inc()
-                yield out
+        last, first, finished = arrival, True, False
+        try:
+            async with aclosing(stream) as it:
+                async for out in it:
+                    now = time.perf_counter()
+                    if any(o.token_ids for o in out.outputs):
+                        (self.ttft if first else self.itl).labels(name).observe(now - last)
+                        first = False
+                    last = now
+                    if out.finished:
+                        finished = True
+                        self.e2e.labels(name).observe(now - arrival)
+                        for o in out.outputs:
+                            self.requests.labels(name, o.finish_reason or "abort").inc()
+                    yield out
+        finally:
+            if not finished:  # the client went away, or the request failed
+                self.requests.labels(name, "abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
