@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import socket
 import time
 
@@ -27,6 +26,7 @@ from actors.distributed import (
     recv_bytes,
     set_socket_ifname_for,
 )
+from actors.host_memory import PeakAnonMemory
 from actors.kv_cache import allocate_kv_caches, profile_num_blocks
 from actors.model_runner import ModelRunner
 from actors.process_groups import rank_coords
@@ -48,11 +48,6 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
     checkpoint = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     # As vLLM: half-precision checkpoints keep their type, float32 ones run in bfloat16.
     return checkpoint if checkpoint in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RankWorker:
@@ -85,10 +80,9 @@ class RankWorker:
         ctx = ModelContext(tp=self.groups.tp, pp_rank=self.coords.pp_rank, pp_size=self.coords.pp_size,
                            layer_range=layer_range, dtype=dtype, device=self.device,
                            enable_expert_parallel=cfg.enable_expert_parallel)
-        rss_before = _rss_bytes()
         load_started = time.time()
-        model = load_model(self.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
-        load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        with PeakAnonMemory() as load_memory:
+            model = load_model(self.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
         load_seconds = time.time() - load_started
         capacity = profile_num_blocks(model, cfg, hf_config.hidden_size, self.coords.is_first_stage,
                                       dtype, self.device)
@@ -101,7 +95,7 @@ class RankWorker:
             "host": socket.gethostname(), "ip": self.node_ip(), "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "layers": list(layer_range), "dtype": str(dtype).removeprefix("torch."),
-            "param_bytes": model.param_bytes(), "load_peak_bytes": max(0, load_peak),
+            "param_bytes": model.param_bytes(), "load_peak_bytes": load_memory.growth,
             "load_seconds": round(load_seconds, 2), "kv_blocks_capacity": capacity,
             "num_blocks": self.num_blocks,
         }

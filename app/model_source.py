@@ -103,7 +103,7 @@ def preflight(config: EngineConfig) -> ModelSpec:
     hf_config = AutoConfig.from_pretrained(model_dir)
     architectures = getattr(hf_config, "architectures", None) or []
     get_model_class(architectures)
-    check_tp_compatible(hf_config, config.tensor_parallel_size)
+    check_tp_compatible(hf_config, config.tensor_parallel_size, config.enable_expert_parallel)
     partition = layer_partition(config, hf_config.num_hidden_layers)
     effective_max_model_len(config, hf_config)
     served = config.served_model_name or config.model or BUNDLED_MODEL_NAME
