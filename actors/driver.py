@@ -55,7 +55,8 @@ class Driver:
         log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
         self.executor = DriverExecutor(self.worker)
         self.engine = EngineCore(config, self.executor, self.tokenizer, hf_config.vocab_size,
-                                 self.max_model_len, num_blocks, eos_token_ids(hf_config, self.tokenizer))
+                                 self.max_model_len, num_blocks, eos_token_ids(hf_config, self.tokenizer),
+                                 is_moe=self.rank_facts[0]["moe"])
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from actors.block_manager import BlockManager
 from actors.detokenizer import IncrementalDetokenizer, StopChecker
+from actors.expert_load import ExpertLoad
 from actors.request_state import CompletionState, RequestState, TokenText
 from actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from actors.sequence import Sequence, SequenceStatus
@@ -26,12 +27,12 @@ logger = logging.getLogger("strata")
 
 class Executor(Protocol):
     def submit(self, plan: StepPlan) -> StepResult | None: ...
-    def collect(self) -> StepResult: ...
+    def collect(self, plan: StepPlan) -> StepResult: ...
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer, vocab_size: int,
-                 max_model_len: int, num_blocks: int, eos_token_ids: list[int]):
+                 max_model_len: int, num_blocks: int, eos_token_ids: list[int], is_moe: bool = False):
         self.config = config
         self.executor = executor
         self.tokenizer = tokenizer
@@ -57,7 +58,10 @@ class EngineCore:
         self.last_step_seconds = 0.0
         # Micro-batches in flight: one per pipeline stage keeps every stage busy.
         self.pipeline_depth = config.pipeline_parallel_size
-        self._in_flight: collections.deque[tuple[SchedulerOutput, StepResult | None]] = collections.deque()
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepPlan, StepResult | None]] = (
+            collections.deque())
+        self.expert_load = ExpertLoad()
+        self.is_moe = is_moe
 
     # ---- requests in ----
 
@@ -124,13 +128,15 @@ class EngineCore:
             if scheduled.is_empty:
                 break
             self.num_preemptions += len(scheduled.preempted)
-            self._in_flight.append((scheduled, self.executor.submit(self._build_plan(scheduled))))
+            plan = self._build_plan(scheduled)
+            self._in_flight.append((scheduled, plan, self.executor.submit(plan)))
         if not self._in_flight:
             return []
-        scheduled, result = self._in_flight.popleft()
+        scheduled, plan, result = self._in_flight.popleft()
         if result is None:
-            result = self.executor.collect()
+            result = self.executor.collect(plan)
         self.last_step_seconds = result.step_seconds
+        self.expert_load.add(result.expert_load)
         self.scheduler.update(scheduled, {sid: r.token_id for sid, r in result.sampled.items()})
         return self._process(scheduled, result)
 
@@ -143,7 +149,8 @@ class EngineCore:
         return max(1, -(-total // self.pipeline_depth))
 
     def _build_plan(self, scheduled: SchedulerOutput) -> StepPlan:
-        plan = StepPlan(step_id=next(self._step_ids), finished_seq_ids=self._finished_since_plan)
+        plan = StepPlan(step_id=next(self._step_ids), finished_seq_ids=self._finished_since_plan,
+                        report_expert_load=self.is_moe)
         self._finished_since_plan = []
         for ch in scheduled.chunks:
             seq = ch.seq
@@ -206,5 +213,6 @@ class EngineCore:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generation_tokens,
             "num_preemptions_total": self.num_preemptions,
+            "expert_load": self.expert_load.summary() if self.is_moe else None,
             "last_step_seconds": self.last_step_seconds,
         }

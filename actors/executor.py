@@ -13,6 +13,8 @@ import logging
 import multiprocessing as mp
 import os
 
+import msgpack
+
 from actors.distributed import DERIVED_ENV, PendingSends, isend_bytes, recv_bytes
 from actors.rank import RankWorker
 from actors.step_plan import StepPlan, StepResult
@@ -49,6 +51,7 @@ class DriverExecutor:
         self.coords = worker.coords
         self.sampler_rank = self.coords.world_size - self.coords.tp_size  # tp rank 0, last stage
         self.pending = PendingSends()
+        self._local_loads: dict[int, dict] = {}  # stage 0's MoE counts by step, until collected
 
     def _send_plan(self, plan: StepPlan) -> None:
         data = plan.encode()
@@ -59,11 +62,29 @@ class DriverExecutor:
         """Starts the step everywhere and runs rank 0's share; returns the result when rank 0
         samples (no pipeline), else None: `collect` gets it once the last stage is done."""
         self._send_plan(plan)
-        return self.worker.execute(plan)
+        result = self.worker.execute(plan)
+        local_load = self.worker.runner.expert_load(plan)
+        if local_load is not None:
+            self._local_loads[plan.step_id] = local_load
+        if result is not None:
+            self._attach_remote_loads(plan, result)
+        return result
 
-    def collect(self) -> StepResult:
-        """The sampling rank's result of the oldest step not yet collected."""
-        return StepResult.decode(recv_bytes(self.sampler_rank, self.worker.groups.control))
+    def collect(self, plan: StepPlan) -> StepResult:
+        """The sampling rank's result of `plan`, the oldest step not yet collected."""
+        result = StepResult.decode(recv_bytes(self.sampler_rank, self.worker.groups.control))
+        self._attach_remote_loads(plan, result)
+        return result
+
+    def _attach_remote_loads(self, plan: StepPlan, result: StepResult) -> None:
+        """Each stage's routing counts, in the order the stage leaders sent them."""
+        if not (plan.report_expert_load and self.worker.runner.is_moe):
+            return
+        local = self._local_loads.pop(plan.step_id, None)
+        loads = [local] if local is not None else []
+        for stage in range(1, self.coords.pp_size):
+            loads.append(msgpack.unpackb(recv_bytes(stage * self.coords.tp_size, self.worker.groups.control)))
+        result.expert_load = loads
 
     def shutdown(self) -> None:
         if self.coords.world_size > 1 and self.worker.groups is not None:

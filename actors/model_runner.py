@@ -35,6 +35,7 @@ class ModelRunner:
         # so tests can check that pipeline stages overlap. Bounded: only recent steps are kept.
         self.step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
         self.pending = PendingSends()
+        self.is_moe = hasattr(model, "expert_load")
 
     def _update_sampling_states(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:
@@ -124,6 +125,13 @@ class ModelRunner:
             entries = self.sampler.prompt_logprobs(logits[first: first + usable], targets, chunk.prompt_logprobs)
             result.prompt_logprobs[chunk.seq_id] = PromptLogprobs(chunk.start_pos, entries)
         return result
+
+    def expert_load(self, plan: StepPlan) -> dict | None:
+        """This stage's routing counts since the last report, when the plan asks and this rank
+        speaks for its stage (tensor rank 0; every rank of a stage routes identically)."""
+        if plan.report_expert_load and self.is_moe and self.coords.tp_rank == 0:
+            return self.model.expert_load()
+        return None
 
     def _recv_intermediate(self, num_tokens: int) -> dict[str, torch.Tensor]:
         pp = self.groups.pp

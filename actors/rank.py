@@ -15,6 +15,7 @@ import os
 import socket
 import time
 
+import msgpack
 import torch
 from transformers import AutoConfig
 
@@ -90,6 +91,8 @@ class RankWorker:
         caches = allocate_kv_caches(model, self.num_blocks, cfg.block_size, dtype, self.device)
         self.runner = ModelRunner(model, caches, self.groups, cfg.block_size, hf_config.hidden_size,
                                   dtype, self.device)
+        if self.runner.is_moe:
+            model.expert_load()  # the profiling forward routed dummy tokens: do not report them
         facts = {
             "rank": self.coords.rank, "tp_rank": self.coords.tp_rank, "pp_rank": self.coords.pp_rank,
             "host": socket.gethostname(), "ip": self.node_ip(), "device": str(self.device),
@@ -97,7 +100,7 @@ class RankWorker:
             "layers": list(layer_range), "dtype": str(dtype).removeprefix("torch."),
             "param_bytes": model.param_bytes(), "load_peak_bytes": load_memory.growth,
             "load_seconds": round(load_seconds, 2), "kv_blocks_capacity": capacity,
-            "num_blocks": self.num_blocks,
+            "num_blocks": self.num_blocks, "moe": self.runner.is_moe,
         }
         return all_gather_msgpack(facts, self.groups.control, self.coords.world_size)
 
@@ -115,6 +118,9 @@ class RankWorker:
             result = self.runner.execute(plan)
             if result is not None:  # the sampling rank of a pipeline: results go to the driver
                 isend_bytes(result.encode(), 0, self.groups.control, self.runner.pending)
+            load = self.runner.expert_load(plan)
+            if load is not None:
+                isend_bytes(msgpack.packb(load), 0, self.groups.control, self.runner.pending)
             steps += 1
 
     def step_times(self) -> list[tuple[float, float]]:

@@ -43,6 +43,7 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # the sampling rank drops their state
+    report_expert_load: bool = False  # each stage's tensor rank 0 sends its MoE routing counts
 
     def encode(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True)
@@ -56,6 +57,7 @@ class StepPlan:
             chunks=[Chunk(**c) for c in raw["chunks"]],
             new_sequences=[NewSequence(**s) for s in raw["new_sequences"]],
             finished_seq_ids=raw["finished_seq_ids"],
+            report_expert_load=raw["report_expert_load"],
         )
 
 
@@ -81,6 +83,7 @@ class StepResult:
     sampled: dict[int, SampledResult] = field(default_factory=dict)
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)
     step_seconds: float = 0.0
+    expert_load: list[dict] = field(default_factory=list)  # per stage, filled on the driver
 
     def encode(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True, strict_types=False)
@@ -94,4 +97,5 @@ class StepResult:
             sampled={int(k): SampledResult(**v) for k, v in raw["sampled"].items()},
             prompt_logprobs={int(k): PromptLogprobs(**v) for k, v in raw["prompt_logprobs"].items()},
             step_seconds=raw["step_seconds"],
+            expert_load=raw.get("expert_load", []),
         )

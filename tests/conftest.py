@@ -48,6 +48,7 @@ def tiny_models(tmp_path_factory, smollm2_dir):
     """Builds a tiny random model of an architecture on demand (cached per session), with the
     bundled model's tokenizer copied in so the engine can detokenize its ids."""
     from tests.model_factory import LLAMA3_ROPE, make_tiny_model
+    from tests.moe_factory import make_tiny_moe
 
     built: dict[str, str] = {}
     variants = {
@@ -57,13 +58,22 @@ def tiny_models(tmp_path_factory, smollm2_dir):
         "mistral": dict(arch="mistral"),
         "qwen2": dict(arch="qwen2"),
         "qwen3": dict(arch="qwen3"),
+        "llama-30-layers": dict(arch="llama", num_hidden_layers=30, hidden_size=32, intermediate_size=64,
+                                num_attention_heads=2, num_key_value_heads=2),
+        "mixtral": dict(arch="mixtral", moe=True),
+        "qwen2_moe": dict(arch="qwen2_moe", moe=True),
+        "qwen3_moe": dict(arch="qwen3_moe", moe=True),
     }
 
     def build(name: str, **overrides) -> str:
         key = name + repr(sorted(overrides.items()))
         if key not in built:
             path = tmp_path_factory.mktemp(name)
-            make_tiny_model(path=path, **variants[name], **overrides)
+            spec = dict(variants[name], **overrides)
+            if spec.pop("moe", False):
+                make_tiny_moe(path=path, **spec)
+            else:
+                make_tiny_model(path=path, **spec)
             for f in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(smollm2_dir, f)):
                     shutil.copy(os.path.join(smollm2_dir, f), path)

@@ -71,3 +71,21 @@ def hf_greedy_processed(model_dir: str, prompt: list[int], max_new_tokens: int, 
         generated.append(nxt)
         out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
     return generated
+
+
+def assert_engine_matches_hf(llm, model_dir: str, prompts: list[list[int]], max_tokens: int) -> list:
+    """Greedy tokens equal to HF's and top-5 logprobs within 1e-3, for every prompt."""
+    from app import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ref = hf_greedy(model_dir, prompt, max_tokens)
+        assert out.outputs[0].token_ids == ref.tokens, f"prompt of {len(prompt)} tokens diverged"
+        assert_logprobs_close(out.outputs[0].logprobs, ref.logprobs)
+    return outputs
+
+
+def tiny_prompts() -> list[list[int]]:
+    """Short, medium and long enough to be prefilled in chunks."""
+    return [[(7 * i + 3) % 500 + 3 for i in range(n)] for n in (5, 40, 130)]
