@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ExecutorBackend = Literal["auto", "ray", "mp"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -33,7 +33,8 @@ class EngineConfig(BaseModel):
     pipeline_parallel_size: int = Field(1, ge=1)
     """Stages the decoder layers are split into (stages may span nodes)."""
     pp_layer_partition: list[int] | None = None
-    """Explicit layers per stage, e.g. [8, 8, 7, 7]; None splits evenly."""
+    """Explicit layers per stage, e.g. [8, 8, 7, 7] (or STRATA_PP_LAYER_PARTITION); None splits
+    evenly. Checked against the model's layer count before any rank starts."""
     enable_expert_parallel: bool = False
     """Place whole MoE experts on ranks instead of splitting every expert across tp ranks."""
     distributed_executor_backend: ExecutorBackend = "auto"
@@ -74,17 +75,6 @@ class EngineConfig(BaseModel):
         if v & (v - 1):
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _check_partition(self) -> EngineConfig:
-        part = self.pp_layer_partition
-        if part is not None:
-            if len(part) != self.pipeline_parallel_size or any(n < 1 for n in part):
-                raise ValueError(
-                    f"pp_layer_partition={part} must give pipeline_parallel_size="
-                    f"{self.pipeline_parallel_size} layer counts, each >= 1"
-                )
-        return self
 
     @property
     def world_size(self) -> int:

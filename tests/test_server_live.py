@@ -231,9 +231,9 @@ def test_client_that_drops_mid_stream_frees_its_blocks(live_server):
         body = {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with http.stream("POST", live_server.url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
-            for i, _ in enumerate(r.iter_lines()):
-                if i >= 10:
-                    break
+            lines = r.iter_lines()  # kept open: leaving this iterator early would close the connection
+            for _ in range(10):
+                next(lines)
             during = live_server.metrics()  # still connected: its blocks are in use
             assert during["strata:kv_cache_free_blocks{}"] < before["strata:kv_cache_free_blocks{}"]
     after = wait_idle(live_server, timeout_s=10)
