@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.config import EngineConfig, describe_validation_error
+from app.config import EngineConfig
 from app.server.settings import API_KEY_ENV, ServerSettings
 
 logger = logging.getLogger("strata")
@@ -152,8 +152,21 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             uvicorn_log_level=args.uvicorn_log_level, **extra,
         )
     except ValidationError as err:
-        raise FlagError(describe_validation_error(err)) from None
+        raise FlagError(_describe_flags(err)) from None
     return config, settings
+
+
+_FLAG_OF = {"drain_timeout_s": "--drain-timeout", "ray_address": "--address", "model": "MODEL"}
+
+
+def _describe_flags(err: ValidationError) -> str:
+    """'--flag: what is wrong (got value)', one per bad flag."""
+    problems = []
+    for e in err.errors():
+        field = str(e["loc"][0]) if e["loc"] else ""
+        flag = _FLAG_OF.get(field, "--" + field.replace("_", "-"))
+        problems.append(f"{flag}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(problems)
 
 
 def run_serve(args: argparse.Namespace) -> int:

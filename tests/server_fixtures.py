@@ -28,7 +28,7 @@ MAX_TOKENS = 24
 COMPLETION_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
 CHAT_MESSAGES = [[{"role": "user", "content": "What is the capital of France?"}],
                  [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]]
-LONG_PROMPT, LONG_TOKENS = "Write a long story about the sea.", 96  # the request that runs beside bad ones
+LONG_PROMPT, LONG_TOKENS = "Write a long story about the sea.", 64  # the request that runs beside bad ones
 
 
 def free_port() -> int:
@@ -155,18 +155,21 @@ class Reference:
 
 @pytest.fixture(scope="session")
 def reference() -> Reference:
+    """One batched greedy run of the offline LLM (mp backend, in this process) over every prompt."""
     from app import LLM, SamplingParams
 
     llm = LLM(distributed_executor_backend="mp", max_model_len=2048)
     try:
+        tok = llm.get_tokenizer()
+        # Chat prompts exactly as LLM.chat builds them: the template's text, no special tokens added again.
+        chats = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in CHAT_MESSAGES]
+        prompts = [*COMPLETION_PROMPTS, *({"prompt": c, "prompt_token_ids": tok.encode(c, add_special_tokens=False)}
+                                          for c in chats), LONG_PROMPT]
         greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-        outs = llm.generate(COMPLETION_PROMPTS, greedy, use_tqdm=False)
-        completions = {p: (o.outputs[0].text, o.outputs[0].token_ids)
-                       for p, o in zip(COMPLETION_PROMPTS, outs, strict=True)}
-        chats = [(o.outputs[0].text, o.outputs[0].token_ids)
-                 for o in llm.chat(CHAT_MESSAGES, greedy, use_tqdm=False)]
-        long = llm.generate([LONG_PROMPT], SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS, ignore_eos=True),
-                            use_tqdm=False)[0].outputs[0].text
-        return Reference(llm.get_tokenizer(), completions, chats, long)
+        params = [greedy] * (len(prompts) - 1) + [SamplingParams(temperature=0.0, max_tokens=LONG_TOKENS,
+                                                                 ignore_eos=True)]
+        outs = [(o.outputs[0].text, o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        n = len(COMPLETION_PROMPTS)
+        return Reference(tok, dict(zip(COMPLETION_PROMPTS, outs[:n], strict=True)), outs[n:-1], outs[-1][0])
     finally:
         llm.shutdown()

@@ -34,3 +34,4 @@ def test_serve_run_of_the_yaml_answers_chat(server_ray_address, tmp_path: Path):
         assert out.choices[0].message.content and out.usage.completion_tokens <= 8
     finally:
         stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]

@@ -30,6 +30,8 @@ APP_NAME = "strata"
 # Room above the engine's own queue for /health, /metrics and requests about to be refused:
 # our 503 (with Retry-After) must answer before Serve starts queueing in its router.
 _EXTRA_ONGOING = 64
+_SERVE_LOG_LEVEL = {"critical": "CRITICAL", "error": "ERROR", "warning": "WARNING", "info": "INFO",
+                    "debug": "DEBUG", "trace": "DEBUG"}
 
 
 @serve.deployment(name="StrataIngress", ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=1,
@@ -75,6 +77,9 @@ def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
         max_ongoing_requests=config.max_num_seqs + settings.max_waiting_requests + _EXTRA_ONGOING,
         graceful_shutdown_timeout_s=settings.drain_timeout_s + 30,  # + the engine's own shutdown
         graceful_shutdown_wait_loop_s=1.0,
+        # --uvicorn-log-level means the same here: Serve's request log takes the place of uvicorn's.
+        logging_config={"log_level": _SERVE_LOG_LEVEL[settings.uvicorn_log_level],
+                        "enable_access_log": settings.uvicorn_log_level in ("info", "debug", "trace")},
     ).bind(config.model_dump(), settings.model_dump())
 
 
