@@ -38,7 +38,7 @@ class Driver:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config = EngineConfig.model_validate_json(config_json)
         hf_config = AutoConfig.from_pretrained(model_dir)
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or model_dir)
         self.worker = RankWorker(config_json, model_dir, rank=0, local_device_index=0)
         if placement is not None:
             self.launcher = RayRankLauncher(config_json, model_dir, config.world_size, placement)
@@ -119,6 +119,8 @@ class Driver:
             return list(prompt_token_ids)
         if not isinstance(prompt, str):
             raise ValueError(f"A prompt must be a string or token ids, got {type(prompt).__name__}.")
+        if self.tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer; with skip_tokenizer_init=True pass token ids.")
         return self.tokenizer.encode(prompt)
 
     def submit(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,

@@ -14,7 +14,7 @@ from typing import Protocol
 from actors.block_manager import BlockManager
 from actors.detokenizer import IncrementalDetokenizer, StopChecker
 from actors.expert_load import ExpertLoad
-from actors.request_state import CompletionState, RequestState, TokenText
+from actors.request_state import CompletionState, NoDetokenizer, RequestState, TokenText
 from actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from actors.sequence import Sequence, SequenceStatus
 from actors.step_plan import Chunk, NewSequence, StepPlan, StepResult
@@ -76,6 +76,8 @@ class EngineCore:
         if bad:
             raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
         params.verify_max_logprobs(self.config.max_logprobs)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init=True")
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -93,7 +95,8 @@ class EngineCore:
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids))
             completion = CompletionState(
                 index=index, seq_id=seq.seq_id, params=child,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens),
+                detokenizer=(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens)
+                             if self.tokenizer is not None else NoDetokenizer()),
                 stop=StopChecker(child.stop if isinstance(child.stop, list) else
                                  [child.stop] if child.stop else [], child.include_stop_str_in_output),
                 eos_token_ids=self.eos_token_ids,

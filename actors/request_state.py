@@ -16,17 +16,28 @@ from app.sampling_params import SamplingParams
 
 
 class TokenText:
-    """Caches the text of single tokens (for Logprob.decoded_token)."""
+    """Caches the text of single tokens (for Logprob.decoded_token); None without a tokenizer."""
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
-    def __call__(self, token_id: int) -> str:
+    def __call__(self, token_id: int) -> str | None:
+        if self._tokenizer is None:
+            return None
         text = self._cache.get(token_id)
         if text is None:
             text = self._cache[token_id] = self._tokenizer.decode([token_id])
         return text
+
+
+class NoDetokenizer:
+    """Stands in for IncrementalDetokenizer when the engine runs without a tokenizer."""
+
+    text = ""
+
+    def step(self, token_id: int) -> str:
+        return ""
 
 
 def _position_logprobs(chosen: int, logprob: float, rank: int, top: list, token_text: TokenText):
@@ -42,7 +53,7 @@ class CompletionState:
     index: int
     seq_id: int
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | NoDetokenizer
     stop: StopChecker
     eos_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)

@@ -25,6 +25,9 @@ class EngineConfig(BaseModel):
     """Local Hugging Face directory or hub id; None serves the bundled SmolLM2-135M-Instruct."""
     tokenizer: str | None = None
     """Tokenizer directory or id; None uses the model's."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer (as vLLM's flag): prompts must be token ids, outputs carry ids and
+    no text. For checkpoints without tokenizer files, such as dummy-weight benchmarks."""
     served_model_name: str | None = None
     """Name the API reports and accepts; default: the model argument (or the bundled name)."""
 

@@ -47,7 +47,8 @@ def load_tokenizer(path: str):
 
 def eos_token_ids(hf_config, tokenizer) -> list[int]:
     ids: list[int] = []
-    for source in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+    tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
+    for source in (getattr(hf_config, "eos_token_id", None), tokenizer_eos):
         for tid in source if isinstance(source, list) else [source]:
             if tid is not None and tid not in ids:
                 ids.append(tid)

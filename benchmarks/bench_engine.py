@@ -1,0 +1,103 @@
+"""Decode latency and offline throughput of the engine on dummy weights of a real model's shape.
+
+    python benchmarks/bench_engine.py --shape llama-3.1-8b --tp 2 --decode-batches 1,32
+    python benchmarks/bench_engine.py --shape llama-3.1-8b --pp 2 --num-prompts 1000
+
+Every number is printed beside its baseline measured in the same run: the memory-bandwidth
+roofline of a decode step (bytes of this GPU's weights and KV read per step / HBM bandwidth
+measured here), so `x roofline` says how far from the hardware limit a step is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from app import LLM, SamplingParams  # noqa: E402
+from benchmarks.roofline import decode_step_floor_s, measure_hbm_bandwidth  # noqa: E402
+from benchmarks.shapes import SHAPES, write_shape  # noqa: E402
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(length)]} for _ in range(n)]
+
+
+def timed_generate(llm: LLM, prompts, max_tokens: int) -> float:
+    started = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return time.perf_counter() - started
+
+
+def decode_ms_per_token(llm: LLM, batch: int, vocab: int, prompt_len: int = 128, steps: int = 64) -> float:
+    """(time of prefill + `steps` decodes - time of prefill alone) / steps."""
+    prompts = random_prompts(batch, prompt_len, vocab, seed=batch)
+    timed_generate(llm, prompts, 4)  # warm-up
+    prefill_only = min(timed_generate(llm, prompts, 1) for _ in range(2))
+    full = timed_generate(llm, prompts, steps + 1)
+    return (full - prefill_only) / steps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", action="store_true", help="--enable-expert-parallel")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--decode-batches", default="", help="comma-separated batch sizes, e.g. 1,32")
+    ap.add_argument("--num-prompts", type=int, default=0, help="offline throughput run size (0: skip)")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    shape = SHAPES[args.shape]
+    bandwidth = measure_hbm_bandwidth()
+    record = {"shape": args.shape, "tp": args.tp, "pp": args.pp, "ep": args.ep,
+              "hbm_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_shape(args.shape, tmp)
+        started = time.perf_counter()
+        llm = LLM(model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, enable_expert_parallel=args.ep,
+                  distributed_executor_backend=args.backend, max_model_len=args.input_len + args.output_len + 64,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        record["startup_s"] = round(time.perf_counter() - started, 1)
+        facts = llm.rank_facts()
+        record["kv_cache_tokens"] = facts[0]["num_blocks"] * llm.config.block_size
+        record["gpu"] = facts[0]["gpu"]
+        for batch in [int(b) for b in args.decode_batches.split(",") if b]:
+            ms = decode_ms_per_token(llm, batch, shape["vocab_size"])
+            floor = decode_step_floor_s(shape, facts, batch, 160, args.tp, bandwidth) * 1000
+            record[f"decode_b{batch}_ms"] = round(ms, 2)
+            record[f"decode_b{batch}_roofline_ms"] = round(floor, 2)
+            print(f"decode batch {batch}: {ms:.2f} ms/token, roofline {floor:.2f} ms -> {ms / floor:.2f}x roofline",
+                  flush=True)
+        if args.num_prompts:
+            prompts = random_prompts(args.num_prompts, args.input_len, shape["vocab_size"])
+            seconds = timed_generate(llm, prompts, args.output_len)
+            out_tokens = args.num_prompts * args.output_len
+            record.update(throughput_s=round(seconds, 1),
+                          output_tok_s=round(out_tokens / seconds, 1),
+                          total_tok_s=round(args.num_prompts * (args.input_len + args.output_len) / seconds, 1))
+            print(f"throughput: {args.num_prompts} prompts in {seconds:.1f} s: {out_tokens / seconds:.0f} output "
+                  f"tok/s, {record['total_tok_s']:.0f} total tok/s", flush=True)
+        llm.shutdown()
+    print("RESULT " + json.dumps(record), flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

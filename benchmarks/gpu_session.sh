@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device session: GPU tests, then benchmarks; every log lands in $OUT.
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
+#   steps: tests, decode-tp1, decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2,
+#          moe-tp, moe-ep
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 RAY_USAGE_STATS_ENABLED=0
+export RAY_DEDUP_LOGS=0
+B="python3 benchmarks/bench_engine.py"
+J="--json-out $OUT/results.jsonl"
+TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
+run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
+        echo "rc=$?"; grep -E "decode batch|throughput:|HF generate|passed|failed|Error|KV cache size|Maximum concurrency" "$OUT/$name.log" | head -20; }
+for step in $1; do
+  case $step in
+    tests)      run tests 300 python3 -m pytest -m gpu -x -q tests/test_gpu.py ;;
+    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --decode-batches 1,32 $J ;;
+    decode-tp2) run decode-tp2 150 $B --shape llama-3.1-8b --tp 2 --decode-batches 1,32 $J ;;
+    decode-tp4) run decode-tp4 150 $B --shape llama-3.1-8b --tp 4 --decode-batches 1,32 $J ;;
+    decode-pp2) run decode-pp2 150 $B --shape llama-3.1-8b --pp 2 --decode-batches 1,32 $J ;;
+    hf)         run hf 150 python3 benchmarks/hf_baseline.py --shape llama-3.1-8b --batches 1,32 ;;
+    tput-tp1)   run tput-tp1 400 $B --shape llama-3.1-8b --tp 1 $TPUT $J ;;
+    tput-tp2)   run tput-tp2 400 $B --shape llama-3.1-8b --tp 2 $TPUT $J ;;
+    tput-pp2)   run tput-pp2 400 $B --shape llama-3.1-8b --pp 2 $TPUT $J ;;
+    moe-tp)     run moe-tp 300 $B --shape qwen3-30b-a3b --tp 2 --decode-batches 1 $TPUT $J ;;
+    moe-ep)     run moe-ep 300 $B --shape qwen3-30b-a3b --tp 2 --ep --decode-batches 1 $TPUT $J ;;
+  esac
+done
