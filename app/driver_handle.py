@@ -36,7 +36,7 @@ def ensure_ray(config: EngineConfig) -> None:
     except ConnectionError:
         # Logical CPUs are only accounting: tiny CPU models may run more ranks than cores.
         num_cpus = max(os.cpu_count() or 1, config.world_size + 2)
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
         logger.info("started a local Ray (%d logical CPUs)", num_cpus)
 
 

@@ -15,15 +15,15 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@"
         echo "rc=$?"; grep -E "decode batch|throughput:|HF generate|passed|failed|Error|KV cache size|Maximum concurrency" "$OUT/$name.log" | head -20; }
 for step in $1; do
   case $step in
-    tests)      run tests 300 python3 -m pytest -m gpu -x -q tests/test_gpu.py ;;
+    tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --decode-batches 1,32 $J ;;
     decode-tp2) run decode-tp2 150 $B --shape llama-3.1-8b --tp 2 --decode-batches 1,32 $J ;;
     decode-tp4) run decode-tp4 150 $B --shape llama-3.1-8b --tp 4 --decode-batches 1,32 $J ;;
     decode-pp2) run decode-pp2 150 $B --shape llama-3.1-8b --pp 2 --decode-batches 1,32 $J ;;
     hf)         run hf 150 python3 benchmarks/hf_baseline.py --shape llama-3.1-8b --batches 1,32 ;;
-    tput-tp1)   run tput-tp1 400 $B --shape llama-3.1-8b --tp 1 $TPUT $J ;;
-    tput-tp2)   run tput-tp2 400 $B --shape llama-3.1-8b --tp 2 $TPUT $J ;;
-    tput-pp2)   run tput-pp2 400 $B --shape llama-3.1-8b --pp 2 $TPUT $J ;;
+    tput-tp1)   run tput-tp1 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 1 $TPUT $J ;;
+    tput-tp2)   run tput-tp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 2 $TPUT $J ;;
+    tput-pp2)   run tput-pp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --pp 2 $TPUT $J ;;
     moe-tp)     run moe-tp 300 $B --shape qwen3-30b-a3b --tp 2 --decode-batches 1 $TPUT $J ;;
     moe-ep)     run moe-ep 300 $B --shape qwen3-30b-a3b --tp 2 --ep --decode-batches 1 $TPUT $J ;;
   esac

@@ -132,7 +132,7 @@ def live_server(request, tmp_path_factory) -> LiveServer:
     log = tmp_path_factory.mktemp(f"serve-{backend}") / "server.log"
     cmd = [sys.executable, "-m", "app.cli", "serve", "--distributed-executor-backend", backend,
            "--port", str(port), "--max-model-len", "2048", "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
-           "--max-n", str(MAX_N), "--max-tokens-cap", str(MAX_TOKENS_CAP), "--drain-timeout", "5"]
+           "--max-n", str(MAX_N), "--max-tokens-cap", str(MAX_TOKENS_CAP), "--drain-timeout", "30"]
     proc = spawn(cmd, server_env(address), log)
     server = LiveServer(backend, f"http://127.0.0.1:{port}", proc, log)
     try:

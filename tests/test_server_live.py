@@ -6,6 +6,7 @@ runs beside it, 32 concurrent streams, a dropped client frees its KV blocks, /me
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
@@ -267,3 +268,28 @@ def test_openai_client_raises_typed_errors(live_server):
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT_MESSAGES[0], temperature=-2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=live_server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(live_server, reference):
+    """Last in this module: it stops the module's server. A request in flight when SIGTERM
+    arrives still completes in full; then the server exits cleanly (the fixture checks rc 0)."""
+    streaming = threading.Event()
+    result: dict = {}
+
+    def in_flight() -> None:
+        stream = live_server.openai(timeout=120).completions.create(
+            model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=LONG_TOKENS, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        parts = []
+        for chunk in stream:
+            streaming.set()
+            parts.extend(c.text for c in chunk.choices)
+        result["text"] = "".join(parts)
+
+    runner = threading.Thread(target=in_flight)
+    runner.start()
+    assert streaming.wait(60)
+    live_server.proc.send_signal(signal.SIGTERM)
+    runner.join(120)
+    assert result.get("text") == reference.long
+    assert live_server.proc.wait(120) == 0

@@ -67,7 +67,7 @@ class ChatServing(Serving):
         prompt = await self.client.apply_chat_template(conversation, req.add_generation_prompt, req.chat_template)
         ids = await self.client.encode(prompt, add_special_tokens=False)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self.resolve_max_tokens(req.max_new_tokens(), len(ids), param)
+        max_tokens = self.resolve_max_tokens(req.max_new_tokens(), len(ids), param, prompt_param="messages")
         params = self.sampling_params(**req.to_sampling_kwargs(), max_tokens=max_tokens,
                                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         self.admit(req.n)

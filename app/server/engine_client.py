@@ -44,7 +44,6 @@ class EngineClient:
         self.handle = handle
         self.max_model_len: int = handle.info["max_model_len"]
         self.num_blocks: int = handle.info["num_blocks"]
-        self.num_ranks: int = len(handle.info.get("ranks", [])) or 1
         self.max_num_seqs = max_num_seqs
         self.last_stats: dict[str, Any] | None = None
         self._admitted_since_stats = 0  # sequences submitted since last_stats was taken

@@ -8,7 +8,6 @@ the field, unknown model -> 404, key -> 401, overload -> 503 with Retry-After. A
 
 from __future__ import annotations
 
-import json
 import logging
 from http import HTTPStatus
 
@@ -101,10 +100,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(err)
         return error_response(400, message, param)
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def _bad_json(_: Request, err: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"The request body is not valid JSON: {err}")
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, err: ValueError) -> JSONResponse:

@@ -106,7 +106,8 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
         handle = start_driver(config, model_dir)
     except KeyboardInterrupt:
         return 0
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own handlers
+    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: ours
+    # turns SIGTERM into KeyboardInterrupt too, so the engine still shuts down below.
     try:
         app = build_app(EngineClient(handle, config.max_num_seqs), settings)
         server = uvicorn.Server(uvicorn.Config(

@@ -57,7 +57,8 @@ class Serving:
         if request.logit_bias:
             raise bad_request("logit_bias is not supported.", "logit_bias")
 
-    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int | None:
+    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens",
+                           prompt_param: str = "prompt") -> int | None:
         """The max_tokens to run with. 400 when it exceeds the server's cap, or when the prompt (plus
         what was asked for) does not fit in max_model_len, naming both numbers, as vLLM does."""
         limit, cap = self.client.max_model_len, self.settings.max_tokens_cap
@@ -67,7 +68,7 @@ class Serving:
         if prompt_len >= limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, your request has "
-                f"{prompt_len} input tokens. Please reduce the length of the input.", "messages")
+                f"{prompt_len} input tokens. Please reduce the length of the input.", prompt_param)
         if requested is not None and requested >= 1 and prompt_len + requested > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
