@@ -54,12 +54,30 @@ def _prompts() -> list[dict]:
     return [{"prompt_token_ids": [rng.randrange(100, 31000) for _ in range(n)]} for n in (7, 60, 300, 1200)]
 
 
-def _greedy(model_dir: str, dtype: str = "bfloat16", **parallel) -> list[list[int]]:
+def _greedy(model_dir: str, dtype: str = "bfloat16", **parallel) -> list:
     with LLM(model_dir, dtype=dtype, skip_tokenizer_init=True, max_model_len=2048,
              gpu_memory_utilization=0.5, **parallel) as llm:
-        outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True),
-                            use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+        outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=CHECK_TOKENS, ignore_eos=True,
+                                                       logprobs=5), use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def assert_greedy_close(ours: list, reference: list) -> None:
+    """Tokens equal, up to a near tie: bf16 results depend on batch shape and reduction order (a
+    split and micro-batches change both), so two runs may pick different tokens where the top
+    two are within rounding. At the first difference each run's token must be in the other's
+    top-5 (vLLM's check_logprobs_close); after it the continuations differ and are not compared."""
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        for pos, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            if x != y:
+                assert x in b.logprobs[pos] and y in a.logprobs[pos], f"prompt {i}: {x} vs {y} at {pos}"
+                gap = abs(b.logprobs[pos][y].logprob - b.logprobs[pos][x].logprob)
+                assert gap < 0.1, f"prompt {i} position {pos}: not a near tie (gap {gap:.3f})"
+                break
+
+
+def _ids(outputs: list) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +89,24 @@ def llama_reference(ray_cluster, llama_shaped):
 def test_tensor_parallel_matches_one_gpu(llama_shaped, llama_reference, tp):
     if NUM_GPUS < tp:
         pytest.skip(f"needs {tp} GPUs")
-    assert _greedy(llama_shaped, tensor_parallel_size=tp) == llama_reference
+    assert_greedy_close(_greedy(llama_shaped, tensor_parallel_size=tp), llama_reference)
 
 
 def test_tensor_parallel_float32_matches_one_gpu(llama_shaped):
     """In float32 the split may differ from one GPU only by summation order: tokens must agree."""
     if NUM_GPUS < 2:
         pytest.skip("needs 2 GPUs")
-    assert _greedy(llama_shaped, "float32", tensor_parallel_size=2) == _greedy(llama_shaped, "float32")
+    assert _ids(_greedy(llama_shaped, "float32", tensor_parallel_size=2)) == _ids(_greedy(llama_shaped, "float32"))
 
 
 def test_pipeline_parallel_matches_one_gpu(llama_shaped, llama_reference):
     if NUM_GPUS < 2:
         pytest.skip("needs 2 GPUs")
-    assert _greedy(llama_shaped, pipeline_parallel_size=2) == llama_reference
+    assert_greedy_close(_greedy(llama_shaped, pipeline_parallel_size=2), llama_reference)
 
 
 @pytest.mark.parametrize("ep", [False, True])
 def test_moe_split_matches_one_gpu(ray_cluster, moe_shaped, ep):
     if NUM_GPUS < 2:
         pytest.skip("needs 2 GPUs")
-    assert _greedy(moe_shaped, tensor_parallel_size=2, enable_expert_parallel=ep) == _greedy(moe_shaped)
+    assert_greedy_close(_greedy(moe_shaped, tensor_parallel_size=2, enable_expert_parallel=ep), _greedy(moe_shaped))
