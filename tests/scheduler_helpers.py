@@ -1,0 +1,44 @@
+"""Building blocks for the scheduler tests: a small scheduler, sequences, and a fake model whose
+token depends only on the sequence and position (so a lost or repeated token after a preemption
+shows)."""
+
+from __future__ import annotations
+
+from actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from actors.sequence import Sequence
+
+
+def make_scheduler(**overrides: int) -> Scheduler:
+    fields = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, block_size=4, num_blocks=64)
+    fields.update(overrides)
+    return Scheduler(SchedulerConfig(**fields))
+
+
+def make_seq(seq_id: int, prompt_len: int) -> Sequence:
+    prompt = [100 * seq_id + i for i in range(prompt_len)]
+    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", prompt_token_ids=prompt)
+
+
+def fake_token_at(seq_id: int, num_tokens: int) -> int:
+    """The "model": a token that depends only on the sequence and the position it is sampled at,
+    so a recomputed sequence must sample exactly what it would have without preemption."""
+    return 10_000 * (seq_id + 1) + num_tokens
+
+
+def fake_token(seq: Sequence) -> int:
+    return fake_token_at(seq.seq_id, seq.num_tokens)
+
+
+def sampled_for(out: SchedulerOutput) -> dict[int, int]:
+    return {c.seq.seq_id: fake_token(c.seq) for c in out.chunks if c.samples}
+
+
+def step(sched: Scheduler) -> SchedulerOutput:
+    """schedule() then update() with made-up tokens."""
+    out = sched.schedule()
+    sched.update(out, sampled_for(out))
+    return out
+
+
+def plan(out: SchedulerOutput) -> list[tuple[int, int, int, bool]]:
+    return [(c.seq.seq_id, c.start_pos, c.num_tokens, c.samples) for c in out.chunks]
