@@ -162,16 +162,27 @@ class Driver:
                 raise ValueError(f"prompt {i}: {err}") from None
         loop = asyncio.get_running_loop()
         done: asyncio.Queue = asyncio.Queue()
+
+        def sink_for(index: int) -> Sink:
+            def sink(item: RequestOutput | BaseException) -> None:
+                if isinstance(item, BaseException) or item.finished:  # offline wants final outputs only
+                    loop.call_soon_threadsafe(done.put_nowait, (index, item))
+            return sink
+
         for i, ((request_id, prompt, _, params), tokens) in enumerate(zip(requests, ids, strict=True)):
-            sink = (lambda item, i=i: loop.call_soon_threadsafe(done.put_nowait, (i, item))
-                    if isinstance(item, BaseException) or item.finished else None)
-            self._commands.put(("add", request_id, (prompt, tokens, params, sink)))
+            self._commands.put(("add", request_id, (prompt, tokens, params, sink_for(i))))
         self._wake.set()
-        for _ in requests:
-            i, item = await done.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item
+        pending = {i: request_id for i, (request_id, *_) in enumerate(requests)}
+        try:
+            while pending:
+                i, item = await done.get()
+                pending.pop(i, None)
+                if isinstance(item, BaseException):
+                    raise item
+                yield i, item
+        finally:
+            for request_id in pending.values():  # the caller failed or went away: free their blocks
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))

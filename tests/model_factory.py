@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,6 +21,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from actors.process_groups import GroupCoordinator
 from model.layers.attention import AttentionMetadata
 
 CONFIGS: dict[str, tuple[type[PretrainedConfig], str]] = {
@@ -83,6 +85,19 @@ def make_tiny_model(
     shard_size = total // num_shards + 1 if num_shards > 1 else 10 * total
     hf.save_pretrained(str(path), max_shard_size=shard_size)
     return str(path)
+
+
+def tp_groups(rank: int, world: int, sizes: tuple[int, ...] = (2, 4)) -> dict[int, GroupCoordinator]:
+    """This rank's tensor-parallel group for each size: consecutive ranks [0, 1], [2, 3] for 2,
+    all four for 4. Every rank creates every group, in the same order (new_group is collective)."""
+    groups: dict[int, GroupCoordinator] = {}
+    for tp in sizes:
+        for first in range(0, world, tp):
+            ranks = list(range(first, first + tp))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups[tp] = GroupCoordinator(ranks, rank, group)
+    return groups
 
 
 def load_config(path: str) -> PretrainedConfig:

@@ -31,6 +31,7 @@ from model.architectures.registry import check_tp_compatible
 from model.context import ModelContext
 from model.layers.attention import AttentionMetadata
 from model.loader import load_model
+from tests.model_factory import tp_groups
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}
@@ -51,13 +52,7 @@ def _tp_worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        groups: dict[int, GroupCoordinator] = {}
-        for tp in (2, 4):
-            for first in range(0, WORLD, tp):
-                ranks = list(range(first, first + tp))
-                group = dist.new_group(ranks)  # every rank creates every group, in the same order
-                if rank in ranks:
-                    groups[tp] = GroupCoordinator(ranks, rank, group)
+        groups = tp_groups(rank, WORLD)
         results = []
         for tp, path, tokens in jobs:
             model = load_model(path, load_config(path), ModelContext(tp=groups[tp]), progress=False)

@@ -23,6 +23,7 @@ from actors.process_groups import GroupCoordinator, single_rank_group
 from model.architectures.registry import check_tp_compatible
 from model.context import ModelContext
 from model.loader import load_model
+from tests.model_factory import tp_groups
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}
@@ -58,13 +59,7 @@ def _worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        groups: dict[int, GroupCoordinator] = {}
-        for tp in (2, 4):
-            for first in range(0, WORLD, tp):
-                ranks = list(range(first, first + tp))
-                group = dist.new_group(ranks)  # every rank creates every group, in the same order
-                if rank in ranks:
-                    groups[tp] = GroupCoordinator(ranks, rank, group)
+        groups = tp_groups(rank, WORLD)
         tokens = torch.load(os.path.join(out_dir, "tokens.pt"))
         results = []
         for case, path in jobs:
