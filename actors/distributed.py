@@ -9,7 +9,6 @@ bytes, so no rank ever unpickles what came over the network.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +17,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from actors.node_address import bind_listener
 from actors.process_groups import GroupCoordinator, RankCoords, global_rank, single_rank_group
 
 logger = logging.getLogger("strata")
@@ -37,16 +37,36 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout_s: float, listener: socket.socket | None = None) -> dist.TCPStore:
+    """torch.distributed's key-value store. Rank 0 hosts it on a socket bound to the master's
+    private address (`listener`, else one bound to master_addr:master_port): torch's own server
+    would listen on every interface. The other ranks connect, retrying until `timeout_s`."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+    sock = listener or bind_listener(master_addr, master_port)
+    port = sock.getsockname()[1]
+    # The store takes over the file descriptor (and closes it); the Python socket lets go of it.
+    return dist.TCPStore(master_addr, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach(), use_libuv=True)
+
+
 def init_rank_groups(
-    coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0
+    coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0,
+    listener: socket.socket | None = None,
 ) -> RankGroups:
-    """Joins the world and builds the tp, pp and control groups (all ranks, same order)."""
+    """Joins the world and builds the tp, pp and control groups (all ranks, same order).
+    Rank 0 may pass the socket it already listens on for the store (see `rendezvous_store`)."""
     if coords.world_size == 1:
+        if listener is not None:
+            listener.close()
         return RankGroups(coords, single_rank_group(), single_rank_group(), None)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    store = rendezvous_store(coords.rank, coords.world_size, master_addr, master_port, timeout_s, listener)
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        store=store,
         rank=coords.rank,
         world_size=coords.world_size,
         timeout=timedelta(seconds=timeout_s),
@@ -129,35 +149,3 @@ def all_reduce_min(value: int, group: dist.ProcessGroup | None) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t.item())
-
-
-DERIVED_ENV: set[str] = set()  # variables set by set_socket_ifname_for, not by the user
-
-
-def set_socket_ifname_for(address: str) -> None:
-    """Points gloo and NCCL at the interface holding `address`, unless the user chose one.
-
-    Without this they may pick 127.0.0.1 and ranks on other hosts never connect."""
-    ifname = interface_for_address(address)
-    if ifname is None:
-        return
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        if var not in os.environ or var in DERIVED_ENV:
-            os.environ[var] = ifname
-            DERIVED_ENV.add(var)
-
-
-def interface_for_address(address: str) -> str | None:
-    """The network interface that holds `address`, read from `ip -o addr` (Linux)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        # "2: eth0    inet 10.0.0.2/24 brd ..."
-        if len(parts) >= 4 and parts[2] == "inet" and parts[3].split("/")[0] == address:
-            return parts[1]
-    return None

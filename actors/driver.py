@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator, Callable
 import torch
 from transformers import AutoConfig
 
-from actors.distributed import free_port
 from actors.engine import EngineCore
-from actors.executor import DriverExecutor, MpRankLauncher, RayRankLauncher
+from actors.executor import DriverExecutor, rank_launcher
+from actors.node_address import bind_listener
 from actors.rank import RankWorker
+from actors.rendezvous import HeadRendezvous, hello_for
 from app.config import EngineConfig
 from app.model_source import effective_max_model_len, eos_token_ids, load_tokenizer
 from app.outputs import RequestOutput
@@ -40,16 +41,18 @@ class Driver:
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or model_dir)
         self.worker = RankWorker(config_json, model_dir, rank=0, local_device_index=0)
-        if placement is not None:
-            self.launcher = RayRankLauncher(config_json, model_dir, config.world_size, placement)
-        else:
-            gpus = torch.cuda.device_count()
-            self.launcher = MpRankLauncher(config_json, model_dir, config.world_size, gpus)
-        master_addr = self.worker.node_ip()
-        master_port = free_port(master_addr)
-        handle = self.launcher.start(master_addr, master_port)
-        self.rank_facts = self.worker.bring_up(master_addr, master_port)
-        self.launcher.wait_started(handle)
+        self.rendezvous: HeadRendezvous | None = None
+        master_addr, listener = self._meet_nodes()
+        master_port = listener.getsockname()[1]
+        self.launcher = rank_launcher(config, config_json, model_dir, placement)
+        try:
+            handle = self.launcher.start(master_addr, master_port)
+            self.rank_facts = self.worker.bring_up(master_addr, master_port, listener)
+            self.launcher.wait_started(handle)
+        except BaseException:
+            if self.rendezvous is not None:
+                self.rendezvous.close(say_bye=False)  # the other nodes see the head go and exit
+            raise
         num_blocks = self.worker.num_blocks
         self.max_model_len = effective_max_model_len(config, hf_config, num_blocks)
         log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
@@ -63,6 +66,25 @@ class Driver:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
         self._thread.start()
+
+    def _meet_nodes(self):
+        """Where torch.distributed's store listens (this node's private address, a socket bound
+        now so no other process takes the port); with the mp backend across nodes, node 0's
+        --master-addr, once every other node has joined (see actors/rendezvous.py)."""
+        config = self.config
+        if config.nnodes == 1:
+            master_addr = self.worker.node_ip()
+            return master_addr, bind_listener(master_addr)
+        master_addr = config.master_addr
+        self.rendezvous = HeadRendezvous(hello_for(config, "serve"), master_addr, config.master_port,
+                                         config.dist_init_timeout_s)
+        listener = bind_listener(master_addr)
+        try:
+            self.rendezvous.wait_for_nodes(listener.getsockname()[1])
+        except BaseException:
+            listener.close()
+            raise
+        return master_addr, listener
 
     # ---- the engine thread ----
 
@@ -217,6 +239,11 @@ class Driver:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
-        self.executor.shutdown()
+        try:
+            self.executor.shutdown()
+        except Exception:  # noqa: BLE001 - a rank already gone must not stop the rest of the shutdown
+            logger.warning("could not send the shutdown plan to every rank", exc_info=True)
         self.launcher.stop()
         self.worker.shutdown()
+        if self.rendezvous is not None:
+            self.rendezvous.close()  # headless nodes hear Bye and exit

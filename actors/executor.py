@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 
 import msgpack
+import torch
 
-from actors.distributed import DERIVED_ENV, PendingSends, isend_bytes, recv_bytes
+from actors.distributed import PendingSends, isend_bytes, recv_bytes
+from actors.node_address import DERIVED_ENV, HOST_IP_ENV
+from actors.process_groups import ranks_of_node
 from actors.rank import RankWorker
 from actors.step_plan import StepPlan, StepResult
+from app.config import EngineConfig
 
 logger = logging.getLogger("strata")
 
@@ -31,7 +36,7 @@ def rank_env() -> dict[str, str]:
     it, are not forwarded: every node finds its own (the user's own choices are forwarded)."""
     extra = {v.strip() for v in os.environ.get("STRATA_FORWARD_ENV", "").split(",") if v.strip()}
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in extra}
-    for key in (*DERIVED_ENV, "STRATA_HOST_IP"):
+    for key in (*DERIVED_ENV, HOST_IP_ENV):
         env.pop(key, None)
     # Multicast over NVLink has hung on the machines we test on; keep it off unless asked.
     env.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -135,6 +140,8 @@ class RayRankLauncher:
 def _mp_rank_main(config_json: str, model_dir: str, rank: int, device_index: int,
                   master_addr: str, master_port: int, env: dict[str, str]) -> None:
     os.environ.update(env)
+    # Ctrl-C reaches the whole process group; the driver stops its ranks itself, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     worker = RankWorker(config_json, model_dir, rank, device_index)
     worker.bring_up(master_addr, master_port)
@@ -143,19 +150,25 @@ def _mp_rank_main(config_json: str, model_dir: str, rank: int, device_index: int
 
 
 class MpRankLauncher:
-    """Ranks 1..N-1 as local processes (the multiprocessing backend)."""
+    """This node's ranks as local processes (the multiprocessing backend).
 
-    def __init__(self, config_json: str, model_dir: str, world_size: int, gpus_on_node: int):
+    `node_ranks` are the global ranks this node runs (see `ranks_of_node`); the device index of
+    each is its place in that range. On node 0, rank 0 is the driver itself and is skipped here."""
+
+    def __init__(self, config_json: str, model_dir: str, node_ranks: range, gpus_on_node: int):
         self.args = (config_json, model_dir)
-        self.ranks = range(1, world_size)
+        self.node_ranks = node_ranks
         self.gpus = gpus_on_node
         self.procs: list[mp.Process] = []
 
     def start(self, master_addr: str, master_port: int):
         ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
-        for rank in self.ranks:
-            device = rank % self.gpus if self.gpus else 0
-            p = ctx.Process(target=_mp_rank_main, daemon=True,
+        for rank in self.node_ranks:
+            if rank == 0:
+                continue
+            local = rank - self.node_ranks.start
+            device = local % self.gpus if self.gpus else 0
+            p = ctx.Process(target=_mp_rank_main, daemon=True, name=f"rank-{rank}",
                             args=(*self.args, rank, device, master_addr, master_port, rank_env()))
             p.start()
             self.procs.append(p)
@@ -173,3 +186,12 @@ class MpRankLauncher:
             if p.is_alive():
                 p.terminate()
         self.procs = []
+
+
+def rank_launcher(config: EngineConfig, config_json: str, model_dir: str,
+                  placement) -> RayRankLauncher | MpRankLauncher:
+    """The driver's launcher: Ray actors in the placement bundles, else this node's processes."""
+    if placement is not None:
+        return RayRankLauncher(config_json, model_dir, config.world_size, placement)
+    node_ranks = ranks_of_node(config.world_size, config.nnodes, 0)
+    return MpRankLauncher(config_json, model_dir, node_ranks, torch.cuda.device_count())

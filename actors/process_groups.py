@@ -8,6 +8,10 @@ Worked example, tp=4, pp=2 (8 ranks): ranks 0-3 are pipeline stage 0 with tensor
 ranks 4-7 are stage 1. Rank 6 is (pp_rank=1, tp_rank=2). Its tensor-parallel group is
 [4, 5, 6, 7]; its pipeline group (the ranks holding tensor slice 2 of every stage) is [2, 6].
 Expert parallelism reuses the tensor-parallel group (ep_rank = tp_rank).
+
+Across nodes (the mp backend's --nnodes), node k runs the k-th contiguous block of W / N ranks:
+with tp=4, pp=2 on 2 nodes, node 0 runs ranks 0-3 (stage 0) and node 1 ranks 4-7 (stage 1), so
+a tensor-parallel group stays on one node whenever pp is a multiple of the node count.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def rank_coords(rank: int, tp_size: int, pp_size: int) -> RankCoords:
 
 def global_rank(pp_rank: int, tp_rank: int, tp_size: int) -> int:
     return pp_rank * tp_size + tp_rank
+
+
+def ranks_of_node(world_size: int, nnodes: int, node_rank: int) -> range:
+    """The global ranks node `node_rank` runs; its local device index is rank - range.start."""
+    if world_size % nnodes or not 0 <= node_rank < nnodes:
+        raise ValueError(f"{world_size} ranks cannot be split over {nnodes} nodes as node {node_rank}")
+    per_node = world_size // nnodes
+    return range(node_rank * per_node, (node_rank + 1) * per_node)
 
 
 class GroupCoordinator:

@@ -25,11 +25,11 @@ from actors.distributed import (
     init_rank_groups,
     isend_bytes,
     recv_bytes,
-    set_socket_ifname_for,
 )
 from actors.host_memory import PeakAnonMemory
 from actors.kv_cache import allocate_kv_caches, profile_num_blocks
 from actors.model_runner import ModelRunner
+from actors.node_address import node_ip, set_socket_ifname_for
 from actors.process_groups import rank_coords
 from actors.step_plan import StepPlan
 from app.config import EngineConfig
@@ -53,6 +53,8 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
 
 class RankWorker:
     def __init__(self, config_json: str, model_dir: str, rank: int, local_device_index: int = 0):
+        # A Ray actor's root logger shows warnings only; the start-up lines are INFO.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = EngineConfig.model_validate_json(config_json)
         self.model_dir = model_dir
         self.coords = rank_coords(rank, self.config.tensor_parallel_size, self.config.pipeline_parallel_size)
@@ -65,15 +67,19 @@ class RankWorker:
         self.groups = None
         self.num_blocks = 0
 
-    def node_ip(self) -> str:
-        return os.environ.get("STRATA_HOST_IP") or _default_ip()
+    def node_ip(self, master_addr: str | None = None) -> str:
+        """This node's private address: STRATA_HOST_IP, else Ray's, else the route toward the master."""
+        return node_ip(toward=master_addr)
 
-    def bring_up(self, master_addr: str, master_port: int) -> list[dict]:
-        """Joins, loads, sizes the KV cache. Returns every rank's start-up facts, in rank order."""
+    def bring_up(self, master_addr: str, master_port: int, listener: socket.socket | None = None) -> list[dict]:
+        """Joins, loads, sizes the KV cache. Returns every rank's start-up facts, in rank order.
+        Rank 0 may pass the socket it already listens on for torch.distributed's store."""
         cfg = self.config
+        ip = self.node_ip(master_addr)
         if self.coords.world_size > 1:
-            set_socket_ifname_for(self.node_ip())
-        self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device)
+            ifname = set_socket_ifname_for(ip)
+            _log_network(self.coords.rank, ip, ifname)
+        self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device, listener=listener)
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         dtype = resolve_dtype(cfg, hf_config, self.device)
         partition = layer_partition(cfg, hf_config.num_hidden_layers)
@@ -95,7 +101,7 @@ class RankWorker:
             model.expert_load()  # the profiling forward routed dummy tokens: do not report them
         facts = {
             "rank": self.coords.rank, "tp_rank": self.coords.tp_rank, "pp_rank": self.coords.pp_rank,
-            "host": socket.gethostname(), "ip": self.node_ip(), "device": str(self.device),
+            "host": socket.gethostname(), "ip": ip, "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "layers": list(layer_range), "dtype": str(dtype).removeprefix("torch."),
             "param_bytes": model.param_bytes(), "load_peak_bytes": load_memory.growth,
@@ -133,17 +139,11 @@ class RankWorker:
             dist.destroy_process_group()
 
 
-def _default_ip() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
+def _log_network(rank: int, ip: str, ifname: str | None) -> None:
+    """One line per rank, in that rank's own log (Ray prefixes it with the node's address), so a
+    user can see that NCCL_* / GLOO_* settings and STRATA_FORWARD_ENV reached every node."""
+    comm = sorted(k for k in os.environ if k.startswith(("NCCL_", "GLOO_")))
+    listed = [v.strip() for v in os.environ.get("STRATA_FORWARD_ENV", "").split(",") if v.strip()]
+    logger.info("rank %d on %s via %s; %s; STRATA_FORWARD_ENV present: %s", rank, ip, ifname or "?",
+                ", ".join(f"{k}={os.environ[k]}" for k in comm) or "no NCCL_/GLOO_ settings",
+                ", ".join(v for v in listed if v in os.environ) or "none")

@@ -1,4 +1,5 @@
-"""The `strata` command line: `strata serve` (the OpenAI API) and `strata demo` (offline chat)."""
+"""The `strata` command line: `strata serve` (the OpenAI API), `strata demo` (offline chat) and
+`strata doctor` (checks the nodes of a multi-node setup)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+    from app.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)
     return parser
 
 

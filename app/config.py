@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ExecutorBackend = Literal["auto", "ray", "mp"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -71,6 +71,20 @@ class EngineConfig(BaseModel):
     """How long to wait for the placement group before failing with what the cluster has."""
     ray_address: str | None = None
     """Ray cluster to join; None: RAY_ADDRESS, else a new local Ray."""
+    driver_node: str | None = None
+    """Ray: the node (its Ray address) that hosts the driver, stage 0 and the Serve ingress;
+    None: the head node, when it has room for a stage."""
+
+    nnodes: int = Field(1, ge=1)
+    """mp backend: how many nodes the ranks span; node k runs ranks k*W/N .. (k+1)*W/N - 1."""
+    node_rank: int = Field(0, ge=0)
+    """mp backend: this node's index; node 0 runs the driver (rank 0) and serves the API."""
+    master_addr: str | None = None
+    """mp backend across nodes: node 0's private address, where the other nodes rendezvous."""
+    master_port: int = Field(29500, ge=1, le=65535)
+    """mp backend across nodes: node 0's rendezvous port (torch.distributed gets a port of its own)."""
+    dist_init_timeout_s: float = Field(120.0, gt=0)
+    """mp backend across nodes: how long a node waits for the others before failing."""
 
     @field_validator("block_size")
     @classmethod
@@ -78,6 +92,22 @@ class EngineConfig(BaseModel):
         if v & (v - 1):
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _nodes_consistent(self) -> EngineConfig:
+        if self.nnodes == 1:
+            return self
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} must be below nnodes={self.nnodes}")
+        if self.master_addr is None:
+            raise ValueError(f"nnodes={self.nnodes} needs master_addr: node 0's private address")
+        if self.distributed_executor_backend == "ray":
+            raise ValueError("nnodes, node_rank and master_addr are for the mp backend; on Ray, every node of "
+                             "the Ray cluster is used without them")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks do not "
+                             f"split evenly over nnodes={self.nnodes}")
+        return self
 
     @property
     def world_size(self) -> int:

@@ -126,6 +126,7 @@ class LocalDriver:
 def start_driver(config: EngineConfig, model_dir: str) -> RayDriver | LocalDriver:
     backend = config.distributed_executor_backend
     if backend == "auto":
-        backend = "ray"  # Strata is a Ray application; mp is chosen by name
+        # Strata is a Ray application; mp is chosen by name, or by its multi-node settings.
+        backend = "mp" if config.nnodes > 1 else "ray"
     logger.info("distributed executor backend: %s", backend)
     return RayDriver(config, model_dir) if backend == "ray" else LocalDriver(config, model_dir)

@@ -53,17 +53,27 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     par.add_argument("--enable-expert-parallel", action="store_true",
                      help="place whole MoE experts on ranks instead of splitting every expert across tp ranks")
     par.add_argument("--distributed-executor-backend", choices=["auto", "ray", "mp"], default="auto",
-                     help="ray: ranks are Ray actors, the API is a Ray Serve app; mp: local processes, the "
-                          "API is served by uvicorn; auto: ray (mp only with --nnodes and --master-addr)")
+                     help="ray: ranks are Ray actors, the API is a Ray Serve app; mp: local processes (on "
+                          "several nodes with --nnodes), the API is served by uvicorn; auto: ray (mp with --nnodes "
+                          "and --master-addr)")
     par.add_argument("--address", default=None,
                      help="Ray cluster to join (default: $RAY_ADDRESS, else one on this machine, else a new "
                           "local Ray)")
-    par.add_argument("--nnodes", type=int, default=None, help="mp backend: number of nodes (not supported yet)")
-    par.add_argument("--node-rank", type=int, default=None, help="mp backend: this node's rank (not supported yet)")
-    par.add_argument("--master-addr", default=None, help="mp backend: node 0's address (not supported yet)")
-    par.add_argument("--master-port", type=int, default=None, help="mp backend: node 0's port (not supported yet)")
-    par.add_argument("--headless", action="store_true",
-                     help="mp backend: run ranks only, no API server (not supported yet)")
+    par.add_argument("--driver-node", default=None, metavar="IP",
+                     help="ray backend: the node (its Ray address) for the driver, stage 0 and the API ingress "
+                          "(default: the head node, when it has room for a stage)")
+    mn = p.add_argument_group("mp backend across nodes",
+                              "Run the same command on every node: node 0 serves the API, the others add "
+                              "--headless. Node k runs ranks k*W/N .. (k+1)*W/N-1 (W = tp x pp).")
+    mn.add_argument("--nnodes", type=int, default=None, help="number of nodes the ranks span")
+    mn.add_argument("--node-rank", type=int, default=None, help="this node's index, 0 .. nnodes-1")
+    mn.add_argument("--master-addr", default=None,
+                    help="node 0's private address; node 0 listens there for the other nodes")
+    mn.add_argument("--master-port", type=int, default=None, help="node 0's rendezvous port (default: 29500)")
+    mn.add_argument("--headless", action="store_true",
+                    help="run this node's ranks only, no API server (every node but node 0)")
+    mn.add_argument("--dist-init-timeout", type=float, default=120.0,
+                    help="seconds a node waits for the others before failing, naming those that did not join")
 
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
@@ -114,15 +124,26 @@ def pick_backend(args: argparse.Namespace) -> str:
 
 
 def check_flags(args: argparse.Namespace, backend: str) -> None:
-    """Fails on every flag this build cannot honour, naming it."""
-    if args.nnodes is not None and args.nnodes != 1:
-        raise FlagError(f"--nnodes {args.nnodes}: multi-node serving with the mp backend is not supported yet; "
-                        f"use the ray backend on a Ray cluster (`ray start` on every node) instead")
-    for flag, given in (("--node-rank", args.node_rank is not None), ("--master-addr", args.master_addr),
-                        ("--master-port", args.master_port is not None), ("--headless", args.headless)):
-        if given:
-            raise FlagError(f"{flag}: multi-node serving with the mp backend is not supported yet; use the ray "
-                            f"backend on a Ray cluster instead")
+    """Fails on every flag this build cannot honour, or combination that makes no sense, naming it."""
+    multi_node = args.nnodes is not None and args.nnodes > 1
+    if multi_node and not args.master_addr:
+        raise FlagError(f"--nnodes {args.nnodes} needs --master-addr: node 0's private address")
+    if multi_node and backend != "mp":
+        raise FlagError(f"--nnodes {args.nnodes} is for the mp backend; with ray, start a Ray cluster on every node "
+                        f"(`ray start`, or cluster/run_cluster.sh) and run `strata serve` once, on the head")
+    if not multi_node:
+        for flag, given in (("--node-rank", args.node_rank), ("--master-addr", args.master_addr),
+                            ("--master-port", args.master_port is not None), ("--headless", args.headless)):
+            if given:
+                raise FlagError(f"{flag} is for the mp backend across nodes; it needs --nnodes N (N > 1)")
+    node_rank = args.node_rank or 0
+    if multi_node and node_rank > 0 and not args.headless:
+        raise FlagError(f"--node-rank {node_rank}: only node 0 serves the API; add --headless on the other nodes")
+    if args.headless and node_rank == 0:
+        raise FlagError("--headless: node 0 hosts the driver and serves the API; --headless is for --node-rank "
+                        "1 .. nnodes-1")
+    if args.driver_node and backend != "ray":
+        raise FlagError("--driver-node names a Ray node; it needs --distributed-executor-backend ray (or auto)")
     if args.address and backend != "ray":
         raise FlagError("--address names a Ray cluster; it needs --distributed-executor-backend ray (or auto)")
     if args.model and args.model_tag and args.model != args.model_tag:
@@ -143,7 +164,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_logprobs=args.max_logprobs,
-            enforce_eager=args.enforce_eager, ray_address=args.address,
+            enforce_eager=args.enforce_eager, ray_address=args.address, driver_node=args.driver_node,
+            nnodes=args.nnodes or 1, node_rank=args.node_rank or 0, master_addr=args.master_addr,
+            dist_init_timeout_s=args.dist_init_timeout,
+            **({"master_port": args.master_port} if args.master_port is not None else {}),
         )
         extra = {"api_key": args.api_key} if args.api_key else {}  # else $STRATA_API_KEY
         settings = ServerSettings(
@@ -156,14 +180,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
     return config, settings
 
 
-_FLAG_OF = {"drain_timeout_s": "--drain-timeout", "ray_address": "--address", "model": "MODEL"}
+_FLAG_OF = {"drain_timeout_s": "--drain-timeout", "ray_address": "--address", "model": "MODEL",
+            "dist_init_timeout_s": "--dist-init-timeout"}
 
 
 def _describe_flags(err: ValidationError) -> str:
     """'--flag: what is wrong (got value)', one per bad flag."""
     problems = []
     for e in err.errors():
-        field = str(e["loc"][0]) if e["loc"] else ""
+        if not e["loc"]:  # a rule across several flags
+            problems.append(str(e["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(e["loc"][0])
         flag = _FLAG_OF.get(field, "--" + field.replace("_", "-"))
         problems.append(f"{flag}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(problems)
@@ -176,8 +204,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except FlagError as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 2
-    from app.server.launch import serve_with_ray, serve_with_uvicorn
+    from app.server.launch import serve_headless, serve_with_ray, serve_with_uvicorn
 
+    if args.headless:
+        return serve_headless(config, settings)
     if config.distributed_executor_backend == "mp":
         return serve_with_uvicorn(config, settings)
     return serve_with_ray(config, settings)

@@ -34,3 +34,25 @@ def test_busy_cluster_fails_within_the_timeout(ray_cluster, tiny_models):
         assert time.monotonic() - started < 30
     finally:
         remove_placement_group(blocker)
+
+
+def test_stage_0_goes_to_the_driver_node_or_the_head_when_it_has_room():
+    from app.config import EngineConfig
+    from placement.placement import NodeCapacity, check_fits, pick_driver_node
+
+    head = NodeCapacity("h", "10.0.0.1", gpus=0, cpus=2, is_head=True)
+    worker = NodeCapacity("w", "10.0.0.2", gpus=0, cpus=2)
+    config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert pick_driver_node(config, [head, worker], "CPU") is head
+    check_fits(config, [head, worker], "CPU", head)  # one stage per host
+    with pytest.raises(PlacementError, match=r"needs 3 nodes' worth"):
+        check_fits(EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=3), [head, worker], "CPU", head)
+    # A head without GPUs (as KubeRay's) holds no stage: stage 0 goes wherever it fits.
+    gpu_worker = NodeCapacity("g", "10.0.0.3", gpus=8, cpus=8)
+    assert pick_driver_node(EngineConfig(tensor_parallel_size=8), [head, gpu_worker], "GPU") is None
+    assert pick_driver_node(EngineConfig(driver_node="10.0.0.2", tensor_parallel_size=2), [head, worker],
+                            "CPU") is worker
+    with pytest.raises(PlacementError, match=r"driver_node=10\.0\.0\.9 is not a node of this Ray cluster"):
+        pick_driver_node(EngineConfig(driver_node="10.0.0.9"), [head, worker], "CPU")
+    with pytest.raises(PlacementError, match=r"driver_node=10\.0\.0\.2 has 2 CPU; stage 0 .* needs 4"):
+        pick_driver_node(EngineConfig(driver_node="10.0.0.2", tensor_parallel_size=4), [head, worker], "CPU")

@@ -228,8 +228,15 @@ def _serve_args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--nnodes", "2"], "--nnodes"), (["--node-rank", "1"], "--node-rank"), (["--headless"], "--headless"),
-    (["--master-addr", "10.0.0.1"], "--master-addr"), (["--master-port", "29500"], "--master-port"),
+    (["--nnodes", "2"], "--nnodes 2 needs --master-addr"), (["--node-rank", "1"], "--node-rank"),
+    (["--headless"], "--headless"), (["--master-addr", "10.0.0.1"], "--master-addr"),
+    (["--master-port", "29500"], "--master-port"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "--distributed-executor-backend", "ray"], "is for the mp backend"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "--node-rank", "1"], "add --headless"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "--headless"], "--headless is for --node-rank 1"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "--node-rank", "2", "--headless"], "node_rank=2 must be below"),
+    (["--nnodes", "2", "--master-addr", "10.0.0.1", "-tp", "3"], "do not split evenly over nnodes=2"),
+    (["--distributed-executor-backend", "mp", "--driver-node", "10.0.0.1"], "--driver-node"),
     (["--distributed-executor-backend", "mp", "--address", "ray://x:10001"], "--address"),
     (["-tp", "0"], "tensor"),
 ])
@@ -248,6 +255,17 @@ def test_flags_build_the_configs():
     assert (config.model, config.tensor_parallel_size, config.pipeline_parallel_size) == ("m", 2, 2)
     assert config.pp_layer_partition == [3, 2] and config.distributed_executor_backend == "ray"
     assert (settings.served_model_name, settings.port, settings.api_key) == (["a", "b"], 9000, "k")
+
+
+def test_multi_node_mp_flags_build_the_config():
+    from app.serve_cli import configs_from_args
+
+    config, _ = configs_from_args(_serve_args(
+        "m", "-tp", "2", "-pp", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+        "--master-port", "29511", "--headless", "--dist-init-timeout", "7"))
+    assert config.distributed_executor_backend == "mp"  # auto, with --nnodes and --master-addr
+    assert (config.nnodes, config.node_rank, config.master_addr, config.master_port) == (2, 1, "10.0.0.1", 29511)
+    assert config.dist_init_timeout_s == 7 and config.world_size == 4
 
 
 def test_serve_yaml_args_split_and_reject_unknown():

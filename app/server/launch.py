@@ -4,7 +4,8 @@ ray: the Serve application (app/server/serve_app.py) behind Serve's HTTP proxy o
 On a signal, deleting the app makes Serve stop routing to it and drain in-flight requests for a
 bounded time; the replica then stops the engine, releasing its actors and placement groups.
 mp: the same FastAPI app under uvicorn with a LocalDriver; uvicorn drains on a signal
-(`timeout_graceful_shutdown`), then the engine stops.
+(`timeout_graceful_shutdown`), then the engine stops. Across nodes, node 0 does this and every
+other node runs `serve_headless`: its ranks, no API.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
 
     from app.driver_handle import ensure_ray
     from app.server.serve_app import APP_NAME, ingress_app
+    from placement.placement import check_driver_node
 
     if _prepare(config, settings) is None:
         return 1
@@ -59,6 +61,8 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     rc = 0
     try:
         ensure_ray(config)
+        if config.driver_node:  # else the ingress, pinned there, would wait forever for a node that is not there
+            check_driver_node(config)
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(ingress_app(config, settings), name=APP_NAME, route_prefix="/")
         _announce(settings, settings.port)
@@ -94,6 +98,7 @@ def _stop_serve(app_name: str) -> None:
 def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     import uvicorn
 
+    from actors.node_messages import RendezvousError
     from app.driver_handle import start_driver
     from app.server.api import build_app
     from app.server.engine_client import EngineClient
@@ -106,6 +111,9 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
         handle = start_driver(config, model_dir)
     except KeyboardInterrupt:
         return 0
+    except (RendezvousError, OSError) as err:  # another node is missing or unreachable: say which
+        print(f"strata serve: error: {err}", file=sys.stderr)
+        return 1
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: ours
     # turns SIGTERM into KeyboardInterrupt too, so the engine still shuts down below.
     try:
@@ -130,3 +138,13 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
         logger.info("stopping the engine")
         handle.shutdown()
     return 0
+
+
+def serve_headless(config: EngineConfig, settings: ServerSettings) -> int:
+    """A node other than 0 of the mp backend across nodes: its ranks only (app/headless.py)."""
+    from app.headless import run_headless
+
+    model_dir = _prepare(config, settings)
+    if model_dir is None:
+        return 1
+    return run_headless(config, model_dir)

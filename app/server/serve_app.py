@@ -70,10 +70,12 @@ class StrataIngress:
 def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
     """The Serve application for these settings (what `serve.run` takes)."""
     from actors.executor import rank_env
+    from placement.placement import driver_pin
 
     return StrataIngress.options(
-        # The replica sees the same STRATA_/HF_/NCCL_ settings as the ranks (it may be on another node).
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": rank_env()}},
+        # The replica sees the same STRATA_/HF_/NCCL_ settings as the ranks, and sits on the driver
+        # node (the head unless --driver-node), beside stage 0 and an HTTP proxy.
+        ray_actor_options={"num_cpus": 0, "resources": driver_pin(config), "runtime_env": {"env_vars": rank_env()}},
         max_ongoing_requests=config.max_num_seqs + settings.max_waiting_requests + _EXTRA_ONGOING,
         graceful_shutdown_timeout_s=settings.drain_timeout_s + 30,  # + the engine's own shutdown
         graceful_shutdown_wait_loop_s=1.0,

@@ -1,0 +1,93 @@
+"""Which address and network interface this node uses for our traffic.
+
+The node's private address is STRATA_HOST_IP when set (as vLLM's VLLM_HOST_IP), else the address
+Ray registered for this node, else the source address of the route toward the master (so an mp
+node on a private network finds the interface that reaches node 0, not the default route's).
+Every listener of ours binds to that address, and gloo and NCCL are pointed at the interface
+that holds it, unless the user chose one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+HOST_IP_ENV = "STRATA_HOST_IP"
+
+# Variables set by set_socket_ifname_for, not by the user: each node derives its own, so they
+# are never forwarded to other nodes.
+DERIVED_ENV: set[str] = set()
+
+
+def node_ip(toward: str | None = None) -> str:
+    """This node's private address (see the module docstring)."""
+    if os.environ.get(HOST_IP_ENV):
+        return os.environ[HOST_IP_ENV]
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return route_source(toward or "10.255.255.255")
+
+
+def route_source(destination: str) -> str:
+    """The local address the kernel would send from to reach `destination` (nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((destination, 1))
+            return s.getsockname()[0]
+        except OSError:  # no route (an isolated host): loopback is all there is
+            return "127.0.0.1"
+
+
+def local_ipv4_addresses() -> dict[str, str]:
+    """address -> interface, read from `ip -o -4 addr` (Linux); empty when `ip` is missing."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        # "2: eth0    inet 10.0.0.2/24 brd ..."
+        if len(parts) >= 4 and parts[2] == "inet":
+            found[parts[3].split("/")[0]] = parts[1]
+    return found
+
+
+def interface_for_address(address: str) -> str | None:
+    """The network interface that holds `address`, or None."""
+    return local_ipv4_addresses().get(address)
+
+
+def set_socket_ifname_for(address: str) -> str | None:
+    """Points gloo and NCCL at the interface holding `address`, unless the user chose one.
+    Returns the interface gloo will use.
+
+    Without this they may pick 127.0.0.1 and ranks on other hosts never connect."""
+    ifname = interface_for_address(address)
+    if ifname is not None:
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if var not in os.environ or var in DERIVED_ENV:
+                os.environ[var] = ifname
+                DERIVED_ENV.add(var)
+    return os.environ.get("GLOO_SOCKET_IFNAME", ifname)
+
+
+def bind_listener(host: str, port: int = 0, backlog: int = 128) -> socket.socket:
+    """A TCP socket listening on `host` only (never all interfaces); port 0 picks a free one."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart must not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        here = ", ".join(sorted(local_ipv4_addresses())) or "unknown"
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror} (this node's addresses: {here}; "
+                      f"set {HOST_IP_ENV} to the private one)") from None
+    sock.listen(backlog)
+    return sock
