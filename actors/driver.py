@@ -47,9 +47,10 @@ class Driver:
         self.launcher = rank_launcher(config, config_json, model_dir, placement)
         try:
             handle = self.launcher.start(master_addr, master_port)
-            self.rank_facts = self.worker.bring_up(master_addr, master_port, listener)
+            self.rank_facts = self._bring_up_watching(handle, master_addr, master_port, listener)
             self.launcher.wait_started(handle)
         except BaseException:
+            self.launcher.stop(timeout_s=0)
             if self.rendezvous is not None:
                 self.rendezvous.close(say_bye=False)  # the other nodes see the head go and exit
             raise
@@ -66,6 +67,29 @@ class Driver:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
         self._thread.start()
+
+    def _bring_up_watching(self, handle, master_addr: str, master_port: int, listener) -> list[dict]:
+        """Rank 0's bring-up, watching the other ranks meanwhile: one that dies while starting (an
+        import error on its node, a bad weight file, no memory) fails the start at once, with its
+        error, rather than leaving rank 0 in the rendezvous until dist_init_timeout_s."""
+        outcome: dict = {}
+
+        def bring_up() -> None:
+            try:
+                outcome["facts"] = self.worker.bring_up(master_addr, master_port, listener)
+            except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=bring_up, name="strata-bring-up", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            failure = self.launcher.failure(handle)
+            if failure is not None:
+                raise RuntimeError(f"a rank failed to start, so the engine cannot: {failure}")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["facts"]
 
     def _meet_nodes(self):
         """Where torch.distributed's store listens (this node's private address, a socket bound

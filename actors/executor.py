@@ -116,6 +116,19 @@ class RayRankLauncher:
         """Begins bring-up on every remote rank; returns a handle to wait on."""
         return [a.bring_up.remote(master_addr, master_port) for a in self.actors]
 
+    def failure(self, handle) -> str | None:
+        """The error of a rank whose bring-up already failed, if any (does not wait)."""
+        import ray
+
+        ready, _ = ray.wait(handle, num_returns=len(handle), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - reported to the caller as text
+                cause = getattr(err, "cause", None)  # the rank's own exception, without Ray's wrapping
+                return f"rank {1 + handle.index(ref)}: {cause if cause is not None else err}"
+        return None
+
     def wait_started(self, handle) -> None:
         import ray
 
@@ -172,6 +185,12 @@ class MpRankLauncher:
                             args=(*self.args, rank, device, master_addr, master_port, rank_env()))
             p.start()
             self.procs.append(p)
+        return None
+
+    def failure(self, handle) -> str | None:
+        for p in self.procs:
+            if p.exitcode not in (None, 0):
+                return f"{p.name} exited with code {p.exitcode} (its error is in this node's log above)"
         return None
 
     def wait_started(self, handle) -> None:

@@ -40,6 +40,9 @@ from model.loader import load_model
 
 logger = logging.getLogger("strata")
 
+# Tests set this to a rank number to make that rank fail while starting (as vLLM's VLLM_TEST_*).
+FAIL_RANK_ENV = "STRATA_TEST_FAIL_RANK"
+
 
 def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torch.dtype:
     if config.dtype != "auto":
@@ -74,6 +77,10 @@ class RankWorker:
     def bring_up(self, master_addr: str, master_port: int, listener: socket.socket | None = None) -> list[dict]:
         """Joins, loads, sizes the KV cache. Returns every rank's start-up facts, in rank order.
         Rank 0 may pass the socket it already listens on for torch.distributed's store."""
+        if os.environ.get(FAIL_RANK_ENV) == str(self.coords.rank):  # fault injection, for tests
+            raise RuntimeError(f"injected start-up failure of rank {self.coords.rank} ({FAIL_RANK_ENV})")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
         cfg = self.config
         ip = self.node_ip(master_addr)
         if self.coords.world_size > 1:
