@@ -40,6 +40,13 @@ LLAMA3_ROPE = {
 }
 
 
+# What every tiny test model shares, dense or MoE.
+TINY_COMMON: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-6,
+)
+
+
 def tiny_config(
     arch: str, *, tie: bool = False, rope_scaling: dict | None = None, **overrides: Any
 ) -> PretrainedConfig:
@@ -47,17 +54,7 @@ def tiny_config(
     the logits so greedy ties are unlikely."""
     config_cls, arch_name = CONFIGS[arch]
     kwargs: dict[str, Any] = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie,
+        TINY_COMMON, intermediate_size=128, num_hidden_layers=4, tie_word_embeddings=tie,
         architectures=[arch_name],
     )
     if arch == "mistral":

@@ -24,24 +24,15 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from tests.model_factory import TINY_COMMON
+
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 NUM_EXPERTS, TOP_K = 8, 2
 
 
 def tiny_moe_config(arch: str, **overrides: Any) -> PretrainedConfig:
-    common: dict[str, Any] = dict(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        rms_norm_eps=1e-6,
-        num_experts_per_tok=TOP_K,
-        tie_word_embeddings=False,
-    )
+    common: dict[str, Any] = dict(TINY_COMMON, num_hidden_layers=2, num_experts_per_tok=TOP_K,
+                                  tie_word_embeddings=False)
     if arch == "mixtral":
         kwargs = dict(
             num_local_experts=NUM_EXPERTS, intermediate_size=32, architectures=["MixtralForCausalLM"]
