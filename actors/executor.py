@@ -18,7 +18,7 @@ import msgpack
 import torch
 
 from actors.distributed import PendingSends, isend_bytes, recv_bytes
-from actors.node_address import DERIVED_ENV, HOST_IP_ENV
+from actors.node_address import DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV
 from actors.process_groups import ranks_of_node
 from actors.rank import RankWorker
 from actors.step_plan import StepPlan, StepResult
@@ -36,7 +36,7 @@ def rank_env() -> dict[str, str]:
     it, are not forwarded: every node finds its own (the user's own choices are forwarded)."""
     extra = {v.strip() for v in os.environ.get("STRATA_FORWARD_ENV", "").split(",") if v.strip()}
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in extra}
-    for key in (*DERIVED_ENV, HOST_IP_ENV):
+    for key in (*DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV):
         env.pop(key, None)
     # Multicast over NVLink has hung on the machines we test on; keep it off unless asked.
     env.setdefault("NCCL_NVLS_ENABLE", "0")

@@ -17,7 +17,11 @@ HOST_IP_ENV = "STRATA_HOST_IP"
 
 # Variables set by set_socket_ifname_for, not by the user: each node derives its own, so they
 # are never forwarded to other nodes.
-DERIVED_ENV: set[str] = set()
+# Names of the variables set by set_socket_ifname_for, not by the user. Kept in the environment too
+# (STRATA_DERIVED_ENV), so a child process that inherits them (an in-process driver's, a test's)
+# recomputes them for its own node instead of taking them for the user's choice.
+DERIVED_ENV_LIST = "STRATA_DERIVED_ENV"
+DERIVED_ENV: set[str] = {v for v in os.environ.get(DERIVED_ENV_LIST, "").split(",") if v}
 
 
 def node_ip(toward: str | None = None) -> str:
@@ -70,11 +74,16 @@ def set_socket_ifname_for(address: str) -> str | None:
 
     Without this they may pick 127.0.0.1 and ranks on other hosts never connect."""
     ifname = interface_for_address(address)
-    if ifname is not None:
-        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            if var not in os.environ or var in DERIVED_ENV:
-                os.environ[var] = ifname
-                DERIVED_ENV.add(var)
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if var in os.environ and var not in DERIVED_ENV:
+            continue  # the user's choice
+        if ifname is None:
+            os.environ.pop(var, None)
+            DERIVED_ENV.discard(var)
+        else:
+            os.environ[var] = ifname
+            DERIVED_ENV.add(var)
+    os.environ[DERIVED_ENV_LIST] = ",".join(sorted(DERIVED_ENV))
     return os.environ.get("GLOO_SOCKET_IFNAME", ifname)
 
 
