@@ -16,18 +16,18 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 import torch
+from strata.actors.engine.engine_core import EngineCore
+from strata.actors.executor import DriverExecutor, rank_launcher
+from strata.actors.nodes.node_address import bind_listener
+from strata.actors.nodes.rendezvous import HeadRendezvous, hello_for
+from strata.actors.startup_log import log_startup
+from strata.actors.worker.rank import RankWorker
+from strata.app.model_source import effective_max_model_len, eos_token_ids, load_tokenizer
 from transformers import AutoConfig
 
-from actors.engine import EngineCore
-from actors.executor import DriverExecutor, rank_launcher
-from actors.node_address import bind_listener
-from actors.rank import RankWorker
-from actors.rendezvous import HeadRendezvous, hello_for
-from app.config import EngineConfig
-from app.model_source import effective_max_model_len, eos_token_ids, load_tokenizer
-from app.outputs import RequestOutput
-from app.sampling_params import SamplingParams
-from app.startup_log import log_startup
+from strata.config import EngineConfig
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
 

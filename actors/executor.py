@@ -16,13 +16,13 @@ import signal
 
 import msgpack
 import torch
+from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV
+from strata.actors.worker.rank import RankWorker
 
-from actors.distributed import PendingSends, isend_bytes, recv_bytes
-from actors.node_address import DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV
-from actors.process_groups import ranks_of_node
-from actors.rank import RankWorker
-from actors.step_plan import StepPlan, StepResult
-from app.config import EngineConfig
+from strata.config import EngineConfig
+from strata.distributed.channel import PendingSends, isend_bytes, recv_bytes
+from strata.distributed.process_groups import ranks_of_node
+from strata.distributed.step_plan import StepPlan, StepResult
 
 logger = logging.getLogger("strata")
 

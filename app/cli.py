@@ -8,7 +8,7 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from app import LLM, SamplingParams
+    from strata import LLM, SamplingParams
 
     llm = LLM(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size,
@@ -35,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.set_defaults(func=_demo)
     try:
-        from app.serve_cli import add_serve_parser
+        from strata.app.serve_cli import add_serve_parser
     except ImportError:  # the server's module is optional until it lands
         pass
     else:
         add_serve_parser(sub)
-    from app.doctor import add_doctor_parser
+    from strata.app.doctor import add_doctor_parser
 
     add_doctor_parser(sub)
     return parser

@@ -41,7 +41,7 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_doctor(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.doctor_report import render
+    from strata.actors.nodes.doctor_report import render
 
     nbytes = int(args.size_mib * 2**20) if args.size_mib else None
     try:
@@ -49,12 +49,12 @@ def run_doctor(args: argparse.Namespace) -> int:
             if not args.master_addr:
                 print("strata doctor: error: --nnodes needs --master-addr (node 0's private address)", file=sys.stderr)
                 return 2
-            from app.doctor_mp import check_mp_nodes
+            from strata.actors.nodes.doctor_mp import check_mp_nodes
 
             report = check_mp_nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.timeout,
                                     nbytes, args.iters)
         else:
-            from app.doctor_ray import check_ray_cluster
+            from strata.actors.nodes.doctor_ray import check_ray_cluster
 
             report = check_ray_cluster(args.address, args.timeout, nbytes, args.iters)
     except (ConnectionError, OSError, RuntimeError) as err:

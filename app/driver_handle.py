@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from app.config import EngineConfig
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 
@@ -43,10 +43,9 @@ def ensure_ray(config: EngineConfig) -> None:
 class RayDriver:
     def __init__(self, config: EngineConfig, model_dir: str):
         import ray
-
-        from actors.driver import Driver
-        from actors.executor import rank_env
-        from placement.placement import reserve
+        from strata.actors.driver import Driver
+        from strata.actors.executor import rank_env
+        from strata.placement.placement import reserve
 
         ensure_ray(config)
         self.placement = reserve(config)
@@ -93,7 +92,7 @@ class LocalDriver:
     """The mp backend: the driver lives here; its async methods run on a private event loop."""
 
     def __init__(self, config: EngineConfig, model_dir: str):
-        from actors.driver import Driver
+        from strata.actors.driver import Driver
 
         self.driver = Driver(config.model_dump_json(), model_dir, placement=None)
         self.info = self.driver.ready()

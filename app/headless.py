@@ -19,12 +19,12 @@ import threading
 import time
 
 import torch
+from strata.actors.executor import MpRankLauncher
+from strata.actors.nodes.node_messages import RendezvousError
+from strata.actors.nodes.rendezvous import HeadConnection, hello_for, join_head
 
-from actors.executor import MpRankLauncher
-from actors.node_messages import RendezvousError
-from actors.process_groups import ranks_of_node
-from actors.rendezvous import HeadConnection, hello_for, join_head
-from app.config import EngineConfig
+from strata.config import EngineConfig
+from strata.distributed.process_groups import ranks_of_node
 
 logger = logging.getLogger("strata")
 

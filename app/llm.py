@@ -1,6 +1,6 @@
 """`LLM`: the offline API, shaped like vLLM's.
 
-    from app import LLM, SamplingParams
+    from strata import LLM, SamplingParams
     llm = LLM()                                   # the bundled SmolLM2-135M-Instruct
     out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     print(out[0].outputs[0].text)
@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
+from strata.app.driver_handle import start_driver
+from strata.app.model_source import preflight
 from tqdm import tqdm
 
-from app.config import EngineConfig, describe_validation_error
-from app.driver_handle import start_driver
-from app.model_source import preflight
-from app.outputs import RequestOutput
-from app.sampling_params import SamplingParams
+from strata.config import EngineConfig, describe_validation_error
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
 
@@ -91,7 +91,7 @@ class LLM:
 
     def get_tokenizer(self):
         if self._tokenizer is None:
-            from app.model_source import load_tokenizer
+            from strata.app.model_source import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir)
         return self._tokenizer

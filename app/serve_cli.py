@@ -12,9 +12,9 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
+from strata.app.server.settings import API_KEY_ENV, ServerSettings
 
-from app.config import EngineConfig
-from app.server.settings import API_KEY_ENV, ServerSettings
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 
@@ -204,7 +204,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except FlagError as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 2
-    from app.server.launch import serve_headless, serve_with_ray, serve_with_uvicorn
+    from strata.app.server.launch import serve_headless, serve_with_ray, serve_with_uvicorn
 
     if args.headless:
         return serve_headless(config, settings)
@@ -214,7 +214,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`strata serve` alone (used by `python -m app.job`)."""
+    """`strata serve` alone (used by `python -m strata.app.job`)."""
     parser = argparse.ArgumentParser(prog="strata")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])

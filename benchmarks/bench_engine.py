@@ -20,9 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app import LLM, SamplingParams  # noqa: E402
 from benchmarks.roofline import decode_step_floor_s, measure_hbm_bandwidth  # noqa: E402
 from benchmarks.shapes import SHAPES, write_shape  # noqa: E402
+from strata import LLM, SamplingParams  # noqa: E402
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:

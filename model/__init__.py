@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "ModelContext": "model.context",
-    "load_model": "model.loader",
-    "AttentionMetadata": "model.layers.attention",
-    "get_model_class": "model.architectures.registry",
-    "check_tp_compatible": "model.architectures.registry",
-    "supported_architectures": "model.architectures.registry",
+    "ModelContext": "strata.model.context",
+    "load_model": "strata.model.loader",
+    "AttentionMetadata": "strata.model.layers.attention",
+    "get_model_class": "strata.model.architectures.registry",
+    "check_tp_compatible": "strata.model.architectures.registry",
+    "supported_architectures": "strata.model.architectures.registry",
 }
 
 __all__ = list(_EXPORTS)

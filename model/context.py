@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.process_groups import GroupCoordinator
+from strata.distributed.process_groups import GroupCoordinator
 
 
 @dataclass

@@ -20,7 +20,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from app.config import EngineConfig
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 

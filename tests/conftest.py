@@ -38,7 +38,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from app.bundled_model import ensure_bundled_model
+    from strata.app.bundled_model import ensure_bundled_model
 
     return ensure_bundled_model()
 

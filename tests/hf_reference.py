@@ -75,7 +75,7 @@ def hf_greedy_processed(model_dir: str, prompt: list[int], max_new_tokens: int, 
 
 def assert_engine_matches_hf(llm, model_dir: str, prompts: list[list[int]], max_tokens: int) -> list:
     """Greedy tokens equal to HF's and top-5 logprobs within 1e-3, for every prompt."""
-    from app import SamplingParams
+    from strata import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

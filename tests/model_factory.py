@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from strata.model.layers.attention import AttentionMetadata
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,8 +22,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from actors.process_groups import GroupCoordinator
-from model.layers.attention import AttentionMetadata
+from strata.distributed.process_groups import GroupCoordinator
 
 CONFIGS: dict[str, tuple[type[PretrainedConfig], str]] = {
     "llama": (LlamaConfig, "LlamaForCausalLM"),

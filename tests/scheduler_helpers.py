@@ -4,8 +4,8 @@ shows)."""
 
 from __future__ import annotations
 
-from actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from actors.sequence import Sequence
+from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from strata.actors.engine.sequence import Sequence
 
 
 def make_scheduler(**overrides: int) -> Scheduler:

@@ -130,7 +130,7 @@ def live_server(request, tmp_path_factory) -> LiveServer:
     address = request.getfixturevalue("server_ray_address") if backend == "ray" else None
     port = free_port()
     log = tmp_path_factory.mktemp(f"serve-{backend}") / "server.log"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--distributed-executor-backend", backend,
+    cmd = [sys.executable, "-m", "strata.app.cli", "serve", "--distributed-executor-backend", backend,
            "--port", str(port), "--max-model-len", "2048", "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
            "--max-n", str(MAX_N), "--max-tokens-cap", str(MAX_TOKENS_CAP), "--drain-timeout", "30"]
     proc = spawn(cmd, server_env(address), log)
@@ -156,7 +156,7 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference() -> Reference:
     """One batched greedy run of the offline LLM (mp backend, in this process) over every prompt."""
-    from app import LLM, SamplingParams
+    from strata import LLM, SamplingParams
 
     llm = LLM(distributed_executor_backend="mp", max_model_len=2048)
     try:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from actors.block_manager import BlockManager
-from actors.sequence import Sequence
+from strata.actors.engine.block_manager import BlockManager
+from strata.actors.engine.sequence import Sequence
 
 
 def make_seq(seq_id: int, num_tokens: int = 1) -> Sequence:

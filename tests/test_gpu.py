@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from app import LLM, SamplingParams
+from strata import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 

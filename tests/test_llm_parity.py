@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import LLM, SamplingParams
+from strata import LLM, SamplingParams
 from tests.hf_reference import assert_logprobs_close, hf_greedy, hf_prompt_logprobs
 
 MAX_NEW = 64

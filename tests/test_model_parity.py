@@ -22,11 +22,11 @@ from model_factory import (
     run_scenario,
 )
 from safetensors.torch import load_file, save_file
+from strata.model.context import ModelContext
+from strata.model.layers.attention import AttentionMetadata
+from strata.model.loader import load_model
 
-from actors.process_groups import single_rank_group
-from model.context import ModelContext
-from model.layers.attention import AttentionMetadata
-from model.loader import load_model
+from strata.distributed.process_groups import single_rank_group
 
 TOL = 1e-4
 CONTIGUOUS = {0: [0, 1, 2, 3], 1: [4, 5, 6]}

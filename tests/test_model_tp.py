@@ -22,15 +22,15 @@ from model_factory import (
     run_scenario,
     tiny_config,
 )
+from strata.model.architectures.llama import head_dim_of
+from strata.model.architectures.partition import check_partition, even_layer_partition, layer_range_for_stage
+from strata.model.architectures.registry import check_tp_compatible
+from strata.model.context import ModelContext
+from strata.model.layers.attention import AttentionMetadata
+from strata.model.loader import load_model
 from transformers import PretrainedConfig
 
-from actors.process_groups import GroupCoordinator, single_rank_group
-from model.architectures.llama import head_dim_of
-from model.architectures.partition import check_partition, even_layer_partition, layer_range_for_stage
-from model.architectures.registry import check_tp_compatible
-from model.context import ModelContext
-from model.layers.attention import AttentionMetadata
-from model.loader import load_model
+from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from tests.model_factory import tp_groups
 
 TOL = 1e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import LLM
+from strata import LLM
 from tests.hf_reference import assert_engine_matches_hf, tiny_prompts
 from tests.moe_factory import TOP_K
 

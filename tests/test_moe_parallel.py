@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from model_factory import NUM_DECODE, PROMPTS, Driver, hf_greedy_reference, load_config, run_scenario
 from moe_factory import MOE_ARCHS, NUM_EXPERTS, TOP_K, expert_param_bytes, make_tiny_moe, stack_experts
+from strata.model.architectures.registry import check_tp_compatible
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
 from test_moe_parity import scenario_tokens
 
-from actors.process_groups import GroupCoordinator, single_rank_group
-from model.architectures.registry import check_tp_compatible
-from model.context import ModelContext
-from model.loader import load_model
+from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from tests.model_factory import tp_groups
 
 TOL = 1e-4

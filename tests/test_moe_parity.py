@@ -21,10 +21,10 @@ from model_factory import (
 )
 from moe_factory import NUM_EXPERTS, TOP_K, make_tiny_moe, stack_experts
 from safetensors.torch import load_file, save_file
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
 
-from actors.process_groups import single_rank_group
-from model.context import ModelContext
-from model.loader import load_model
+from strata.distributed.process_groups import single_rank_group
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}

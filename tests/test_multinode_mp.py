@@ -33,7 +33,7 @@ def hosts():
 
 
 def _serve(model: str, *node_flags: str) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "serve", model, "-tp", "2", "-pp", "2", "--max-model-len", "256",
+    return [sys.executable, "-m", "strata.app.cli", "serve", model, "-tp", "2", "-pp", "2", "--max-model-len", "256",
             "--nnodes", "2", "--master-port", str(MASTER_PORT), *node_flags]
 
 
@@ -129,7 +129,7 @@ def test_nodes_that_never_meet_fail_within_their_timeouts(hosts, tiny_models, tm
 
 def test_doctor_with_mp_node_flags_checks_both_hosts(hosts, tmp_path):
     def doctor(rank: int) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "doctor", "--nnodes", "2", "--node-rank", str(rank),
+        return [sys.executable, "-m", "strata.app.cli", "doctor", "--nnodes", "2", "--node-rank", str(rank),
                 "--master-addr", hosts.head.ip, "--master-port", str(MASTER_PORT + 1), "--timeout", "30"]
 
     logs = [tmp_path / "doctor0.log", tmp_path / "doctor1.log"]

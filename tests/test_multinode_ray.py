@@ -41,8 +41,8 @@ def test_serve_tp2_pp2_puts_a_stage_on_each_host_and_matches_hf(ray_hosts, tiny_
     cluster, address = ray_hosts
     model = tiny_models("llama")
     log = tmp_path / "serve.log"
-    server = cluster.spawn(cluster.head, [sys.executable, "-m", "app.cli", "serve", model, "-tp", "2", "-pp", "2",
-                                          "--distributed-executor-backend", "ray", "--port", str(PORT),
+    server = cluster.spawn(cluster.head, [sys.executable, "-m", "strata.app.cli", "serve", model, "-tp", "2",
+                                          "-pp", "2", "--distributed-executor-backend", "ray", "--port", str(PORT),
                                           "--max-model-len", "256"], log,
                            RAY_ADDRESS=address, NCCL_DEBUG="INFO", MULTINODE_MARK="1",
                            STRATA_FORWARD_ENV="MULTINODE_MARK")
@@ -66,7 +66,7 @@ def test_serve_tp2_pp2_puts_a_stage_on_each_host_and_matches_hf(ray_hosts, tiny_
 
 def test_a_driver_node_outside_the_cluster_fails_fast_naming_it(ray_hosts, tiny_models):
     cluster, address = ray_hosts
-    done = cluster.run(cluster.head, [sys.executable, "-m", "app.cli", "serve", tiny_models("llama"),
+    done = cluster.run(cluster.head, [sys.executable, "-m", "strata.app.cli", "serve", tiny_models("llama"),
                                       "--distributed-executor-backend", "ray", "--driver-node", "10.77.0.9",
                                       "--port", str(PORT)], timeout_s=120, RAY_ADDRESS=address)
     assert done.returncode == 1
@@ -83,7 +83,7 @@ def test_a_wrong_token_is_refused(ray_hosts):
 
 def test_doctor_reports_both_hosts_then_names_the_stopped_one(ray_hosts):
     cluster, address = ray_hosts
-    doctor = [sys.executable, "-m", "app.cli", "doctor", "--address", address, "--timeout", "20"]
+    doctor = [sys.executable, "-m", "strata.app.cli", "doctor", "--address", address, "--timeout", "20"]
     done = cluster.run(cluster.head, doctor, timeout_s=120)
     assert done.returncode == 0, done.stdout + done.stderr
     import ray

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import LLM, SamplingParams
+from strata import LLM, SamplingParams
 from tests.hf_reference import assert_engine_matches_hf, tiny_prompts
 
 

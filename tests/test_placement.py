@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from strata.placement.placement import PlacementError
 
-from app import LLM
-from placement.placement import PlacementError
+from strata import LLM
 
 
 def test_more_ranks_than_any_node_fails_within_seconds(ray_cluster, tiny_models):
@@ -37,8 +37,9 @@ def test_busy_cluster_fails_within_the_timeout(ray_cluster, tiny_models):
 
 
 def test_stage_0_goes_to_the_driver_node_or_the_head_when_it_has_room():
-    from app.config import EngineConfig
-    from placement.placement import NodeCapacity, check_fits, pick_driver_node
+    from strata.placement.placement import NodeCapacity, check_fits, pick_driver_node
+
+    from strata.config import EngineConfig
 
     head = NodeCapacity("h", "10.0.0.1", gpus=0, cpus=2, is_head=True)
     worker = NodeCapacity("w", "10.0.0.2", gpus=0, cpus=2)

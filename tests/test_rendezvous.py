@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+from strata.actors.nodes.node_facts import NodeFacts, package_versions
+from strata.actors.nodes.node_messages import Hello, RendezvousError
+from strata.actors.nodes.rendezvous import HeadRendezvous, join_head
 
-from actors.node_facts import NodeFacts, package_versions
-from actors.node_messages import Hello, RendezvousError
-from actors.process_groups import ranks_of_node
-from actors.rendezvous import HeadRendezvous, join_head
+from strata.distributed.process_groups import ranks_of_node
 
 LOOPBACK = "127.0.0.1"
 

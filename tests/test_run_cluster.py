@@ -111,12 +111,12 @@ def test_bad_arguments_start_nothing(stubs, tmp_path):
 
 def test_kuberay_manifest_serves_strata_with_shm_and_ipc_lock():
     yaml = pytest.importorskip("yaml")
-    from app.server.serve_app import split_args
+    from strata.app.server.serve_app import split_args
 
     service = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
     [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == "app.server.serve_app:build_app"
+    assert app["import_path"] == "strata.app.server.serve_app:build_app"
     config, _ = split_args(app["args"])  # the args are settings Strata accepts
     assert (config.tensor_parallel_size, config.pipeline_parallel_size) == (8, 2)
     cluster = service["spec"]["rayClusterConfig"]

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from model.sampler import Sampler, SamplerOptions, SequenceSamplingState
+from strata.model.sampler import Sampler, SamplerOptions, SequenceSamplingState
 
 V = 64
 

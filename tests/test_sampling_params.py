@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from strata.model.sampler import SamplerOptions
 
-from app.sampling_params import SamplingParams
-from model.sampler import SamplerOptions
+from strata.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm() -> None:

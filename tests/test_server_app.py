@@ -10,12 +10,12 @@ import json
 
 import httpx
 import pytest
+from strata.app.server.api import build_app
+from strata.app.server.engine_client import EngineClient
+from strata.app.server.settings import ServerSettings
+from strata.app.server.streaming import Cursor
 
-from app.outputs import CompletionOutput, Logprob, RequestOutput
-from app.server.api import build_app
-from app.server.engine_client import EngineClient
-from app.server.settings import ServerSettings
-from app.server.streaming import Cursor
+from strata.outputs import CompletionOutput, Logprob, RequestOutput
 
 VOCAB = 100
 
@@ -220,7 +220,7 @@ def test_cursor_sends_only_new_text_and_waits_for_held_back_text():
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
-    from app.serve_cli import add_serve_parser
+    from strata.app.serve_cli import add_serve_parser
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
@@ -247,7 +247,7 @@ def test_flags_that_cannot_be_honoured_fail_naming_the_flag(argv, flag, capsys):
 
 
 def test_flags_build_the_configs():
-    from app.serve_cli import configs_from_args
+    from strata.app.serve_cli import configs_from_args
 
     config, settings = configs_from_args(_serve_args(
         "m", "-tp", "2", "-pp", "2", "--pp-layer-partition", "3,2", "--served-model-name", "a", "b",
@@ -258,7 +258,7 @@ def test_flags_build_the_configs():
 
 
 def test_multi_node_mp_flags_build_the_config():
-    from app.serve_cli import configs_from_args
+    from strata.app.serve_cli import configs_from_args
 
     config, _ = configs_from_args(_serve_args(
         "m", "-tp", "2", "-pp", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
@@ -270,7 +270,7 @@ def test_multi_node_mp_flags_build_the_config():
 
 def test_serve_yaml_args_split_and_reject_unknown():
     pytest.importorskip("ray.serve")
-    from app.server.serve_app import split_args
+    from strata.app.server.serve_app import split_args
 
     config, settings = split_args({"max-model-len": 2048, "served_model_name": "x", "api_key": "k"})
     assert config.max_model_len == 2048 and config.served_model_name == "x"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import LLM
+from strata import LLM
 from tests.hf_reference import assert_engine_matches_hf, tiny_prompts
 
 

@@ -8,6 +8,6 @@ serve_app.py is the Ray Serve deployment; launch.py runs either backend until Ct
 Importing this package stays light: nothing here starts Ray or loads a model.
 """
 
-from app.server.settings import ServerSettings
+from strata.app.server.settings import ServerSettings
 
 __all__ = ["ServerSettings"]

@@ -17,13 +17,12 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from app.server.chat import ChatServing
-from app.server.completions import CompletionServing
-from app.server.engine_client import EngineClient
-from app.server.errors import error_response, install_error_handlers, model_not_found
-from app.server.metrics import ServerMetrics
-from app.server.protocol import (
+from strata.app.server.chat import ChatServing
+from strata.app.server.completions import CompletionServing
+from strata.app.server.engine_client import EngineClient
+from strata.app.server.errors import error_response, install_error_handlers, model_not_found
+from strata.app.server.metrics import ServerMetrics
+from strata.app.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -33,7 +32,7 @@ from app.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from app.server.settings import ServerSettings
+from strata.app.server.settings import ServerSettings
 
 logger = logging.getLogger("strata.server")
 T = TypeVar("T")

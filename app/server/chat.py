@@ -12,10 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
-
-from app.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from app.server.errors import bad_request
-from app.server.protocol import (
+from strata.app.server.errors import bad_request
+from strata.app.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -27,8 +25,10 @@ from app.server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
-from app.server.serving import Serving, check_unsupported, clamp_logprob, now, random_id, usage
-from app.server.streaming import Cursor, sse, sse_stream
+from strata.app.server.serving import Serving, check_unsupported, clamp_logprob, now, random_id, usage
+from strata.app.server.streaming import Cursor, sse, sse_stream
+
+from strata.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
+from strata.app.server.errors import bad_request
+from strata.app.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from strata.app.server.serving import EngineRequest, Serving, check_unsupported, clamp_logprob, now, random_id, usage
+from strata.app.server.streaming import Cursor, sse, sse_stream
 
-from app.outputs import PositionLogprobs, RequestOutput
-from app.server.errors import bad_request
-from app.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from app.server.serving import EngineRequest, Serving, check_unsupported, clamp_logprob, now, random_id, usage
-from app.server.streaming import Cursor, sse, sse_stream
+from strata.outputs import PositionLogprobs, RequestOutput
 
 
 def add_logprobs(lp: CompletionLogprobs, token_ids: list[int], positions: list[PositionLogprobs | None],

@@ -13,8 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.outputs import RequestOutput
-from app.sampling_params import SamplingParams
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata.server")
 

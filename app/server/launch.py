@@ -16,9 +16,10 @@ import signal
 import sys
 import threading
 
-from app.config import EngineConfig
-from app.model_source import preflight
-from app.server.settings import ServerSettings
+from strata.app.model_source import preflight
+from strata.app.server.settings import ServerSettings
+
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 
@@ -49,10 +50,9 @@ def _raise_interrupt(*_: object) -> None:
 def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     import ray
     from ray import serve
-
-    from app.driver_handle import ensure_ray
-    from app.server.serve_app import APP_NAME, ingress_app
-    from placement.placement import check_driver_node
+    from strata.app.driver_handle import ensure_ray
+    from strata.app.server.serve_app import APP_NAME, ingress_app
+    from strata.placement.placement import check_driver_node
 
     if _prepare(config, settings) is None:
         return 1
@@ -97,11 +97,10 @@ def _stop_serve(app_name: str) -> None:
 
 def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     import uvicorn
-
-    from actors.node_messages import RendezvousError
-    from app.driver_handle import start_driver
-    from app.server.api import build_app
-    from app.server.engine_client import EngineClient
+    from strata.actors.nodes.node_messages import RendezvousError
+    from strata.app.driver_handle import start_driver
+    from strata.app.server.api import build_app
+    from strata.app.server.engine_client import EngineClient
 
     model_dir = _prepare(config, settings)
     if model_dir is None:
@@ -142,7 +141,7 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
 
 def serve_headless(config: EngineConfig, settings: ServerSettings) -> int:
     """A node other than 0 of the mp backend across nodes: its ranks only (app/headless.py)."""
-    from app.headless import run_headless
+    from strata.app.headless import run_headless
 
     model_dir = _prepare(config, settings)
     if model_dir is None:

@@ -16,13 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from strata.app.driver_handle import start_driver
+from strata.app.model_source import preflight
+from strata.app.server.api import build_app as build_fastapi_app
+from strata.app.server.engine_client import EngineClient
+from strata.app.server.settings import ServerSettings
 
-from app.config import EngineConfig, describe_validation_error
-from app.driver_handle import start_driver
-from app.model_source import preflight
-from app.server.api import build_app as build_fastapi_app
-from app.server.engine_client import EngineClient
-from app.server.settings import ServerSettings
+from strata.config import EngineConfig, describe_validation_error
 
 logger = logging.getLogger("strata.server")
 
@@ -69,8 +69,8 @@ class StrataIngress:
 
 def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
     """The Serve application for these settings (what `serve.run` takes)."""
-    from actors.executor import rank_env
-    from placement.placement import driver_pin
+    from strata.actors.executor import rank_env
+    from strata.placement.placement import driver_pin
 
     return StrataIngress.options(
         # The replica sees the same STRATA_/HF_/NCCL_ settings as the ranks, and sits on the driver
@@ -109,6 +109,6 @@ def split_args(args: dict[str, Any]) -> tuple[EngineConfig, ServerSettings]:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's app builder (`import_path: app.server.serve_app:build_app` with `args:`)."""
+    """Serve's app builder (`import_path: strata.app.server.serve_app:build_app` with `args:`)."""
     config, settings = split_args(args or {})
     return ingress_app(config, settings)

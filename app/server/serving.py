@@ -12,14 +12,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from app.outputs import RequestOutput
-from app.sampling_params import SamplingParams
-from app.server.engine_client import EngineClient
-from app.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded
-from app.server.metrics import ServerMetrics
-from app.server.protocol import SamplingFields, UsageInfo
-from app.server.settings import ServerSettings
-from app.server.streaming import merge, peek
+from strata.app.server.engine_client import EngineClient
+from strata.app.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded
+from strata.app.server.metrics import ServerMetrics
+from strata.app.server.protocol import SamplingFields, UsageInfo
+from strata.app.server.settings import ServerSettings
+from strata.app.server.streaming import merge, peek
+
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
 
 # (request_id, prompt text, prompt token ids, params): one engine request.
 EngineRequest = tuple[str, str | None, list[int], SamplingParams]

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import BaseModel
+from strata.app.server.errors import APIError, error_body, from_value_error
 
-from app.outputs import CompletionOutput
-from app.server.errors import APIError, error_body, from_value_error
+from strata.outputs import CompletionOutput
 
 logger = logging.getLogger("strata.server")
 

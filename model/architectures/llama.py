@@ -12,18 +12,17 @@ import re
 from collections.abc import Callable, Iterable
 
 import torch
+from strata.model.architectures.partition import even_layer_partition, layer_range_for_stage
+from strata.model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
+from strata.model.context import ModelContext
+from strata.model.layers.activation import SiluAndMul
+from strata.model.layers.attention import AttentionMetadata, PagedAttention
+from strata.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from strata.model.layers.linear import LoadedSlice, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from strata.model.layers.norm import RMSNorm
+from strata.model.layers.rotary import RotaryEmbedding
 from torch import nn
 from transformers import PretrainedConfig
-
-from model.architectures.partition import even_layer_partition, layer_range_for_stage
-from model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
-from model.context import ModelContext
-from model.layers.activation import SiluAndMul
-from model.layers.attention import AttentionMetadata, PagedAttention
-from model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from model.layers.linear import LoadedSlice, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from model.layers.norm import RMSNorm
-from model.layers.rotary import RotaryEmbedding
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from model.architectures.moe_base import MoeForCausalLM
-from model.architectures.weights import ShardId
+from strata.model.architectures.moe_base import MoeForCausalLM
+from strata.model.architectures.weights import ShardId
 
 _EXPERT_MATRIX = re.compile(r"(\.experts\.\d+)\.w([123])\.")
 _QWEN_NAMES = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-
-from model.architectures.llama import (
+from strata.model.architectures.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
-from model.architectures.mixtral import MixtralForCausalLM
-from model.architectures.moe_base import has_dense_layers, moe_shape
-from model.architectures.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from strata.model.architectures.mixtral import MixtralForCausalLM
+from strata.model.architectures.moe_base import has_dense_layers, moe_shape
+from strata.model.architectures.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from transformers import PretrainedConfig
 
 _MODELS: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,

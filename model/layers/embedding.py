@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from strata.model.context import ModelContext
+from strata.model.layers.linear import LoadedSlice, copy_checked, read_narrow, slice_shape
 from torch import nn
-
-from model.context import ModelContext
-from model.layers.linear import LoadedSlice, copy_checked, read_narrow, slice_shape
 
 VOCAB_PAD_MULTIPLE = 64
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from model.context import ModelContext
-from model.layers.linear import ReplicatedLinear
+from strata.model.context import ModelContext
+from strata.model.layers.linear import ReplicatedLinear
 
 
 class TopKRouter(ReplicatedLinear):

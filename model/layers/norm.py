@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import overload
 
 import torch
+from strata.model.context import ModelContext
+from strata.model.layers.linear import default_weight_loader
 from torch import nn
-
-from model.context import ModelContext
-from model.layers.linear import default_weight_loader
 
 
 class RMSNorm(nn.Module):

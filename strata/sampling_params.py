@@ -13,7 +13,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.sampler import GREEDY_EPS, SamplerOptions
+from strata.model.sampler import GREEDY_EPS, SamplerOptions
 
 # The engine's default cap on logprobs / prompt_logprobs (vLLM's max_logprobs).
 DEFAULT_MAX_LOGPROBS = 20

@@ -11,16 +11,17 @@ import itertools
 import logging
 from typing import Protocol
 
-from actors.block_manager import BlockManager
-from actors.detokenizer import IncrementalDetokenizer, StopChecker
-from actors.expert_load import ExpertLoad
-from actors.request_state import CompletionState, NoDetokenizer, RequestState, TokenText
-from actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from actors.sequence import Sequence, SequenceStatus
-from actors.step_plan import Chunk, NewSequence, StepPlan, StepResult
-from app.config import EngineConfig
-from app.outputs import RequestOutput
-from app.sampling_params import SamplingParams
+from strata.actors.engine.block_manager import BlockManager
+from strata.actors.engine.expert_load import ExpertLoad
+from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from strata.actors.engine.sequence import Sequence, SequenceStatus
+from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker
+from strata.app.output.request_state import CompletionState, NoDetokenizer, RequestState, TokenText
+
+from strata.config import EngineConfig
+from strata.distributed.step_plan import Chunk, NewSequence, StepPlan, StepResult
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
 

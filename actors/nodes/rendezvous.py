@@ -19,10 +19,21 @@ import socket
 import threading
 import time
 
-from actors.node_address import bind_listener
-from actors.node_facts import NodeFacts, this_node, version_mismatches
-from actors.node_messages import Bye, Hello, Ping, Purpose, Reject, RendezvousError, Welcome, recv_msg, send_msg
-from app.config import EngineConfig
+from strata.actors.nodes.node_address import bind_listener
+from strata.actors.nodes.node_facts import NodeFacts, this_node, version_mismatches
+from strata.actors.nodes.node_messages import (
+    Bye,
+    Hello,
+    Ping,
+    Purpose,
+    Reject,
+    RendezvousError,
+    Welcome,
+    recv_msg,
+    send_msg,
+)
+
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 

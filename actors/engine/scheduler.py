@@ -10,8 +10,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from actors.block_manager import BlockManager
-from actors.sequence import Sequence, SequenceStatus
+from strata.actors.engine.block_manager import BlockManager
+from strata.actors.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

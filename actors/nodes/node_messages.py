@@ -11,8 +11,7 @@ import struct
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
-
-from actors.node_facts import NodeFacts
+from strata.actors.nodes.node_facts import NodeFacts
 
 Purpose = Literal["serve", "doctor"]
 _MAX_FRAME = 1 << 20

@@ -14,12 +14,11 @@ import os
 import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from actors.executor import rank_env
-from actors.link_check import LinkResult, PairEndpoint, pair_rounds
-from actors.node_address import node_ip
-from actors.node_facts import NodeFacts, this_node
-from app.doctor_report import DoctorReport, NodeReport, PairReport
+from strata.actors.executor import rank_env
+from strata.actors.nodes.doctor_report import DoctorReport, NodeReport, PairReport
+from strata.actors.nodes.link_check import LinkResult, PairEndpoint, pair_rounds
+from strata.actors.nodes.node_address import node_ip
+from strata.actors.nodes.node_facts import NodeFacts, this_node
 
 logger = logging.getLogger("strata")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.link_check import LinkResult
-from actors.node_facts import MUST_MATCH, NodeFacts, version_mismatches
+from strata.actors.nodes.link_check import LinkResult
+from strata.actors.nodes.node_facts import MUST_MATCH, NodeFacts, version_mismatches
 
 
 @dataclass

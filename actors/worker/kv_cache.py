@@ -12,9 +12,9 @@ import logging
 import math
 
 import torch
+from strata.model.layers.attention import AttentionMetadata
 
-from app.config import EngineConfig
-from model.layers.attention import AttentionMetadata
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 

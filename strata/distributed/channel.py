@@ -17,8 +17,8 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from actors.node_address import bind_listener
-from actors.process_groups import GroupCoordinator, RankCoords, global_rank, single_rank_group
+from strata.actors.nodes.node_address import bind_listener
+from strata.distributed.process_groups import GroupCoordinator, RankCoords, global_rank, single_rank_group
 
 logger = logging.getLogger("strata")
 

@@ -17,26 +17,26 @@ import time
 
 import msgpack
 import torch
+from strata.actors.nodes.node_address import node_ip, set_socket_ifname_for
+from strata.actors.worker.host_memory import PeakAnonMemory
+from strata.actors.worker.kv_cache import allocate_kv_caches, profile_num_blocks
+from strata.actors.worker.model_runner import ModelRunner
+from strata.app.model_source import layer_partition
+from strata.model.architectures.partition import layer_range_for_stage
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
 from transformers import AutoConfig
 
-from actors.distributed import (
+from strata.config import EngineConfig
+from strata.distributed.channel import (
     all_gather_msgpack,
     all_reduce_min,
     init_rank_groups,
     isend_bytes,
     recv_bytes,
 )
-from actors.host_memory import PeakAnonMemory
-from actors.kv_cache import allocate_kv_caches, profile_num_blocks
-from actors.model_runner import ModelRunner
-from actors.node_address import node_ip, set_socket_ifname_for
-from actors.process_groups import rank_coords
-from actors.step_plan import StepPlan
-from app.config import EngineConfig
-from app.model_source import layer_partition
-from model.architectures.partition import layer_range_for_stage
-from model.context import ModelContext
-from model.loader import load_model
+from strata.distributed.process_groups import rank_coords
+from strata.distributed.step_plan import StepPlan
 
 logger = logging.getLogger("strata")
 

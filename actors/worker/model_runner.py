@@ -11,11 +11,11 @@ import collections
 import time
 
 import torch
+from strata.model.layers.attention import AttentionMetadata
+from strata.model.sampler import Sampler, SamplerOptions, SequenceSamplingState
 
-from actors.distributed import PendingSends, RankGroups
-from actors.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
-from model.layers.attention import AttentionMetadata
-from model.sampler import Sampler, SamplerOptions, SequenceSamplingState
+from strata.distributed.channel import PendingSends, RankGroups
+from strata.distributed.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
 
 
 class ModelRunner:

@@ -12,8 +12,7 @@ import socket
 from importlib import metadata
 
 from pydantic import BaseModel
-
-from actors.node_address import interface_for_address, node_ip
+from strata.actors.nodes.node_address import interface_for_address, node_ip
 
 # Packages whose versions must agree on every node.
 MUST_MATCH = ("strata", "torch", "ray", "transformers")

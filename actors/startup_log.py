@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from app.config import EngineConfig
+from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.detokenizer import IncrementalDetokenizer, StopChecker
-from actors.step_plan import PromptLogprobs, SampledResult
-from app.outputs import CompletionOutput, Logprob, RequestOutput
-from app.sampling_params import SamplingParams
+from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker
+
+from strata.distributed.step_plan import PromptLogprobs, SampledResult
+from strata.outputs import CompletionOutput, Logprob, RequestOutput
+from strata.sampling_params import SamplingParams
 
 
 class TokenText:

@@ -18,9 +18,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
+from strata.actors.nodes.node_address import bind_listener, set_socket_ifname_for
 
-from actors.distributed import rendezvous_store
-from actors.node_address import bind_listener, set_socket_ifname_for
+from strata.distributed.channel import rendezvous_store
 
 _NETWORK = re.compile(r"Using network (\S+)")
 _VIA_NET = re.compile(r"via NET/([A-Za-z]+)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from actors.sequence import Sequence
+from strata.actors.engine.sequence import Sequence
 
 
 class BlockManager:

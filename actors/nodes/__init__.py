@@ -1,0 +1,1 @@
+"""Node plumbing: this node's address and facts, the mp rendezvous across nodes, link checks, the doctor's checks."""

@@ -1,0 +1,1 @@
+"""The output processor: engine deltas -> text (detokenize, stop strings) -> RequestOutput."""

@@ -1,0 +1,17 @@
+"""Strata's user-facing API: the offline `LLM`, `SamplingParams`, and the engine's config."""
+
+from strata.config import EngineConfig
+from strata.outputs import CompletionOutput, Logprob, RequestOutput
+from strata.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the engine; load it only when asked, so `import strata` stays light.
+    if name == "LLM":
+        from strata.app.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
