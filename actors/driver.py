@@ -22,10 +22,10 @@ from strata.actors.nodes.node_address import bind_listener
 from strata.actors.nodes.rendezvous import HeadRendezvous, hello_for
 from strata.actors.startup_log import log_startup
 from strata.actors.worker.rank import RankWorker
-from strata.app.model_source import effective_max_model_len, eos_token_ids, load_tokenizer
-from transformers import AutoConfig
+from strata.app.model_source import load_tokenizer
 
 from strata.config import EngineConfig
+from strata.model_facts import ModelFacts
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
@@ -35,16 +35,16 @@ Sink = Callable[[RequestOutput | BaseException], None]
 
 
 class Driver:
-    def __init__(self, config_json: str, model_dir: str, placement=None):
+    def __init__(self, config_json: str, facts_json: str, placement=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config = EngineConfig.model_validate_json(config_json)
-        hf_config = AutoConfig.from_pretrained(model_dir)
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or model_dir)
-        self.worker = RankWorker(config_json, model_dir, rank=0, local_device_index=0)
+        self.facts = facts = ModelFacts.from_json(facts_json)
+        self.tokenizer = load_tokenizer(facts)
+        self.worker = RankWorker(config_json, facts_json, rank=0, local_device_index=0)
         self.rendezvous: HeadRendezvous | None = None
         master_addr, listener = self._meet_nodes()
         master_port = listener.getsockname()[1]
-        self.launcher = rank_launcher(config, config_json, model_dir, placement)
+        self.launcher = rank_launcher(config, config_json, facts_json, placement)
         try:
             handle = self.launcher.start(master_addr, master_port)
             self.rank_facts = self._bring_up_watching(handle, master_addr, master_port, listener)
@@ -55,11 +55,11 @@ class Driver:
                 self.rendezvous.close(say_bye=False)  # the other nodes see the head go and exit
             raise
         num_blocks = self.worker.num_blocks
-        self.max_model_len = effective_max_model_len(config, hf_config, num_blocks)
+        self.max_model_len = facts.max_model_len(config, num_blocks)
         log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
         self.executor = DriverExecutor(self.worker)
-        self.engine = EngineCore(config, self.executor, self.tokenizer, hf_config.vocab_size,
-                                 self.max_model_len, num_blocks, eos_token_ids(hf_config, self.tokenizer),
+        self.engine = EngineCore(config, self.executor, self.tokenizer, facts.vocab_size,
+                                 self.max_model_len, num_blocks, list(facts.eos_token_ids),
                                  is_moe=self.rank_facts[0]["moe"])
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}

@@ -100,7 +100,7 @@ class DriverExecutor:
 class RayRankLauncher:
     """Ranks 1..N-1 as Ray actors, one per placement bundle."""
 
-    def __init__(self, config_json: str, model_dir: str, world_size: int, placement):
+    def __init__(self, config_json: str, facts_json: str, world_size: int, placement):
         import ray
 
         self.placement = placement
@@ -109,7 +109,7 @@ class RayRankLauncher:
         for rank in range(1, world_size):
             opts = dict(placement.actor_resources(), scheduling_strategy=placement.strategy_for_rank(rank),
                         runtime_env={"env_vars": rank_env()}, name=None, max_concurrency=2)
-            self.actors.append(actor_cls.options(**opts).remote(config_json, model_dir, rank, 0))
+            self.actors.append(actor_cls.options(**opts).remote(config_json, facts_json, rank, 0))
         self._loops = []
 
     def start(self, master_addr: str, master_port: int):
@@ -150,13 +150,13 @@ class RayRankLauncher:
         self.actors = []
 
 
-def _mp_rank_main(config_json: str, model_dir: str, rank: int, device_index: int,
+def _mp_rank_main(config_json: str, facts_json: str, rank: int, device_index: int,
                   master_addr: str, master_port: int, env: dict[str, str]) -> None:
     os.environ.update(env)
     # Ctrl-C reaches the whole process group; the driver stops its ranks itself, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    worker = RankWorker(config_json, model_dir, rank, device_index)
+    worker = RankWorker(config_json, facts_json, rank, device_index)
     worker.bring_up(master_addr, master_port)
     worker.run_loop()
     worker.shutdown()
@@ -168,8 +168,8 @@ class MpRankLauncher:
     `node_ranks` are the global ranks this node runs (see `ranks_of_node`); the device index of
     each is its place in that range. On node 0, rank 0 is the driver itself and is skipped here."""
 
-    def __init__(self, config_json: str, model_dir: str, node_ranks: range, gpus_on_node: int):
-        self.args = (config_json, model_dir)
+    def __init__(self, config_json: str, facts_json: str, node_ranks: range, gpus_on_node: int):
+        self.args = (config_json, facts_json)
         self.node_ranks = node_ranks
         self.gpus = gpus_on_node
         self.procs: list[mp.Process] = []
@@ -207,10 +207,10 @@ class MpRankLauncher:
         self.procs = []
 
 
-def rank_launcher(config: EngineConfig, config_json: str, model_dir: str,
+def rank_launcher(config: EngineConfig, config_json: str, facts_json: str,
                   placement) -> RayRankLauncher | MpRankLauncher:
     """The driver's launcher: Ray actors in the placement bundles, else this node's processes."""
     if placement is not None:
-        return RayRankLauncher(config_json, model_dir, config.world_size, placement)
+        return RayRankLauncher(config_json, facts_json, config.world_size, placement)
     node_ranks = ranks_of_node(config.world_size, config.nnodes, 0)
-    return MpRankLauncher(config_json, model_dir, node_ranks, torch.cuda.device_count())
+    return MpRankLauncher(config_json, facts_json, node_ranks, torch.cuda.device_count())

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 from strata.config import EngineConfig
+from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
 
@@ -41,7 +42,7 @@ def ensure_ray(config: EngineConfig) -> None:
 
 
 class RayDriver:
-    def __init__(self, config: EngineConfig, model_dir: str):
+    def __init__(self, config: EngineConfig, facts: ModelFacts):
         import ray
         from strata.actors.driver import Driver
         from strata.actors.executor import rank_env
@@ -51,7 +52,7 @@ class RayDriver:
         self.placement = reserve(config)
         opts = dict(self.placement.actor_resources(), scheduling_strategy=self.placement.strategy_for_rank(0),
                     runtime_env={"env_vars": rank_env()}, max_concurrency=1000)
-        self.actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), model_dir,
+        self.actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), facts.to_json(),
                                                                self.placement)
         try:
             self.info = ray.get(self.actor.ready.remote())
@@ -91,10 +92,10 @@ class RayDriver:
 class LocalDriver:
     """The mp backend: the driver lives here; its async methods run on a private event loop."""
 
-    def __init__(self, config: EngineConfig, model_dir: str):
+    def __init__(self, config: EngineConfig, facts: ModelFacts):
         from strata.actors.driver import Driver
 
-        self.driver = Driver(config.model_dump_json(), model_dir, placement=None)
+        self.driver = Driver(config.model_dump_json(), facts.to_json(), placement=None)
         self.info = self.driver.ready()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="strata-local-driver", daemon=True).start()
@@ -122,10 +123,10 @@ class LocalDriver:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def start_driver(config: EngineConfig, model_dir: str) -> RayDriver | LocalDriver:
+def start_driver(config: EngineConfig, facts: ModelFacts) -> RayDriver | LocalDriver:
     backend = config.distributed_executor_backend
     if backend == "auto":
         # Strata is a Ray application; mp is chosen by name, or by its multi-node settings.
         backend = "mp" if config.nnodes > 1 else "ray"
     logger.info("distributed executor backend: %s", backend)
-    return RayDriver(config, model_dir) if backend == "ray" else LocalDriver(config, model_dir)
+    return RayDriver(config, facts) if backend == "ray" else LocalDriver(config, facts)

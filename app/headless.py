@@ -25,13 +25,14 @@ from strata.actors.nodes.rendezvous import HeadConnection, hello_for, join_head
 
 from strata.config import EngineConfig
 from strata.distributed.process_groups import ranks_of_node
+from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
 
 _RANKS_STOP_S = 30.0  # after the head's Bye, how long this node's ranks may take to finish
 
 
-def run_headless(config: EngineConfig, model_dir: str) -> int:
+def run_headless(config: EngineConfig, facts: ModelFacts) -> int:
     node = config.node_rank
     try:
         head = join_head(hello_for(config, "serve"), config.master_addr, config.master_port,
@@ -40,7 +41,7 @@ def run_headless(config: EngineConfig, model_dir: str) -> int:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 1
     ranks = ranks_of_node(config.world_size, config.nnodes, node)
-    launcher = MpRankLauncher(config.model_dump_json(), model_dir, ranks, torch.cuda.device_count())
+    launcher = MpRankLauncher(config.model_dump_json(), facts.to_json(), ranks, torch.cuda.device_count())
     launcher.start(config.master_addr, head.welcome.dist_port)
     logger.info("node %d (headless): ranks %d-%d started; node 0 at %s serves the API", node, ranks.start,
                 ranks.stop - 1, head.where)

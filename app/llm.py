@@ -51,11 +51,10 @@ class LLM:
             )
         except ValidationError as err:
             raise ValueError(describe_validation_error(err)) from None
-        spec = preflight(self.config)
-        self.config.pp_layer_partition = spec.partition
-        self.model_dir = spec.model_dir
-        logger.info("model: %s (%s, %d layers)", spec.model_dir, spec.architecture, spec.num_layers)
-        self._driver = start_driver(self.config, spec.model_dir)
+        self.facts = preflight(self.config)
+        logger.info("model: %s (%s, %d layers)", self.facts.model_dir, self.facts.architecture,
+                    self.facts.num_layers)
+        self._driver = start_driver(self.config, self.facts)
         self.max_model_len: int = self._driver.info["max_model_len"]
         self._tokenizer = None
 
@@ -93,7 +92,7 @@ class LLM:
         if self._tokenizer is None:
             from strata.app.model_source import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.config.tokenizer or self.model_dir)
+            self._tokenizer = load_tokenizer(self.facts)
         return self._tokenizer
 
     # ---- introspection and lifecycle ----

@@ -3,13 +3,13 @@
 `resolve_model_dir` turns the `model` argument into a local directory: None -> the bundled
 SmolLM2 (converted once), a directory -> itself, anything else -> huggingface_hub's cache.
 `preflight` reads config.json and checks everything that can be checked without loading weights,
-so a bad setting fails in the caller, in seconds, not inside a remote actor.
+so a bad setting fails in the caller, in seconds, not inside a remote actor; it returns the
+ModelFacts (strata/model_facts.py) the runtime receives.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from strata.app.bundled_model import BUNDLED_MODEL_NAME, ensure_bundled_model
 from strata.model.architectures.partition import check_partition, even_layer_partition
@@ -17,6 +17,7 @@ from strata.model.architectures.registry import check_tp_compatible, get_model_c
 from transformers import AutoConfig, AutoTokenizer
 
 from strata.config import EngineConfig
+from strata.model_facts import ModelFacts
 
 PARTITION_ENV = "STRATA_PP_LAYER_PARTITION"
 
@@ -41,18 +42,20 @@ def resolve_model_dir(model: str | None) -> str:
         ) from None
 
 
-def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+def load_tokenizer(facts: ModelFacts):
+    """The model's tokenizer (transformers' fast tokenizer), or None with skip_tokenizer_init."""
+    return None if facts.tokenizer_dir is None else AutoTokenizer.from_pretrained(facts.tokenizer_dir)
 
 
-def eos_token_ids(hf_config, tokenizer) -> list[int]:
+def eos_token_ids(hf_config, tokenizer) -> tuple[int, ...]:
+    """config.json's eos ids, then the tokenizer's, without repeats."""
     ids: list[int] = []
     tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
     for source in (getattr(hf_config, "eos_token_id", None), tokenizer_eos):
         for tid in source if isinstance(source, list) else [source]:
             if tid is not None and tid not in ids:
                 ids.append(tid)
-    return ids
+    return tuple(ids)
 
 
 def layer_partition(config: EngineConfig, num_layers: int) -> list[int]:
@@ -69,43 +72,25 @@ def layer_partition(config: EngineConfig, num_layers: int) -> list[int]:
     return check_partition(explicit, num_layers, config.pipeline_parallel_size)
 
 
-def effective_max_model_len(config: EngineConfig, hf_config, num_blocks: int | None = None) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    if config.max_model_len is not None and config.max_model_len > limit:
-        raise ValueError(
-            f"max_model_len={config.max_model_len} is larger than the model's "
-            f"max_position_embeddings={limit}"
-        )
-    length = config.max_model_len or limit
-    if num_blocks is not None and num_blocks * config.block_size < length:
-        capacity = num_blocks * config.block_size
-        if config.max_model_len is not None:
-            raise ValueError(
-                f"max_model_len={length} needs {length} tokens of KV cache, but only {capacity} fit "
-                f"({num_blocks} blocks of {config.block_size}); lower max_model_len or give the cache "
-                f"more memory (gpu_memory_utilization / cpu_kv_cache_space_gib)"
-            )
-        length = capacity  # no explicit length asked: serve what fits, as the log says
-    return length
-
-
-@dataclass
-class ModelSpec:
-    model_dir: str
-    served_name: str
-    architecture: str
-    num_layers: int
-    partition: list[int]
-
-
-def preflight(config: EngineConfig) -> ModelSpec:
-    """Everything checkable before placement: the model, its architecture, the tp/pp split."""
+def preflight(config: EngineConfig) -> ModelFacts:
+    """Everything checkable before placement (the model, its architecture, the tp/pp split, the
+    context length), resolved once into the ModelFacts every part of the runtime receives."""
     model_dir = resolve_model_dir(config.model)
     hf_config = AutoConfig.from_pretrained(model_dir)
     architectures = getattr(hf_config, "architectures", None) or []
     get_model_class(architectures)
     check_tp_compatible(hf_config, config.tensor_parallel_size, config.enable_expert_parallel)
     partition = layer_partition(config, hf_config.num_hidden_layers)
-    effective_max_model_len(config, hf_config)
-    served = config.served_model_name or config.model or BUNDLED_MODEL_NAME
-    return ModelSpec(model_dir, served, architectures[0], hf_config.num_hidden_layers, partition)
+    tokenizer_dir = None if config.skip_tokenizer_init else (
+        resolve_model_dir(config.tokenizer) if config.tokenizer else model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+    facts = ModelFacts(
+        model_dir=model_dir, tokenizer_dir=tokenizer_dir,
+        served_name=config.served_model_name or config.model or BUNDLED_MODEL_NAME,
+        architecture=architectures[0], num_layers=hf_config.num_hidden_layers,
+        layer_partition=tuple(partition), eos_token_ids=eos_token_ids(hf_config, tokenizer),
+        vocab_size=hf_config.vocab_size,
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", None) or 2048,
+    )
+    facts.max_model_len(config)  # an explicit max_model_len beyond the model's limit fails here
+    return facts

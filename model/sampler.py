@@ -20,36 +20,14 @@ This module imports torch only (never app/), so it can run on a rank that knows 
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from strata.distributed.step_plan import SamplerOptions
+from strata.sampling_params import GREEDY_EPS
+
 # Below this a temperature means greedy; dividing by it would overflow.
-GREEDY_EPS = 1e-5
-
-
-@dataclass
-class SamplerOptions:
-    """What the sampler needs of a request's SamplingParams.
-
-    Plain ints, floats and lists so it travels as msgpack: `dataclasses.asdict(opts)` out,
-    `SamplerOptions(**d)` in. `top_k` 0 means off. `stop_token_ids` already includes eos unless the
-    request ignores eos; they are only masked here (while output is shorter than `min_tokens`),
-    stopping is the driver's job.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
 
 
 class SequenceSamplingState:

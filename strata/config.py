@@ -19,7 +19,8 @@ LoadFormat = Literal["auto", "safetensors", "dummy"]
 class EngineConfig(BaseModel):
     """What to serve, how to split it, and how much memory and batch it may use."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # Frozen: validated once at the door; model facts travel beside it (strata/model_facts.py).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = None
     """Local Hugging Face directory or hub id; None serves the bundled SmolLM2-135M-Instruct."""

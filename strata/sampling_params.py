@@ -13,8 +13,8 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from strata.model.sampler import GREEDY_EPS, SamplerOptions
-
+# Temperatures below this are greedy (argmax); the sampler uses the same bound.
+GREEDY_EPS = 1e-5
 # The engine's default cap on logprobs / prompt_logprobs (vLLM's max_logprobs).
 DEFAULT_MAX_LOGPROBS = 20
 
@@ -152,23 +152,6 @@ class SamplingParams:
             eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
             ids += [e for e in eos if e not in ids]
         return ids
-
-    def to_sampler_options(self, eos_token_id: int | Sequence[int] | None) -> SamplerOptions:
-        """The subset the sampling rank needs, in plain types (msgpack-able via dataclasses.asdict)."""
-        return SamplerOptions(
-            temperature=0.0 if self.is_greedy else float(self.temperature),
-            top_p=float(self.top_p),
-            top_k=max(self.top_k, 0),  # -1 and 0 both mean off; the sampler knows only 0
-            min_p=float(self.min_p),
-            seed=self.seed,
-            presence_penalty=float(self.presence_penalty),
-            frequency_penalty=float(self.frequency_penalty),
-            repetition_penalty=float(self.repetition_penalty),
-            min_tokens=self.min_tokens,
-            stop_token_ids=self.all_stop_token_ids(eos_token_id),
-            logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs,
-        )
 
     def clone(self) -> SamplingParams:
         """A deep copy (the engine mutates per-request copies, never the user's object)."""

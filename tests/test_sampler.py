@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
-from strata.model.sampler import Sampler, SamplerOptions, SequenceSamplingState
+from strata.model.sampler import Sampler, SequenceSamplingState
+
+from strata.distributed.step_plan import SamplerOptions
 
 V = 64
 

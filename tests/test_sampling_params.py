@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from strata.model.sampler import SamplerOptions
 
+from strata.distributed.step_plan import SamplerOptions
 from strata.sampling_params import SamplingParams
 
 
@@ -23,7 +23,7 @@ def test_defaults_match_vllm() -> None:
 def test_keyword_construction_and_normalisation() -> None:
     p = SamplingParams(temperature=0.7, top_k=-1, stop="###", max_tokens=None, seed=-1)
     assert p.stop == ["###"] and p.max_tokens is None and p.seed is None and p.top_k == -1
-    assert p.to_sampler_options(None).top_k == 0
+    assert SamplerOptions.from_params(p, []).top_k == 0
     greedy = SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2)
     assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0) and greedy.is_greedy
 
@@ -82,12 +82,12 @@ def test_max_logprobs_cap() -> None:
 
 def test_sampler_options_stop_ids_and_round_trip() -> None:
     p = SamplingParams(stop_token_ids=[7], min_tokens=3, logprobs=2, seed=11, temperature=0.5)
-    opts = p.to_sampler_options(eos_token_id=2)
+    opts = SamplerOptions.from_params(p, [2])
     assert opts.stop_token_ids == [7, 2] and opts.min_tokens == 3 and opts.seed == 11
     assert SamplerOptions(**dataclasses.asdict(opts)) == opts
-    assert SamplingParams(ignore_eos=True, stop_token_ids=[7]).to_sampler_options(2).stop_token_ids == [7]
-    assert SamplingParams().to_sampler_options([2, 9]).stop_token_ids == [2, 9]
-    assert SamplingParams(temperature=0).to_sampler_options(None).temperature == 0.0
+    assert SamplerOptions.from_params(SamplingParams(ignore_eos=True, stop_token_ids=[7]), [2]).stop_token_ids == [7]
+    assert SamplerOptions.from_params(SamplingParams(), [2, 9]).stop_token_ids == [2, 9]
+    assert SamplerOptions.from_params(SamplingParams(temperature=0), []).temperature == 0.0
 
 
 def test_clone_is_deep() -> None:

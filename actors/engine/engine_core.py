@@ -19,7 +19,7 @@ from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker
 from strata.app.output.request_state import CompletionState, NoDetokenizer, RequestState, TokenText
 
 from strata.config import EngineConfig
-from strata.distributed.step_plan import Chunk, NewSequence, StepPlan, StepResult
+from strata.distributed.step_plan import Chunk, NewSequence, SamplerOptions, StepPlan, StepResult
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
@@ -160,7 +160,7 @@ class EngineCore:
             seq = ch.seq
             state, completion = self._seq_owner[seq.seq_id]
             if seq.seq_id not in self._announced:
-                options = completion.params.to_sampler_options(self.eos_token_ids)
+                options = SamplerOptions.from_params(completion.params, self.eos_token_ids)
                 plan.new_sequences.append(NewSequence(seq.seq_id, seq.prompt_token_ids, vars(options)))
                 self._announced.add(seq.seq_id)
             # Prompt logprobs are computed on the first pass only, not again after a preemption.

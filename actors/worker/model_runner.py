@@ -12,10 +12,10 @@ import time
 
 import torch
 from strata.model.layers.attention import AttentionMetadata
-from strata.model.sampler import Sampler, SamplerOptions, SequenceSamplingState
+from strata.model.sampler import Sampler, SequenceSamplingState
 
 from strata.distributed.channel import PendingSends, RankGroups
-from strata.distributed.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
+from strata.distributed.step_plan import PromptLogprobs, SampledResult, SamplerOptions, StepPlan, StepResult
 
 
 class ModelRunner:

@@ -21,7 +21,6 @@ from strata.actors.nodes.node_address import node_ip, set_socket_ifname_for
 from strata.actors.worker.host_memory import PeakAnonMemory
 from strata.actors.worker.kv_cache import allocate_kv_caches, profile_num_blocks
 from strata.actors.worker.model_runner import ModelRunner
-from strata.app.model_source import layer_partition
 from strata.model.architectures.partition import layer_range_for_stage
 from strata.model.context import ModelContext
 from strata.model.loader import load_model
@@ -37,6 +36,7 @@ from strata.distributed.channel import (
 )
 from strata.distributed.process_groups import rank_coords
 from strata.distributed.step_plan import StepPlan
+from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
 
@@ -55,11 +55,11 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
 
 
 class RankWorker:
-    def __init__(self, config_json: str, model_dir: str, rank: int, local_device_index: int = 0):
+    def __init__(self, config_json: str, facts_json: str, rank: int, local_device_index: int = 0):
         # A Ray actor's root logger shows warnings only; the start-up lines are INFO.
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = EngineConfig.model_validate_json(config_json)
-        self.model_dir = model_dir
+        self.facts = ModelFacts.from_json(facts_json)
         self.coords = rank_coords(rank, self.config.tensor_parallel_size, self.config.pipeline_parallel_size)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_device_index)
@@ -87,16 +87,15 @@ class RankWorker:
             ifname = set_socket_ifname_for(ip)
             _log_network(self.coords.rank, ip, ifname)
         self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device, listener=listener)
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        hf_config = AutoConfig.from_pretrained(self.facts.model_dir)
         dtype = resolve_dtype(cfg, hf_config, self.device)
-        partition = layer_partition(cfg, hf_config.num_hidden_layers)
-        layer_range = layer_range_for_stage(partition, self.coords.pp_rank)
+        layer_range = layer_range_for_stage(list(self.facts.layer_partition), self.coords.pp_rank)
         ctx = ModelContext(tp=self.groups.tp, pp_rank=self.coords.pp_rank, pp_size=self.coords.pp_size,
                            layer_range=layer_range, dtype=dtype, device=self.device,
                            enable_expert_parallel=cfg.enable_expert_parallel)
         load_started = time.time()
         with PeakAnonMemory() as load_memory:
-            model = load_model(self.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
+            model = load_model(self.facts.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
         load_seconds = time.time() - load_started
         capacity = profile_num_blocks(model, cfg, hf_config.hidden_size, self.coords.is_first_stage,
                                       dtype, self.device)

@@ -20,6 +20,7 @@ from strata.app.model_source import preflight
 from strata.app.server.settings import ServerSettings
 
 from strata.config import EngineConfig
+from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
 
@@ -30,17 +31,17 @@ def _announce(settings: ServerSettings, port: int) -> None:
           f"Ctrl-C to stop.", flush=True)
 
 
-def _prepare(config: EngineConfig, settings: ServerSettings) -> str | None:
-    """Checks the model before anything starts; returns its directory, or None after printing why."""
+def _prepare(config: EngineConfig, settings: ServerSettings) -> tuple[ModelFacts, ServerSettings] | None:
+    """Checks the model before anything starts; returns its facts and the settings with the served
+    name filled in, or None after printing why."""
     try:
-        spec = preflight(config)
+        facts = preflight(config)
     except (ValueError, RuntimeError) as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return None
-    config.pp_layer_partition = spec.partition
     if not settings.served_model_name:
-        settings.served_model_name = [spec.served_name]
-    return spec.model_dir
+        settings = settings.model_copy(update={"served_model_name": [facts.served_name]})
+    return facts, settings
 
 
 def _raise_interrupt(*_: object) -> None:
@@ -54,8 +55,10 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     from strata.app.server.serve_app import APP_NAME, ingress_app
     from strata.placement.placement import check_driver_node
 
-    if _prepare(config, settings) is None:
+    prepared = _prepare(config, settings)
+    if prepared is None:
         return 1
+    _, settings = prepared
     # Until the app is up, SIGTERM interrupts start-up like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     rc = 0
@@ -102,12 +105,13 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     from strata.app.server.api import build_app
     from strata.app.server.engine_client import EngineClient
 
-    model_dir = _prepare(config, settings)
-    if model_dir is None:
+    prepared = _prepare(config, settings)
+    if prepared is None:
         return 1
+    facts, settings = prepared
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        handle = start_driver(config, model_dir)
+        handle = start_driver(config, facts)
     except KeyboardInterrupt:
         return 0
     except (RendezvousError, OSError) as err:  # another node is missing or unreachable: say which
@@ -143,7 +147,7 @@ def serve_headless(config: EngineConfig, settings: ServerSettings) -> int:
     """A node other than 0 of the mp backend across nodes: its ranks only (app/headless.py)."""
     from strata.app.headless import run_headless
 
-    model_dir = _prepare(config, settings)
-    if model_dir is None:
+    prepared = _prepare(config, settings)
+    if prepared is None:
         return 1
-    return run_headless(config, model_dir)
+    return run_headless(config, prepared[0])

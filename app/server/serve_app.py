@@ -42,12 +42,11 @@ class StrataIngress:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = EngineConfig.model_validate(engine_config)
         self.settings = ServerSettings.model_validate(server_settings)
-        spec = await asyncio.to_thread(preflight, self.config)
-        self.config.pp_layer_partition = spec.partition
+        facts = await asyncio.to_thread(preflight, self.config)
         if not self.settings.served_model_name:
-            self.settings.served_model_name = [spec.served_name]
+            self.settings = self.settings.model_copy(update={"served_model_name": [facts.served_name]})
         # Loading blocks for seconds; keep the replica's event loop free meanwhile.
-        self.handle = await asyncio.to_thread(start_driver, self.config, spec.model_dir)
+        self.handle = await asyncio.to_thread(start_driver, self.config, facts)
         self.client = EngineClient(self.handle, self.config.max_num_seqs)
         self._stopped = False
 
