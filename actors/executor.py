@@ -16,12 +16,13 @@ import signal
 
 import msgpack
 import torch
-from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV
+from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST
 from strata.actors.worker.rank import RankWorker
 
 from strata.config import EngineConfig
 from strata.distributed.channel import PendingSends, isend_bytes, recv_bytes
-from strata.distributed.process_groups import ranks_of_node
+from strata.distributed.rank_layout import ranks_of_node, sampler_rank, stage_leader
+from strata.distributed.sockets import HOST_IP_ENV
 from strata.distributed.step_plan import StepPlan, StepResult
 
 logger = logging.getLogger("strata")
@@ -54,7 +55,7 @@ class DriverExecutor:
     def __init__(self, worker: RankWorker):
         self.worker = worker
         self.coords = worker.coords
-        self.sampler_rank = self.coords.world_size - self.coords.tp_size  # tp rank 0, last stage
+        self.sampler_rank = sampler_rank(self.coords.tp_size, self.coords.pp_size)
         self.pending = PendingSends()
         self._local_loads: dict[int, dict] = {}  # stage 0's MoE counts by step, until collected
 
@@ -88,7 +89,8 @@ class DriverExecutor:
         local = self._local_loads.pop(plan.step_id, None)
         loads = [local] if local is not None else []
         for stage in range(1, self.coords.pp_size):
-            loads.append(msgpack.unpackb(recv_bytes(stage * self.coords.tp_size, self.worker.groups.control)))
+            leader = stage_leader(stage, self.coords.tp_size)
+            loads.append(msgpack.unpackb(recv_bytes(leader, self.worker.groups.control)))
         result.expert_load = loads
 
     def shutdown(self) -> None:

@@ -24,7 +24,7 @@ from strata.actors.nodes.node_messages import RendezvousError
 from strata.actors.nodes.rendezvous import HeadConnection, hello_for, join_head
 
 from strata.config import EngineConfig
-from strata.distributed.process_groups import ranks_of_node
+from strata.distributed.rank_layout import ranks_of_node
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")

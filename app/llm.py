@@ -8,23 +8,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from strata.app.driver_handle import start_driver
-from strata.app.model_source import preflight
+from strata.app.engines import start_engine
+from strata.app.model_source import load_tokenizer, preflight
+from strata.app.output.processor import OutputProcessor, RequestProcessor
+from strata.app.request_check import check_request, tokenize_prompt
 from tqdm import tqdm
 
 from strata.config import EngineConfig, describe_validation_error
+from strata.engine_protocol import Engine
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
 
 PromptType = str | dict[str, Any] | list[int]
+T = TypeVar("T")
 
 
 class LLM:
@@ -32,6 +38,10 @@ class LLM:
 
     Every keyword is an EngineConfig field (see app/config.py); unknown or invalid ones raise
     ValueError naming the argument and what is allowed, before anything starts.
+
+    The engine sees token ids only: this process tokenizes, validates each prompt, fans out n,
+    and turns the engine's deltas into text and RequestOutputs (strata.app.output). The engine's
+    async calls run on a private event loop thread, so `LLM` works under a running loop too.
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, tensor_parallel_size: int = 1,
@@ -54,9 +64,29 @@ class LLM:
         self.facts = preflight(self.config)
         logger.info("model: %s (%s, %d layers)", self.facts.model_dir, self.facts.architecture,
                     self.facts.num_layers)
-        self._driver = start_driver(self.config, self.facts)
-        self.max_model_len: int = self._driver.info["max_model_len"]
-        self._tokenizer = None
+        self._tokenizer = load_tokenizer(self.facts)
+        self._output = OutputProcessor(self._tokenizer)
+        self._engine: Engine | None = start_engine(self.config, self.facts)
+        self._info = self._engine.info
+        self.max_model_len: int = self._info.max_model_len
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="strata-llm-loop", daemon=True)
+        self._loop_thread.start()
+
+    def _live_engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this LLM has been shut down")
+        return self._engine
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs `coro` on the private loop and waits; an interrupt here cancels it (and so aborts
+        the requests it had queued)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     # ---- generation ----
 
@@ -64,52 +94,95 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Outputs in input order. Prompts: strings, {"prompt": str} / {"prompt_token_ids": [...]},
-        or token-id lists; one SamplingParams for all or one per prompt."""
+        or token-id lists; one SamplingParams for all or one per prompt. Every prompt is checked
+        first: a bad one raises ValueError ("prompt {i}: ...") before any is queued."""
         items = _normalise_prompts(prompts)
         params = _per_prompt_params(sampling_params, len(items))
-        requests = [(f"offline-{uuid.uuid4().hex[:12]}", text, ids, p)
-                    for (text, ids), p in zip(items, params, strict=True)]
-        results: list[RequestOutput | None] = [None] * len(requests)
-        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            for index, output in self._driver.stream("generate_batch", requests):
-                results[index] = output
-                bar.update(1)
-        return results  # type: ignore[return-value]
+        token_ids = [tokenize_prompt(self._tokenizer, text, ids) for text, ids in items]
+        for i, (ids, p) in enumerate(zip(token_ids, params, strict=True)):
+            try:
+                check_request(ids, p, self._info, self._tokenizer is not None)
+            except ValueError as err:
+                raise ValueError(f"prompt {i}: {err}") from None
+        engine = self._live_engine()
+        processors = [self._output.start(f"offline-{uuid.uuid4().hex[:12]}", text, ids, p)
+                      for (text, _), ids, p in zip(items, token_ids, params, strict=True)]
+        if processors:
+            with tqdm(total=len(processors), desc="Processed prompts", disable=not use_tqdm,
+                      dynamic_ncols=True) as bar:
+                self._run(self._generate(engine, processors, bar))
+        return [rp.output() for rp in processors]
+
+    @staticmethod
+    async def _generate(engine: Engine, processors: list[RequestProcessor], bar: tqdm) -> None:
+        """Every completion through one `generate_batch`; each delta to its request's processor."""
+        owner: dict[str, RequestProcessor] = {}
+        for rp in processors:
+            for request in rp.engine_requests:
+                owner[request.request_id] = rp
+        unfinished = len(processors)
+        stream = engine.generate_batch([r for rp in processors for r in rp.engine_requests])
+        try:
+            async for deltas in stream:
+                for delta in deltas:
+                    rp = owner.get(delta.request_id)
+                    if rp is None or rp.finished:
+                        continue
+                    update = rp.process(delta)
+                    if update is not None and update.stopped_by_string:
+                        await engine.abort(delta.request_id)  # the engine cannot see stop strings
+                    if rp.finished:
+                        unfinished -= 1
+                        bar.update(1)
+                if unfinished == 0:
+                    break  # the rest are stop-string aborts already sent
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # closing before the last step aborts what is left
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them."""
+        if self._tokenizer is None:
+            raise ValueError("chat needs a tokenizer for its chat template; this LLM runs with "
+                             "skip_tokenizer_init=True (use generate with token ids)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self._driver.call("apply_chat_template", conv, add_generation_prompt, chat_template)
+        prompts = [self._tokenizer.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
+                                                       add_generation_prompt=add_generation_prompt)
                    for conv in conversations]
         # The template already holds the special tokens (bos etc.), so do not add them again.
-        token_ids = [{"prompt_token_ids": self._driver.call("encode", p, False), "prompt": p} for p in prompts]
+        token_ids = [{"prompt_token_ids": self._tokenizer.encode(p, add_special_tokens=False), "prompt": p}
+                     for p in prompts]
         return self.generate(token_ids, sampling_params, use_tqdm)
 
     def get_tokenizer(self):
-        if self._tokenizer is None:
-            from strata.app.model_source import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.facts)
         return self._tokenizer
 
     # ---- introspection and lifecycle ----
 
     def stats(self) -> dict:
-        return self._driver.call("stats")
+        return self._run(self._live_engine().stats())
 
     def rank_facts(self) -> list[dict]:
-        return self._driver.info["ranks"]
+        return self._info.ranks
 
     def step_times(self) -> list[list[tuple[float, float]]]:
-        return self._driver.call("step_times")
+        return self._run(self._live_engine().step_times())
 
     def shutdown(self) -> None:
-        if self._driver is not None:
-            self._driver.shutdown()
-            self._driver = None
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        try:
+            engine.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10)
+            if not self._loop_thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> LLM:
         return self

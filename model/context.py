@@ -14,7 +14,7 @@ class ModelContext:
     """Placement of one model shard, passed whole to every layer constructor.
 
     `layer_range` is the [start, end) slice of decoder layers this pipeline stage holds; None means
-    the even split of `model.architectures.partition.even_layer_partition` for `pp_rank` (all layers
+    the even split of `strata.model.architectures.partition.even_layer_partition` for `pp_rank` (all layers
     when pp_size == 1).
     """
 

@@ -2,9 +2,10 @@
 
 One placement group per pipeline stage, STRICT_PACK: a stage's tensor-parallel ranks share a
 node (their all-reduce runs every layer), while stages may land on different nodes. Bundle i of
-stage k hosts global rank k * tp + i; rank 0 (the driver) takes bundle 0 of stage 0, which is
-pinned to the driver node: `driver_node` when given, else the head when it has room for a stage
-(so the driver sits beside the Serve ingress and the HTTP proxy).
+stage k hosts the rank at (pp_rank=k, tp_rank=i) of strata/distributed/rank_layout.py; rank 0
+(the driver) takes bundle 0 of stage 0, which is pinned to the driver node: `driver_node` when
+given, else the head when it has room for a stage (so the driver sits beside the Serve ingress
+and the HTTP proxy).
 
 Placement either succeeds within `placement_timeout_s` or fails with a message that says what was
 asked and what the cluster has. It never leaves a group pending forever.
@@ -21,6 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from strata.config import EngineConfig
+from strata.distributed.rank_layout import rank_coords
 
 logger = logging.getLogger("strata")
 
@@ -56,9 +58,10 @@ class StagePlacement:
     tp_size: int
 
     def strategy_for_rank(self, rank: int) -> PlacementGroupSchedulingStrategy:
-        stage, index = divmod(rank, self.tp_size)
+        """Rank `rank`'s bundle: its tensor rank's, in its stage's group (see rank_layout)."""
+        coords = rank_coords(rank, self.tp_size, len(self.groups))
         return PlacementGroupSchedulingStrategy(
-            placement_group=self.groups[stage], placement_group_bundle_index=index,
+            placement_group=self.groups[coords.pp_rank], placement_group_bundle_index=coords.tp_rank,
             placement_group_capture_child_tasks=False,
         )
 

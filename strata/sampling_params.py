@@ -38,6 +38,8 @@ class SamplingParams:
     stop / stop_token_ids: end the completion on these strings / ids. max_tokens: None means up to
     the model's context length. min_tokens: eos and stop ids are blocked until this many tokens.
     logprobs / prompt_logprobs: how many top alternatives to report per position (None: none).
+    skip_special_tokens: leave special tokens out of the text. spaces_between_special_tokens: only
+    True (the fast tokenizers' behaviour); False raises ValueError rather than being ignored.
     """
 
     n: int = 1
@@ -130,6 +132,14 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}."
                 )
+        if self.spaces_between_special_tokens is not True:
+            # Honoured or refused, never dropped: transformers' fast tokenizers and the tokenizers
+            # library's DecodeStream (how every output is detokenized) have no such option.
+            raise ValueError(
+                f"spaces_between_special_tokens must be True, got {self.spaces_between_special_tokens!r}: "
+                "Strata detokenizes with fast tokenizers (DecodeStream), which cannot change how "
+                "special tokens are spaced."
+            )
 
     @property
     def is_greedy(self) -> bool:

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from strata.distributed.process_groups import GroupCoordinator
+from strata.distributed.rank_layout import tp_group_ranks
 
 CONFIGS: dict[str, tuple[type[PretrainedConfig], str]] = {
     "llama": (LlamaConfig, "LlamaForCausalLM"),
@@ -89,8 +90,8 @@ def tp_groups(rank: int, world: int, sizes: tuple[int, ...] = (2, 4)) -> dict[in
     all four for 4. Every rank creates every group, in the same order (new_group is collective)."""
     groups: dict[int, GroupCoordinator] = {}
     for tp in sizes:
-        for first in range(0, world, tp):
-            ranks = list(range(first, first + tp))
+        for stage in range(world // tp):  # the stages of a tp x (world / tp) layout
+            ranks = tp_group_ranks(stage, tp)
             group = dist.new_group(ranks)
             if rank in ranks:
                 groups[tp] = GroupCoordinator(ranks, rank, group)
@@ -182,6 +183,11 @@ def scenario(tokens: list[list[int]]) -> list[list[tuple[int, list[int], int]]]:
             batch.append((1, [b[lb + j]], lb + j))
         steps.append(batch)
     return steps
+
+
+def scenario_tokens(tokens: list[list[int]]) -> int:
+    """Tokens the scenario feeds through the model in all (every chunk and decode step)."""
+    return sum(len(toks) for batch in scenario(tokens) for _, toks, _ in batch)
 
 
 def run_scenario(driver: Driver, tokens: list[list[int]]) -> dict[int, torch.Tensor]:

@@ -62,6 +62,19 @@ def tiny_moe_config(arch: str, **overrides: Any) -> PretrainedConfig:
     return config_cls(**{**common, **kwargs, **overrides})
 
 
+def sparse_layers(config: PretrainedConfig) -> list[int]:
+    """The layers `config` makes Mixture-of-Experts, read as transformers reads it: every layer for
+    Mixtral; for Qwen2/3-MoE those not in `mlp_only_layers` whose (index + 1) is a multiple of
+    `decoder_sparse_step`; DeepSeek-style configs also keep the first `first_k_dense_replace` dense."""
+    if config.model_type == "mixtral":
+        return list(range(config.num_hidden_layers))
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    first_sparse = getattr(config, "first_k_dense_replace", None) or 0
+    return [i for i in range(config.num_hidden_layers)
+            if i not in dense and (i + 1) % step == 0 and i >= first_sparse]
+
+
 def make_tiny_moe(arch: str, path: str | os.PathLike, **overrides: Any) -> str:
     """Saves a random tiny MoE model of `arch` to `path` with `save_pretrained`."""
     config = tiny_moe_config(arch, **overrides)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence
 
+from strata.sampling_params import SamplingParams
+
 
 def make_scheduler(**overrides: int) -> Scheduler:
     fields = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, block_size=4, num_blocks=64)
@@ -16,7 +18,7 @@ def make_scheduler(**overrides: int) -> Scheduler:
 
 def make_seq(seq_id: int, prompt_len: int) -> Sequence:
     prompt = [100 * seq_id + i for i in range(prompt_len)]
-    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", prompt_token_ids=prompt)
+    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", prompt_token_ids=prompt, params=SamplingParams())
 
 
 def fake_token_at(seq_id: int, num_tokens: int) -> int:
@@ -38,6 +40,14 @@ def step(sched: Scheduler) -> SchedulerOutput:
     out = sched.schedule()
     sched.update(out, sampled_for(out))
     return out
+
+
+def add_seqs(sched: Scheduler, prompt_lens: list[int], first_id: int = 0) -> list[Sequence]:
+    """Adds one sequence per prompt length (ids first_id, first_id + 1, ...); returns them."""
+    seqs = [make_seq(first_id + i, n) for i, n in enumerate(prompt_lens)]
+    for seq in seqs:
+        sched.add(seq)
+    return seqs
 
 
 def plan(out: SchedulerOutput) -> list[tuple[int, int, int, bool]]:

@@ -1,5 +1,6 @@
 """Fixtures for the HTTP server tests: a live `strata serve` subprocess per backend, the offline
-`LLM`'s outputs to compare against, and a fake driver handle for in-process app tests.
+`LLM`'s outputs to compare against, and, for in-process app tests, a fake `Engine` on CPU with a
+tiny real tokenizer (one character per token).
 
 Only one Ray runs at a time: the ray-backend server and `serve run` join the test process's Ray
 (through RAY_ADDRESS), started here unless another fixture already started one.
@@ -7,17 +8,22 @@ Only one Ray runs at a time: the ray-backend server and `serve run` join the tes
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import httpx
 import pytest
+
+from strata.engine_protocol import EngineInfo, EngineRequest, RequestDelta, TokenLogprobs
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -173,3 +179,133 @@ def reference() -> Reference:
         return Reference(tok, dict(zip(COMPLETION_PROMPTS, outs[:n], strict=True)), outs[n:-1], outs[-1][0])
     finally:
         llm.shutdown()
+
+
+# ---- a fake engine for in-process app tests ----
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@cache
+def char_tokenizer():
+    """A real (transformers fast) tokenizer with one token per printable ASCII character: id 0 is
+    <unk>, character c is ord(c) - 31. Decoding fuses tokens, so ids decode back to their text;
+    the chat template writes `<role>content` per message."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def letter_id(letter: str) -> int:
+    return ord(letter) - 31
+
+
+class FakeEngine:
+    """The `Engine` protocol on CPU, one token per step. A request's k-th token is the letter
+    LETTERS[(seed + k) % 26] (seed 0 when unset: "abc..."), so the n completions of a seeded
+    request differ. It refuses ids outside its vocabulary, as a real engine does, finishes on
+    max_tokens ("length"; None means up to max_model_len) and on stop_token_ids ("stop"), and
+    records every request it was sent and every one that was aborted (closing a stream before its
+    last delta aborts, as does `abort`)."""
+
+    def __init__(self, max_model_len: int = 64, vocab_size: int = 100, max_num_seqs: int = 4,
+                 step_s: float = 0.0):
+        self.info = EngineInfo(max_model_len=max_model_len, num_blocks=10, block_size=16,
+                               max_num_seqs=max_num_seqs, max_logprobs=20, vocab_size=vocab_size,
+                               ranks=[{"rank": 0}])
+        self.step_s = step_s
+        self.counters = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "num_free_blocks": 10,
+                         "num_blocks": 10, "prompt_tokens_total": 0, "generation_tokens_total": 0,
+                         "num_preemptions_total": 0, "expert_load": None, "last_step_seconds": 0.01}
+        self.requests: list[EngineRequest] = []
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.refuse: str | None = None  # the ValueError message for the next requests, if set
+        self.hang = False  # stats/health/step_times never answer
+        self.healthy = True
+        self.shut_down = False
+
+    def _check(self, request: EngineRequest) -> None:
+        if self.refuse is not None:
+            raise ValueError(self.refuse)
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size}).")
+        assert request.params.n == 1, "the caller fans out n"
+
+    @staticmethod
+    def _logprobs(token: int, k: int | None) -> TokenLogprobs:
+        alternatives = [(token, -0.5), *((letter_id(c), -2.0 - i) for i, c in enumerate("xyz"))]
+        return TokenLogprobs(logprob=-0.5, rank=1, top=alternatives[:k or 0])
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestDelta]:
+        self._check(request)  # before any delta
+        rid, p, prompt = request.request_id, request.params, request.prompt_token_ids
+        self.requests.append(request)
+        self.running.add(rid)
+        self.counters["prompt_tokens_total"] += len(prompt)
+        limit = self.info.max_model_len - len(prompt)
+        steps = min(p.max_tokens, limit) if p.max_tokens is not None else limit
+        done = False
+        try:
+            for k in range(steps):
+                await asyncio.sleep(self.step_s)
+                if rid not in self.running:  # aborted
+                    done = True
+                    yield RequestDelta(rid, finish_reason="abort")
+                    return
+                token = letter_id(LETTERS[((p.seed or 0) + k) % 26])
+                self.counters["generation_tokens_total"] += 1
+                delta = RequestDelta(rid, [token])
+                if p.logprobs is not None:
+                    delta.logprobs = [self._logprobs(token, p.logprobs)]
+                if k == 0 and p.prompt_logprobs is not None:
+                    delta.prompt_logprobs = [self._logprobs(t, p.prompt_logprobs) for t in prompt[1:]]
+                if token in (p.stop_token_ids or []) and k + 1 >= p.min_tokens:
+                    delta.finish_reason, delta.stop_reason = "stop", token
+                elif k + 1 == steps:
+                    delta.finish_reason = "length"
+                done = delta.finished
+                yield delta
+                if done:
+                    return
+        finally:
+            if not done and rid in self.running:  # closed before its last delta
+                self.aborted.append(rid)
+            self.running.discard(rid)
+
+    def generate_batch(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestDelta]]:
+        raise NotImplementedError("offline only; the server never batches")
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.aborted.append(request_id)
+
+    async def _answer(self) -> None:
+        if self.hang:
+            await asyncio.sleep(3600)
+
+    async def stats(self) -> dict:
+        await self._answer()
+        return dict(self.counters)
+
+    async def health(self) -> bool:
+        await self._answer()
+        return self.healthy
+
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        await self._answer()
+        return [[(1.0, 1.02), (2.0, 2.01)]]
+
+    def shutdown(self) -> None:
+        self.shut_down = True

@@ -8,9 +8,12 @@ import pytest
 from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.sequence import Sequence
 
+from strata.sampling_params import SamplingParams
+
 
 def make_seq(seq_id: int, num_tokens: int = 1) -> Sequence:
-    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", prompt_token_ids=list(range(num_tokens)))
+    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", prompt_token_ids=list(range(num_tokens)),
+                    params=SamplingParams())
 
 
 def test_starts_empty() -> None:

@@ -56,11 +56,12 @@ def test_incremental_equals_full_decode(tokenizer, sample: str) -> None:
         new = detok.step(token)
         released += new
         assert "\ufffd" not in new
-        assert released == detok.text
         full = tokenizer.decode(ids[:n])
         if not full.endswith("\ufffd"):
-            assert detok.text == full
-    assert detok.text == sample
+            assert released == full
+        else:
+            assert full.startswith(released)  # a split character is held, never released broken
+    assert released == sample
 
 
 @pytest.mark.parametrize("sample", SAMPLES)
@@ -72,12 +73,15 @@ def test_prompt_context_and_leading_space(tokenizer, sample: str) -> None:
         if "\ufffd" in tokenizer.decode(output):
             continue  # the cut splits a character: the output alone has no clean decode
         detok = IncrementalDetokenizer(tokenizer, prompt)
+        text = ""
         for n, token in enumerate(output, start=1):
-            assert "\ufffd" not in detok.step(token)
+            new = detok.step(token)
+            assert "\ufffd" not in new
+            text += new
             full = tokenizer.decode(output[:n])
             if not full.endswith("\ufffd"):
-                assert detok.text == full
-        assert detok.text == tokenizer.decode(output)
+                assert text == full
+        assert text == tokenizer.decode(output)
         checked += 1
     assert checked > len(ids) // 2
 
@@ -86,27 +90,36 @@ def test_special_tokens(tokenizer) -> None:
     ids = _ids(tokenizer, "hello 日本") + [tokenizer.eos_token_id]
     skip = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
     keep = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False)
-    for token in ids:
-        skip.step(token)
-        keep.step(token)
-    assert skip.text == tokenizer.decode(ids, skip_special_tokens=True) == "hello 日本"
-    assert keep.text == tokenizer.decode(ids, skip_special_tokens=False) == "hello 日本" + EOS
+    skipped = "".join(skip.step(token) for token in ids)
+    kept = "".join(keep.step(token) for token in ids)
+    assert skipped == tokenizer.decode(ids, skip_special_tokens=True) == "hello 日本"
+    assert kept == tokenizer.decode(ids, skip_special_tokens=False) == "hello 日本" + EOS
+
+
+def test_detokenizer_keeps_no_copy_of_ids_or_text(tokenizer) -> None:
+    # The output processor owns a completion's ids and text; the detokenizer only decodes.
+    detok = IncrementalDetokenizer(tokenizer, [])
+    detok.step(_ids(tokenizer, "hello")[0])
+    assert not hasattr(detok, "output_token_ids") and not hasattr(detok, "text")
 
 
 def _stream_with_stops(tokenizer, text: str, stop: list[str], include: bool) -> tuple[str, str | None, str]:
-    """Drive detokenizer + StopChecker as the engine does; return (final text, stop, streamed text)."""
+    """Drive detokenizer + StopChecker as the output processor does; return (final text, stop,
+    streamed text)."""
     detok = IncrementalDetokenizer(tokenizer, [])
     checker = StopChecker(stop, include)
-    streamed = ""
+    streamed = so_far = ""
     for token in _ids(tokenizer, text):
         new = detok.step(token)
-        final, matched = checker.check(detok.text, len(new))
+        so_far += new
+        final, matched = checker.check(so_far, len(new))
         if matched is not None:
+            assert final.startswith(streamed), "released text was taken back"
             return final, matched, streamed + final[len(streamed):]
-        release = detok.text[: checker.releasable_len(detok.text)]
+        release = so_far[: checker.releasable_len(so_far)]
         assert release.startswith(streamed), "released text was taken back"
         streamed = release
-    return detok.text, None, streamed + detok.text[len(streamed):]
+    return so_far, None, streamed + so_far[len(streamed):]
 
 
 @pytest.mark.parametrize("include", [False, True])

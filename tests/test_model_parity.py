@@ -11,7 +11,13 @@ import os
 
 import pytest
 import torch
-from model_factory import (
+from safetensors.torch import load_file, save_file
+from strata.model.context import ModelContext
+from strata.model.layers.attention import AttentionMetadata
+from strata.model.loader import load_model
+
+from strata.distributed.process_groups import single_rank_group
+from tests.model_factory import (
     LLAMA3_ROPE,
     NUM_DECODE,
     PROMPTS,
@@ -21,12 +27,6 @@ from model_factory import (
     make_tiny_model,
     run_scenario,
 )
-from safetensors.torch import load_file, save_file
-from strata.model.context import ModelContext
-from strata.model.layers.attention import AttentionMetadata
-from strata.model.loader import load_model
-
-from strata.distributed.process_groups import single_rank_group
 
 TOL = 1e-4
 CONTIGUOUS = {0: [0, 1, 2, 3], 1: [4, 5, 6]}

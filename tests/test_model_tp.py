@@ -12,16 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from model_factory import (
-    NUM_DECODE,
-    PROMPTS,
-    Driver,
-    hf_greedy_reference,
-    load_config,
-    make_tiny_model,
-    run_scenario,
-    tiny_config,
-)
 from strata.model.architectures.llama import head_dim_of
 from strata.model.architectures.partition import check_partition, even_layer_partition, layer_range_for_stage
 from strata.model.architectures.registry import check_tp_compatible
@@ -31,7 +21,17 @@ from strata.model.loader import load_model
 from transformers import PretrainedConfig
 
 from strata.distributed.process_groups import GroupCoordinator, single_rank_group
-from tests.model_factory import tp_groups
+from tests.model_factory import (
+    NUM_DECODE,
+    PROMPTS,
+    Driver,
+    hf_greedy_reference,
+    load_config,
+    make_tiny_model,
+    run_scenario,
+    tiny_config,
+    tp_groups,
+)
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}

@@ -15,15 +15,30 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from model_factory import NUM_DECODE, PROMPTS, Driver, hf_greedy_reference, load_config, run_scenario
-from moe_factory import MOE_ARCHS, NUM_EXPERTS, TOP_K, expert_param_bytes, make_tiny_moe, stack_experts
 from strata.model.architectures.registry import check_tp_compatible
 from strata.model.context import ModelContext
 from strata.model.loader import load_model
-from test_moe_parity import scenario_tokens
 
 from strata.distributed.process_groups import GroupCoordinator, single_rank_group
-from tests.model_factory import tp_groups
+from tests.model_factory import (
+    NUM_DECODE,
+    PROMPTS,
+    Driver,
+    hf_greedy_reference,
+    load_config,
+    run_scenario,
+    scenario_tokens,
+    tp_groups,
+)
+from tests.moe_factory import (
+    MOE_ARCHS,
+    NUM_EXPERTS,
+    TOP_K,
+    expert_param_bytes,
+    make_tiny_moe,
+    stack_experts,
+    tiny_moe_config,
+)
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}
@@ -134,8 +149,6 @@ def test_parallel_matches_single_rank(case: str, runs) -> None:
 
 
 def test_expert_count_ep_does_not_divide_fails_before_loading(tmp_path) -> None:
-    from moe_factory import tiny_moe_config
-
     cfg = tiny_moe_config("qwen3_moe", num_experts=6)
     with pytest.raises(ValueError) as err:
         check_tp_compatible(cfg, 4, enable_expert_parallel=True)
@@ -172,8 +185,6 @@ class CountingGroup(GroupCoordinator):
 @pytest.mark.parametrize("ep", [False, True])
 def test_one_all_reduce_per_moe_layer(ep: bool) -> None:
     """Embedding, then per layer attention's o_proj and the MoE block (shared expert folded in)."""
-    from moe_factory import tiny_moe_config
-
     group = CountingGroup(2)
     cfg = tiny_moe_config("qwen2_moe")
     model = load_model(None, cfg, ModelContext(tp=group, enable_expert_parallel=ep), load_format="dummy")

@@ -10,21 +10,21 @@ import os
 
 import pytest
 import torch
-from model_factory import (
+from safetensors.torch import load_file, save_file
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
+
+from strata.distributed.process_groups import single_rank_group
+from tests.model_factory import (
     NUM_DECODE,
     PROMPTS,
     Driver,
     hf_greedy_reference,
     load_config,
     run_scenario,
-    scenario,
+    scenario_tokens,
 )
-from moe_factory import NUM_EXPERTS, TOP_K, make_tiny_moe, stack_experts
-from safetensors.torch import load_file, save_file
-from strata.model.context import ModelContext
-from strata.model.loader import load_model
-
-from strata.distributed.process_groups import single_rank_group
+from tests.moe_factory import NUM_EXPERTS, TOP_K, make_tiny_moe, sparse_layers, stack_experts
 
 TOL = 1e-4
 TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6]}
@@ -42,10 +42,6 @@ def ctx() -> ModelContext:
     return ModelContext(tp=single_rank_group())
 
 
-def scenario_tokens(tokens: list[list[int]]) -> int:
-    return sum(len(toks) for batch in scenario(tokens) for _, toks, _ in batch)
-
-
 def check_against_hf(hf_path: str, our_path: str | None = None) -> None:
     tokens, reference = hf_greedy_reference(hf_path, PROMPTS, NUM_DECODE)
     model = load_model(our_path or hf_path, load_config(hf_path), ctx(), progress=False)
@@ -55,7 +51,8 @@ def check_against_hf(hf_path: str, our_path: str | None = None) -> None:
         assert diff < TOL, f"sequence {seq}: max |logit diff| {diff}"
         assert got[seq][len(PROMPTS[seq]) - 1 : -1].argmax(-1).tolist() == tokens[seq][len(PROMPTS[seq]) :]
     load = model.expert_load()
-    assert load["layers"] == [i for i in range(model.config.num_hidden_layers) if i in load["layers"]]
+    expected = sparse_layers(load_config(hf_path))  # what the checkpoint's config makes sparse
+    assert expected and load["layers"] == expected
     for row, ranks in zip(load["per_expert"], load["per_rank"], strict=True):
         assert len(row) == NUM_EXPERTS and sum(row) == scenario_tokens(tokens) * TOP_K
         assert ranks == [sum(row)]  # one EP rank without expert parallelism
@@ -82,6 +79,7 @@ def test_stacked_expert_checkpoint(arch: str, tmp_path) -> None:
 def test_sparse_layers_and_dense_layer(tmp_path) -> None:
     path = make_tiny_moe("qwen3_moe", tmp_path, decoder_sparse_step=2)
     model = load_model(path, load_config(path), ctx(), progress=False)
+    assert sparse_layers(load_config(path)) == [1]
     assert [i for i, _ in model.moe_layers()] == [1]
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
 

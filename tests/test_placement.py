@@ -57,3 +57,21 @@ def test_stage_0_goes_to_the_driver_node_or_the_head_when_it_has_room():
         pick_driver_node(EngineConfig(driver_node="10.0.0.9"), [head, worker], "CPU")
     with pytest.raises(PlacementError, match=r"driver_node=10\.0\.0\.2 has 2 CPU; stage 0 .* needs 4"):
         pick_driver_node(EngineConfig(driver_node="10.0.0.2", tensor_parallel_size=4), [head, worker], "CPU")
+
+
+def test_each_rank_gets_its_stage_group_and_tensor_bundle():
+    """Bundle i of stage k's group hosts the rank at (pp_rank=k, tp_rank=i) of the rank layout."""
+    from strata.placement.placement import StagePlacement
+
+    from strata.distributed.rank_layout import rank_coords
+
+    groups = ["stage-0", "stage-1", "stage-2"]  # stand-ins: the strategy only carries the group
+    placement = StagePlacement("CPU", groups, tp_size=2)
+    for rank in range(6):
+        strategy = placement.strategy_for_rank(rank)
+        coords = rank_coords(rank, 2, 3)
+        assert (strategy.placement_group, strategy.placement_group_bundle_index) == (groups[coords.pp_rank],
+                                                                                    coords.tp_rank)
+    assert placement.strategy_for_rank(5).placement_group == "stage-2"
+    with pytest.raises(ValueError, match="rank 6 is outside"):
+        placement.strategy_for_rank(6)

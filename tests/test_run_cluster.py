@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "cluster" / "run_cluster.sh"
@@ -110,7 +111,6 @@ def test_bad_arguments_start_nothing(stubs, tmp_path):
 
 
 def test_kuberay_manifest_serves_strata_with_shm_and_ipc_lock():
-    yaml = pytest.importorskip("yaml")
     from strata.app.server.serve_app import split_args
 
     service = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())

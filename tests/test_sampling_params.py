@@ -50,6 +50,7 @@ def test_keyword_construction_and_normalisation() -> None:
         ("stop", ["ok", ""], "non-empty"),
         ("temperature", "hot", "number"),
         ("top_k", 1.5, "integer"),
+        ("spaces_between_special_tokens", False, "cannot change how special tokens are spaced"),
     ],
 )
 def test_invalid_value_names_field(field: str, value: object, words: str) -> None:
@@ -59,6 +60,13 @@ def test_invalid_value_names_field(field: str, value: object, words: str) -> Non
     assert message.startswith(field) and words in message
     if not isinstance(value, list):
         assert str(value) in message or repr(value) in message
+
+
+def test_spaces_between_special_tokens_honoured_or_refused() -> None:
+    # True is what fast tokenizers do, so it is accepted; False would be silently ignored, so it is refused.
+    assert SamplingParams(spaces_between_special_tokens=True).spaces_between_special_tokens is True
+    with pytest.raises(ValueError, match=r"^spaces_between_special_tokens must be True, got False: .*DecodeStream"):
+        SamplingParams(spaces_between_special_tokens=False)
 
 
 def test_min_tokens_above_max_tokens() -> None:

@@ -6,13 +6,12 @@ import pytest
 from strata.actors.engine.scheduler import SchedulerConfig
 from strata.actors.engine.sequence import SequenceStatus
 
-from tests.scheduler_helpers import fake_token_at, make_scheduler, make_seq, plan, sampled_for, step
+from tests.scheduler_helpers import add_seqs, fake_token_at, make_scheduler, make_seq, plan, sampled_for, step
 
 
 def test_prefill_then_decode_batching() -> None:
     sched = make_scheduler()
-    for i, n in enumerate([5, 3, 7]):
-        sched.add(make_seq(i, n))
+    seq0, _, _ = add_seqs(sched, [5, 3, 7])
     first = step(sched)
     assert plan(first) == [(0, 0, 5, True), (1, 0, 3, True), (2, 0, 7, True)]
     assert first.chunks[0].token_ids == [0, 1, 2, 3, 4]
@@ -20,7 +19,6 @@ def test_prefill_then_decode_batching() -> None:
 
     second = step(sched)
     assert plan(second) == [(0, 5, 1, True), (1, 3, 1, True), (2, 7, 1, True)]
-    seq0 = sched.get(0)
     assert second.chunks[0].token_ids == [seq0.output_token_ids[0]]
     assert seq0.output_token_ids == [fake_token_at(0, 5), fake_token_at(0, 6)]
     assert seq0.num_computed_tokens == 6 and seq0.num_tokens == 7
@@ -28,24 +26,22 @@ def test_prefill_then_decode_batching() -> None:
 
 def test_token_budget_is_respected() -> None:
     sched = make_scheduler(max_num_batched_tokens=10, max_num_seqs=16)
-    for i in range(12):
-        sched.add(make_seq(i, 3))
+    seqs = add_seqs(sched, [3] * 12)
     for _ in range(20):
         out = step(sched)
         assert 0 < out.num_tokens <= 10
     # Running sequences come first: ten decodes fill the budget, so the last two wait...
     assert (sched.num_running, sched.num_waiting) == (10, 2)
     # ...until one finishes and its token of budget goes to the head of the queue.
-    sched.finish(0, SequenceStatus.FINISHED_STOPPED)
+    sched.finish(seqs[0], SequenceStatus.FINISHED_STOPPED)
     assert plan(step(sched))[-1] == (10, 0, 1, False)
 
 
 def test_chunked_prefill_samples_only_on_the_last_chunk() -> None:
     sched = make_scheduler(max_num_batched_tokens=10)
-    sched.add(make_seq(0, 25))
+    (seq,) = add_seqs(sched, [25])
     plans = [plan(step(sched)) for _ in range(4)]
     assert plans == [[(0, 0, 10, False)], [(0, 10, 10, False)], [(0, 20, 5, True)], [(0, 25, 1, True)]]
-    seq = sched.get(0)
     assert seq.output_token_ids == [fake_token_at(0, 25), fake_token_at(0, 26)]
 
 
@@ -71,16 +67,16 @@ def test_decodes_come_first_and_a_prefill_takes_the_rest_of_the_budget() -> None
 
 def test_max_num_seqs_is_respected() -> None:
     sched = make_scheduler(max_num_seqs=2)
-    for i in range(5):
-        sched.add(make_seq(i, 4))
+    seqs = add_seqs(sched, [4] * 5)
     out = step(sched)
     assert [c.seq.seq_id for c in out.chunks] == [0, 1]
     assert sched.num_running == 2 and sched.num_waiting == 3
     assert [c.seq.seq_id for c in step(sched).chunks] == [0, 1]
-    sched.finish(0, SequenceStatus.FINISHED_STOPPED)
+    sched.finish(seqs[0], SequenceStatus.FINISHED_STOPPED)
+    assert seqs[0].status is SequenceStatus.FINISHED_STOPPED and seqs[0].block_ids == []
     out = step(sched)
     assert [c.seq.seq_id for c in out.chunks] == [1, 2]
-    assert out.freed_seq_ids == [0]
+    assert sched.num_running == 2 and sched.num_waiting == 2
 
 
 def test_fifo_admission_under_a_small_budget() -> None:
@@ -98,14 +94,14 @@ def test_waiting_head_is_not_overtaken_and_does_not_preempt() -> None:
     # 4 blocks of 4 slots; seq 0 holds 3 of them, so seq 1 (8 tokens = 2 blocks) cannot start,
     # and seq 2 (1 block), although it would fit, must not overtake it.
     sched = make_scheduler(num_blocks=4, max_model_len=16, max_num_batched_tokens=64)
-    sched.add(make_seq(0, 10))
+    (seq0,) = add_seqs(sched, [10])
     step(sched)
     sched.add(make_seq(1, 8))
     sched.add(make_seq(2, 2))
     out = step(sched)
     assert plan(out) == [(0, 10, 1, True)]
     assert out.preempted == []
-    assert sched.get(0).status is SequenceStatus.RUNNING
+    assert seq0.status is SequenceStatus.RUNNING
     assert sched.num_waiting == 2
 
 
@@ -113,72 +109,68 @@ def test_preemption_picks_the_newest_and_requeues_it_at_the_front() -> None:
     # 6 blocks of 4 slots. Three 7-token prompts take 2 blocks each; the first decode fills
     # slot 8 of seq 0, which needs a third block: seq 2 (newest) is preempted.
     sched = make_scheduler(num_blocks=6, max_model_len=24)
-    for i in range(3):
-        sched.add(make_seq(i, 7))
+    seq0, seq1, seq2 = add_seqs(sched, [7, 7, 7])
     step(sched)
-    sched.add(make_seq(3, 1))
+    (seq3,) = add_seqs(sched, [1], first_id=3)
     assert sched.block_manager.num_free_blocks == 0
     step(sched)  # the 8th slot is still in each sequence's second block
     out = sched.schedule()
-    seq2 = sched.get(2)
     assert out.preempted == [seq2]
-    assert 2 in out.freed_seq_ids
     assert seq2.status is SequenceStatus.WAITING
     assert seq2.num_computed_tokens == 0 and seq2.block_ids == [] and seq2.num_preemptions == 1
     assert plan(out) == [(0, 8, 1, True), (1, 8, 1, True)]  # nothing admitted in a preempting step
-    assert list(sched._waiting) == [seq2, sched.get(3)]  # front of the queue, before the newcomer
+    assert list(sched._waiting) == [seq2, seq3]  # front of the queue, before the newcomer
     sched.update(out, sampled_for(out))
 
     # Once seq 0 and 1 finish, seq 2 recomputes its prompt and outputs and continues where it was.
     outputs_before = list(seq2.output_token_ids)
-    sched.finish(0, SequenceStatus.FINISHED_LENGTH)
-    sched.finish(1, SequenceStatus.FINISHED_LENGTH)
+    sched.finish(seq0, SequenceStatus.FINISHED_LENGTH)
+    sched.finish(seq1, SequenceStatus.FINISHED_LENGTH)
     out = step(sched)
     assert plan(out)[0] == (2, 0, 9, True)
     assert out.chunks[0].token_ids == seq2.prompt_token_ids + outputs_before
     assert seq2.output_token_ids == [*outputs_before, fake_token_at(2, 9)]
 
 
-def test_abort_frees_blocks_and_is_reported_once() -> None:
+def test_abort_frees_blocks_and_a_second_finish_is_a_no_op() -> None:
     sched = make_scheduler()
-    sched.add(make_seq(0, 9))
-    sched.add(make_seq(1, 3))
+    seq0, seq1 = add_seqs(sched, [9, 3])
     step(sched)
     free_before = sched.block_manager.num_free_blocks
-    seq0 = sched.get(0)
-    sched.abort(0)
+    sched.finish(seq0, SequenceStatus.FINISHED_ABORTED)
     assert seq0.status is SequenceStatus.FINISHED_ABORTED and seq0.block_ids == []
     assert sched.block_manager.num_free_blocks == free_before + 3
-    assert sched.get(0) is None
-    sched.abort(0)  # already gone
-    sched.abort(12345)  # never known
+    assert seq0 not in sched._running and sched.num_running == 1
+    sched.finish(seq0, SequenceStatus.FINISHED_LENGTH)  # already finished: nothing changes
+    assert seq0.status is SequenceStatus.FINISHED_ABORTED
+    assert sched.block_manager.num_free_blocks == free_before + 3
     out = step(sched)
-    assert out.freed_seq_ids == [0]
     assert [c.seq.seq_id for c in out.chunks] == [1]
-    assert step(sched).freed_seq_ids == []
+    sched.finish(seq1, SequenceStatus.FINISHED_ABORTED)
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
 
 
 def test_abort_of_a_waiting_sequence() -> None:
     sched = make_scheduler(max_num_seqs=1)
-    sched.add(make_seq(0, 3))
-    sched.add(make_seq(1, 3))
+    seq0, seq1 = add_seqs(sched, [3, 3])
     step(sched)
-    sched.abort(1)
-    assert sched.num_waiting == 0
-    assert step(sched).freed_seq_ids == [1]
+    sched.finish(seq1, SequenceStatus.FINISHED_ABORTED)
+    assert sched.num_waiting == 0 and seq1.status is SequenceStatus.FINISHED_ABORTED
+    assert [c.seq for c in step(sched).chunks] == [seq0]
 
 
 def test_in_flight_sequences_are_not_rescheduled_until_update() -> None:
     sched = make_scheduler()
-    sched.add(make_seq(0, 4))
+    (seq0,) = add_seqs(sched, [4])
     first = sched.schedule()
-    assert sched.get(0).in_flight
-    sched.add(make_seq(1, 4))
+    assert seq0.in_flight
+    add_seqs(sched, [4], first_id=1)
     second = sched.schedule()  # seq 0's result is pending: only the newcomer runs
     assert plan(second) == [(1, 0, 4, True)]
     assert sched.schedule().is_empty
     sched.update(first, sampled_for(first))
-    assert not sched.get(0).in_flight
+    assert not seq0.in_flight
     assert plan(sched.schedule()) == [(0, 4, 1, True)]
     sched.update(second, sampled_for(second))
     assert plan(sched.schedule()) == [(1, 4, 1, True)]
@@ -189,21 +181,20 @@ def test_short_of_blocks_behind_an_in_flight_sequence_waits_instead_of_preemptin
     # its first decode while seq 1 (newer) is in flight: seq 0 sits the step out, keeping its cache;
     # once seq 1's result is back, seq 1 is preempted for it.
     sched = make_scheduler(num_blocks=4, block_size=2, max_model_len=8)
-    sched.add(make_seq(0, 4))
+    (seq0,) = add_seqs(sched, [4])
     out0 = sched.schedule()
-    sched.add(make_seq(1, 4))
+    (seq1,) = add_seqs(sched, [4], first_id=1)
     out1 = sched.schedule()
     assert sched.block_manager.num_free_blocks == 0
     sched.update(out0, sampled_for(out0))
 
     waiting_out = sched.schedule()
     assert waiting_out.is_empty and waiting_out.preempted == []
-    seq0, seq1 = sched.get(0), sched.get(1)
     assert seq0.status is SequenceStatus.RUNNING and len(seq0.block_ids) == 2
 
     sched.update(out1, sampled_for(out1))
     out = sched.schedule()
-    assert out.preempted == [seq1] and out.freed_seq_ids == [1]
+    assert out.preempted == [seq1] and seq1.block_ids == [] and seq1.status is SequenceStatus.WAITING
     assert plan(out) == [(0, 4, 1, True)]
 
 
@@ -211,9 +202,9 @@ def test_the_newest_sequence_preempts_itself_rather_than_an_in_flight_one() -> N
     # Seq 0 (3 tokens) has a spare slot; seq 1 (4 tokens) has none. With seq 0 in flight, seq 1
     # needs a third block, and the only sequence it could take one from is in flight.
     sched = make_scheduler(num_blocks=4, block_size=2, max_model_len=8)
-    sched.add(make_seq(0, 3))
+    (seq0,) = add_seqs(sched, [3])
     out0 = sched.schedule()
-    sched.add(make_seq(1, 4))
+    (seq1,) = add_seqs(sched, [4], first_id=1)
     out1 = sched.schedule()
     sched.update(out0, sampled_for(out0))
     out2 = sched.schedule()
@@ -221,10 +212,9 @@ def test_the_newest_sequence_preempts_itself_rather_than_an_in_flight_one() -> N
     sched.update(out1, sampled_for(out1))
 
     out3 = sched.schedule()
-    seq1 = sched.get(1)
     assert out3.preempted == [seq1] and out3.is_empty
     assert seq1.status is SequenceStatus.WAITING and seq1.num_computed_tokens == 0
-    assert sched.get(0).in_flight and len(sched.get(0).block_ids) == 2
+    assert seq0.in_flight and len(seq0.block_ids) == 2
     sched.update(out2, sampled_for(out2))
 
 
@@ -234,11 +224,14 @@ def test_contract_violations_are_refused() -> None:
         sched.add(make_seq(0, 17))  # longer than max_model_len
     with pytest.raises(ValueError):
         sched.add(make_seq(1, 0))  # empty prompt
-    sched.add(make_seq(2, 16))
+    seq2 = make_seq(2, 16)
+    sched.add(seq2)
     with pytest.raises(ValueError):
-        sched.add(make_seq(2, 3))  # id already in use
+        sched.add(seq2)  # already added (the engine's counter keeps seq ids unique)
     with pytest.raises(ValueError):
-        sched.finish(2, SequenceStatus.RUNNING)
+        sched.finish(seq2, SequenceStatus.RUNNING)
+    with pytest.raises(ValueError):
+        sched.finish(make_seq(3, 2), SequenceStatus.FINISHED_ABORTED)  # never added
     out = sched.schedule()
     with pytest.raises(KeyError):
         sched.update(out, {})  # the chunk samples, so a token must come back

@@ -50,7 +50,7 @@ def drive(
             sched.update(done, sampled_for(done))
             for c in done.chunks:  # the engine's stop check
                 if c.samples and c.seq.num_output_tokens >= targets[c.seq.seq_id]:
-                    sched.finish(c.seq.seq_id, SequenceStatus.FINISHED_LENGTH)
+                    sched.finish(c.seq, SequenceStatus.FINISHED_LENGTH)
     return stats
 
 
@@ -88,13 +88,14 @@ def test_random_arrivals_and_aborts_never_leak_blocks() -> None:
         num_blocks=10, block_size=2, max_model_len=20, max_num_batched_tokens=8, max_num_seqs=4
     )
     pending: deque[SchedulerOutput] = deque()
-    next_id = 0
+    seqs: list[Sequence] = []
     for _ in range(500):
         if rng.random() < 0.3:
-            sched.add(make_seq(next_id, rng.randint(1, 12)))
-            next_id += 1
-        if rng.random() < 0.1 and next_id:
-            sched.abort(rng.randrange(next_id))  # running, waiting, in flight or long gone
+            seqs.append(make_seq(len(seqs), rng.randint(1, 12)))
+            sched.add(seqs[-1])
+        if rng.random() < 0.1 and seqs:
+            # running, waiting, in flight or long gone
+            sched.finish(rng.choice(seqs), SequenceStatus.FINISHED_ABORTED)
         out = sched.schedule()
         if out.chunks:
             pending.append(out)
@@ -103,11 +104,11 @@ def test_random_arrivals_and_aborts_never_leak_blocks() -> None:
             sched.update(done, sampled_for(done))
             for c in done.chunks:
                 if c.samples and not c.seq.status.is_finished and c.seq.num_tokens >= 20:
-                    sched.finish(c.seq.seq_id, SequenceStatus.FINISHED_LENGTH)
+                    sched.finish(c.seq, SequenceStatus.FINISHED_LENGTH)
         held = [b for s in sched._running for b in s.block_ids]
         assert len(held) + sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
-    for seq_id in range(next_id):
-        sched.abort(seq_id)
+    for seq in seqs:
+        sched.finish(seq, SequenceStatus.FINISHED_ABORTED)
     while pending:
         sched.update(pending.popleft(), {})
     assert not sched.has_unfinished()

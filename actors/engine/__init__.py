@@ -1,1 +1,1 @@
-"""The CPU engine core (plain Python, no torch, no Ray): engine loop, scheduler, block manager, sequences."""
+"""The CPU engine core (no torch, no Ray): the engine loop and its thread, scheduler, block manager, sequences."""

@@ -56,9 +56,6 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, self.blocks_for_tokens(total) - len(seq.block_ids))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self._free)
-
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow ``seq.block_ids`` to cover ``num_new_tokens`` more tokens; False (no change) if short."""
         needed = self.blocks_needed(seq, num_new_tokens)

@@ -1,7 +1,16 @@
-"""EngineCore: the driver's engine loop, one step at a time: schedule, run, process the results.
+"""EngineCore: the driver's engine loop, one step at a time: schedule, run, turn results into deltas.
 
-No Ray and no asyncio here: `Driver` runs this in a thread, `LLM` through the driver. The
-executor hides where ranks live; `execute(plan)` returns the sampling rank's StepResult.
+No Ray, no asyncio and no tokenizer here: `Driver` runs this in a thread. Requests come in as
+token ids (`EngineRequest`, one completion each: callers fan out n); every step returns one
+`RequestDelta` per request that changed, holding only what is new, so what leaves the engine per
+step does not grow with a request's length. The executor hides where ranks live: `submit(plan)`
+starts a step and returns the sampling rank's StepResult when rank 0 samples, else None and
+`collect(plan)` returns it later.
+
+Finishing (vLLM's order, per sampled token, once `min_tokens` tokens are out): a user stop id or,
+unless ignore_eos, an eos id -> "stop" (stop_reason: the user's stop id, None for eos); else
+max_tokens or max_model_len -> "length". Stop strings are the caller's (its output processor
+finds them and aborts the request).
 """
 
 from __future__ import annotations
@@ -15,12 +24,10 @@ from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.expert_load import ExpertLoad
 from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
-from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker
-from strata.app.output.request_state import CompletionState, NoDetokenizer, RequestState, TokenText
 
 from strata.config import EngineConfig
-from strata.distributed.step_plan import Chunk, NewSequence, SamplerOptions, StepPlan, StepResult
-from strata.outputs import RequestOutput
+from strata.distributed.step_plan import Chunk, NewSequence, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -32,27 +39,25 @@ class Executor(Protocol):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor, tokenizer, vocab_size: int,
-                 max_model_len: int, num_blocks: int, eos_token_ids: list[int], is_moe: bool = False):
+    def __init__(self, config: EngineConfig, executor: Executor, vocab_size: int,
+                 eos_token_ids: list[int] | tuple[int, ...], max_model_len: int, num_blocks: int,
+                 is_moe: bool = False):
         self.config = config
         self.executor = executor
-        self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._eos = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
-        self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len,
                             config.block_size, num_blocks),
             self.block_manager,
         )
-        self.requests: dict[str, RequestState] = {}
-        self._seq_owner: dict[int, tuple[RequestState, CompletionState]] = {}
-        self._announced: set[int] = set()  # sequences whose sampling state the sampler holds
-        self._finished_since_plan: list[int] = []
+        self._seqs: dict[str, Sequence] = {}  # the one map of unfinished requests
+        self._finished_since_plan: list[int] = []  # announced seq ids the ranks should drop
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
-        self.token_text = TokenText(tokenizer)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_preemptions = 0
@@ -67,7 +72,11 @@ class EngineCore:
     # ---- requests in ----
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError for a request the engine must not take; touches no engine state."""
+        """Raises ValueError for a request the engine must not take; touches no engine state, so
+        any thread may call it."""
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: the engine runs one completion per request; "
+                             "send n requests instead.")
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("The prompt is empty; it needs at least one token.")
@@ -77,56 +86,43 @@ class EngineCore:
         if bad:
             raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
         params.verify_max_logprobs(self.config.max_logprobs)
-        if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init=True")
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
-        params = params.clone()
+    def add_request(self, request: EngineRequest) -> None:
+        if request.request_id in self._seqs:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.validate(request.prompt_token_ids, request.params)
+        prompt = list(request.prompt_token_ids)
+        params = request.params.clone()  # the engine's own copy: the caller's is never changed
         if params.max_tokens is None:
-            params.max_tokens = self.max_model_len - len(prompt_token_ids)
-        state = RequestState(request_id, prompt, list(prompt_token_ids), params, [])
-        for index in range(params.n):
-            child = params if params.n == 1 else params.clone()
-            if params.n > 1 and params.seed is not None:
-                child.seed = params.seed + index  # distinct but reproducible draws per completion
-            seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids))
-            completion = CompletionState(
-                index=index, seq_id=seq.seq_id, params=child,
-                detokenizer=(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.skip_special_tokens)
-                             if self.tokenizer is not None else NoDetokenizer()),
-                stop=StopChecker(child.stop if isinstance(child.stop, list) else
-                                 [child.stop] if child.stop else [], child.include_stop_str_in_output),
-                eos_token_ids=self.eos_token_ids,
-                logprobs=[] if child.logprobs is not None else None,
-            )
-            state.completions.append(completion)
-            self._seq_owner[seq.seq_id] = (state, completion)
-            self.scheduler.add(seq)
-        self.requests[request_id] = state
-        self.num_prompt_tokens += len(prompt_token_ids)
+            params.max_tokens = self.max_model_len - len(prompt)
+        seq = Sequence(next(self._seq_ids), request.request_id, prompt, params)
+        self.scheduler.add(seq)
+        self._seqs[request.request_id] = seq
+        self.num_prompt_tokens += len(prompt)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        state = self.requests.pop(request_id, None)
-        if state is None:
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Ends the request and frees its blocks; its final delta, or None for an unknown id."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
             return None
-        for c in state.completions:
-            if c.finish_reason is None:
-                c.abort()
-                self._finish_seq(c.seq_id, SequenceStatus.FINISHED_ABORTED)
-        return state.output()
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return RequestDelta(request_id, finish_reason="abort")
+
+    def abort_all(self) -> list[RequestDelta]:
+        return [self.abort(request_id) for request_id in list(self._seqs)]
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._seqs
 
     # ---- the loop ----
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests queued or running, or micro-batches whose results are still to collect."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestDelta]:
         """One engine step: fill the pipeline with up to `pipeline_depth` micro-batches, then
-        finish the oldest; returns the requests whose output changed."""
+        finish the oldest; returns a delta per request that changed."""
         while len(self._in_flight) < self.pipeline_depth:
             scheduled = self.scheduler.schedule(self._micro_batch_cap())  # skips those in flight
             if scheduled.is_empty:
@@ -158,52 +154,58 @@ class EngineCore:
         self._finished_since_plan = []
         for ch in scheduled.chunks:
             seq = ch.seq
-            state, completion = self._seq_owner[seq.seq_id]
-            if seq.seq_id not in self._announced:
-                options = SamplerOptions.from_params(completion.params, self.eos_token_ids)
+            if not seq.announced:
+                options = SamplerOptions.from_params(seq.params, self.eos_token_ids)
                 plan.new_sequences.append(NewSequence(seq.seq_id, seq.prompt_token_ids, vars(options)))
-                self._announced.add(seq.seq_id)
+                seq.announced = True
             # Prompt logprobs are computed on the first pass only, not again after a preemption.
-            wants_plp = (completion.params.prompt_logprobs is not None and seq.num_preemptions == 0
+            wants_plp = (seq.params.prompt_logprobs is not None and seq.num_preemptions == 0
                          and ch.start_pos < seq.num_prompt_tokens - 1)
             plan.chunks.append(Chunk(
                 seq_id=seq.seq_id, start_pos=ch.start_pos, token_ids=ch.token_ids,
                 block_table=list(seq.block_ids), samples=ch.samples,
-                prompt_logprobs=completion.params.prompt_logprobs if wants_plp else None,
+                prompt_logprobs=seq.params.prompt_logprobs if wants_plp else None,
             ))
         return plan
 
-    def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        changed: dict[str, RequestState] = {}
-        for seq_id, plp in result.prompt_logprobs.items():
-            state, _ = self._seq_owner[seq_id]
-            if state.completions[0].seq_id == seq_id:  # the n completions share one prompt
-                state.add_prompt_logprobs(plp, self.token_text)
-        for seq_id, sampled in result.sampled.items():
-            owner = self._seq_owner.get(seq_id)
-            seq = self.scheduler.get(seq_id)
-            if owner is None or seq is None:
+    def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestDelta]:
+        deltas = []
+        for ch in scheduled.chunks:
+            seq = ch.seq
+            if seq.status.is_finished:
                 continue  # aborted while its step ran
-            state, completion = owner
-            self.num_generation_tokens += 1
-            if completion.append(sampled, seq.num_tokens, self.max_model_len, self.token_text):
-                status = (SequenceStatus.FINISHED_LENGTH if completion.finish_reason == "length"
-                          else SequenceStatus.FINISHED_STOPPED)
-                self._finish_seq(seq_id, status)
-            changed[state.request_id] = state
-        outputs = []
-        for request_id, state in changed.items():
-            outputs.append(state.output())
-            if state.finished:
-                del self.requests[request_id]
-        return outputs
+            delta = RequestDelta(seq.request_id)
+            plp = result.prompt_logprobs.get(seq.seq_id)
+            if plp is not None:
+                delta.prompt_logprobs = [_entry(lp, rank, top) for lp, rank, top in plp.entries]
+            if ch.samples:
+                self._take_token(seq, result.sampled[seq.seq_id], delta)
+            if delta.token_ids or delta.prompt_logprobs is not None:
+                deltas.append(delta)
+        return deltas
 
-    def _finish_seq(self, seq_id: int, status: SequenceStatus) -> None:
-        self.scheduler.finish(seq_id, status)
-        self._seq_owner.pop(seq_id, None)
-        if seq_id in self._announced:
-            self._announced.discard(seq_id)
-            self._finished_since_plan.append(seq_id)
+    def _take_token(self, seq: Sequence, sampled: SampledResult, delta: RequestDelta) -> None:
+        """`sampled` was just appended to `seq` (Scheduler.update); record it in the delta and
+        finish the sequence if this token ends it."""
+        tok, p = sampled.token_id, seq.params
+        self.num_generation_tokens += 1
+        delta.token_ids.append(tok)
+        if p.logprobs is not None:
+            delta.logprobs = [_entry(sampled.logprob, sampled.rank, sampled.top_logprobs)]
+        num_out = seq.num_output_tokens
+        if num_out >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self._eos)):
+            delta.finish_reason = "stop"
+            delta.stop_reason = tok if tok in p.stop_token_ids else None  # None means eos, as vLLM
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+        elif num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            delta.finish_reason = "length"
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        self.scheduler.finish(seq, status)
+        del self._seqs[seq.request_id]
+        if seq.announced:
+            self._finished_since_plan.append(seq.seq_id)
 
     # ---- what the outside sees ----
 
@@ -220,3 +222,8 @@ class EngineCore:
             "expert_load": self.expert_load.summary() if self.is_moe else None,
             "last_step_seconds": self.last_step_seconds,
         }
+
+
+def _entry(logprob: float, rank: int, top) -> TokenLogprobs:
+    """One position's logprobs; `top` may arrive from msgpack as lists, so pairs become tuples."""
+    return TokenLogprobs(float(logprob), int(rank), [(int(t), float(lp)) for t, lp in top])

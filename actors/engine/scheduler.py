@@ -1,6 +1,8 @@
 """The scheduler: which sequences run in the next step, and how many tokens each computes.
 
-Plain Python (no torch, no Ray), tested on CPU with made-up sampled tokens.
+Plain Python (no torch, no Ray), tested on CPU with made-up sampled tokens. It holds only its
+two queues (waiting, running); the engine owns the map of sequences and hands the scheduler the
+Sequence objects themselves.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class ScheduledChunk:
 
     @property
     def token_ids(self) -> list[int]:
-        """The tokens to feed: ``seq.all_token_ids[start_pos:start_pos + num_tokens]``."""
+        """The tokens to feed: positions ``[start_pos, start_pos + num_tokens)`` of ``seq``."""
         return self.seq.token_ids_between(self.start_pos, self.start_pos + self.num_tokens)
 
 
@@ -62,13 +64,10 @@ class SchedulerOutput:
 
     ``chunks``: at most one per sequence, running ones first, in arrival order.
     ``preempted``: sequences preempted by this call (their blocks are already free).
-    ``freed_seq_ids``: sequences finished, aborted or preempted since the previous ``schedule()``;
-    ranks drop their per-sequence state for them. An id may repeat or be unknown to a rank.
     """
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    freed_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +107,10 @@ class Scheduler:
     progresses; any sequence fits alone, as the config checks max_model_len <= cache size.
     The engine checks stop conditions and ``max_model_len`` and calls ``finish()``; the scheduler
     only asserts that no chunk reaches past ``max_model_len`` tokens.
+
+    Ownership: the scheduler keeps no map of sequences, only the queues. The engine keeps the one
+    map (and gives every sequence a unique ``seq_id``), passes the Sequence itself to ``add`` and
+    ``finish``, and tells the ranks which sequences finished.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None = None) -> None:
@@ -117,10 +120,8 @@ class Scheduler:
         if (block_manager.num_blocks, block_manager.block_size) != (config.num_blocks, config.block_size):
             raise ValueError("block_manager does not match the config's num_blocks / block_size")
         self.block_manager = block_manager
-        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, by id
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # sorted by arrival_order
-        self._freed_seq_ids: list[int] = []  # since the previous schedule()
         self._arrivals = itertools.count()
 
     @property
@@ -132,14 +133,13 @@ class Scheduler:
         return len(self._waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self._seqs)
-
-    def get(self, seq_id: int) -> Sequence | None:
-        return self._seqs.get(seq_id)
+        """Whether any sequence is waiting or running (in flight ones included)."""
+        return bool(self._waiting or self._running)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence at the back of the waiting queue and stamp its ``arrival_order``."""
-        if seq.seq_id in self._seqs:
+        """Queue a new sequence at the back of the waiting queue and stamp its ``arrival_order``.
+        A sequence is added once: one already added (queued or finished) raises ValueError."""
+        if seq.arrival_order != -1:
             raise ValueError(f"sequence {seq.seq_id} was already added")
         if not 0 < seq.num_tokens <= self.config.max_model_len:
             raise ValueError(
@@ -148,36 +148,31 @@ class Scheduler:
             )
         seq.arrival_order = next(self._arrivals)
         seq.status = SequenceStatus.WAITING
-        self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
 
-    def finish(self, seq_id: int, status: SequenceStatus) -> None:
-        """End a sequence: free its blocks, drop it from the queues, report it in the next
-        ``freed_seq_ids``. Unknown (or already finished) ids are ignored."""
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End an added sequence: free its blocks and drop it from its queue (it may be in flight:
+        see the class docstring). Finishing a finished sequence again is a no-op; one never added
+        raises ValueError."""
         if not status.is_finished:
             raise ValueError(f"finish() needs a FINISHED_* status, got {status.name}")
-        seq = self._seqs.pop(seq_id, None)
-        if seq is None:
+        if seq.status.is_finished:
             return
+        if seq.arrival_order == -1:
+            raise ValueError(f"sequence {seq.seq_id} was never added")
         if seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
         else:
             self._waiting.remove(seq)
         seq.status = status
         self.block_manager.free(seq)
-        self._freed_seq_ids.append(seq_id)
-
-    def abort(self, seq_id: int) -> None:
-        """``finish(seq_id, FINISHED_ABORTED)``; unknown ids are a no-op."""
-        self.finish(seq_id, SequenceStatus.FINISHED_ABORTED)
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         """Plan the next step (see the class docstring). Marks every scheduled sequence in flight.
 
         ``max_seqs`` caps this step's sequences: with pipeline parallelism the engine splits the
         running sequences over several micro-batches, so that every stage has one to work on."""
-        out = SchedulerOutput(freed_seq_ids=self._freed_seq_ids)
-        self._freed_seq_ids = []
+        out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         short_of_blocks = False
         cap = max_seqs if max_seqs is not None else self.config.max_num_seqs
@@ -270,4 +265,3 @@ class Scheduler:
         seq.num_preemptions += 1
         self._waiting.appendleft(seq)
         out.preempted.append(seq)
-        out.freed_seq_ids.append(seq.seq_id)

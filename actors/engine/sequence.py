@@ -1,6 +1,8 @@
 """A sequence: one request's tokens, how many of them are in the KV cache, and where.
 
-Plain Python (no torch, no Ray), shared by the scheduler, the block manager and the engine.
+Plain Python (no torch, no Ray), shared by the scheduler, the block manager and the engine. One
+engine request is one sequence (callers fan out n); the engine keeps the only map of them
+(request_id -> Sequence), and the scheduler's queues and the block tables hold the same objects.
 
 Token accounting, the invariant everything else relies on:
 
@@ -16,15 +18,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from strata.sampling_params import SamplingParams
+
 
 class SequenceStatus(enum.Enum):
     """Where a sequence is in its life. The FINISHED_* states are terminal."""
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
-    FINISHED_STOPPED = enum.auto()  # EOS or a stop string / stop token
+    FINISHED_STOPPED = enum.auto()  # eos or a stop token id
     FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
-    FINISHED_ABORTED = enum.auto()  # the client went away, or the engine gave up on it
+    FINISHED_ABORTED = enum.auto()  # the caller went away (or found a stop string), or the engine gave up
 
     @property
     def is_finished(self) -> bool:
@@ -41,16 +45,18 @@ _FINISHED = frozenset(
 class Sequence:
     """One request's token stream and its scheduling state.
 
-    The engine creates it (``seq_id``, ``request_id``, ``prompt_token_ids``); the scheduler owns
-    the rest: it stamps ``arrival_order`` in ``Scheduler.add``, moves ``status``, sets
-    ``in_flight`` and advances ``num_computed_tokens``; the block manager owns ``block_ids``.
-    Tokens are only ever appended, through ``append_token``, so a slice of ``all_token_ids`` that
-    was handed to the model stays valid.
+    The engine creates it (``seq_id``, unique per engine, is the id ranks know it by;
+    ``request_id``; ``prompt_token_ids``; ``params``, the engine's own copy with ``max_tokens``
+    set) and owns ``announced``. The scheduler stamps ``arrival_order`` in ``Scheduler.add``,
+    moves ``status``, sets ``in_flight`` and advances ``num_computed_tokens``; the block manager
+    owns ``block_ids``. Tokens are only ever appended, through ``append_token``, so a slice that
+    was handed to the model stays valid. ``output_token_ids`` is the only copy of the output.
     """
 
     seq_id: int
     request_id: str
     prompt_token_ids: list[int]
+    params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -60,6 +66,9 @@ class Sequence:
     # A scheduled chunk whose result has not come back yet; schedule() skips such sequences.
     in_flight: bool = False
     num_preemptions: int = 0
+    # The sampling rank holds this sequence's sampling state (sent once, in its first plan; kept
+    # across preemption). When it finishes, the next plan tells the ranks to drop it.
+    announced: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -74,17 +83,8 @@ class Sequence:
         """Prompt plus output tokens: everything known so far."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        """A new list, prompt then output. Prefer ``token_ids_between`` for short slices."""
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
     def token_ids_between(self, start: int, end: int) -> list[int]:
-        """``all_token_ids[start:end]`` without copying the whole stream (decode reads one token)."""
+        """Tokens ``[start, end)`` of prompt-then-output, copying only that slice (a decode reads one)."""
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
             return self.prompt_token_ids[start:end]
@@ -98,7 +98,7 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (
-            f"Sequence(seq_id={self.seq_id}, status={self.status.name}, tokens={self.num_tokens}, "
-            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, "
+            f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, status={self.status.name}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, "
             f"in_flight={self.in_flight})"
         )

@@ -18,9 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
-from strata.actors.nodes.node_address import bind_listener, set_socket_ifname_for
+from strata.actors.nodes.node_address import set_socket_ifname_for
 
-from strata.distributed.channel import rendezvous_store
+from strata.distributed.process_groups import rendezvous_store
+from strata.distributed.sockets import bind_listener
 
 _NETWORK = re.compile(r"Using network (\S+)")
 _VIA_NET = re.compile(r"via NET/([A-Za-z]+)")

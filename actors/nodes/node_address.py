@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
-HOST_IP_ENV = "STRATA_HOST_IP"
+from strata.distributed.sockets import HOST_IP_ENV, local_ipv4_addresses
 
-# Variables set by set_socket_ifname_for, not by the user: each node derives its own, so they
-# are never forwarded to other nodes.
-# Names of the variables set by set_socket_ifname_for, not by the user. Kept in the environment too
+# Names of the variables set by set_socket_ifname_for, not by the user: each node derives its own, so
+# they are never forwarded to other nodes. Kept in the environment too
 # (STRATA_DERIVED_ENV), so a child process that inherits them (an in-process driver's, a test's)
 # recomputes them for its own node instead of taking them for the user's choice.
 DERIVED_ENV_LIST = "STRATA_DERIVED_ENV"
@@ -48,21 +46,6 @@ def route_source(destination: str) -> str:
             return "127.0.0.1"
 
 
-def local_ipv4_addresses() -> dict[str, str]:
-    """address -> interface, read from `ip -o -4 addr` (Linux); empty when `ip` is missing."""
-    try:
-        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    found = {}
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        # "2: eth0    inet 10.0.0.2/24 brd ..."
-        if len(parts) >= 4 and parts[2] == "inet":
-            found[parts[3].split("/")[0]] = parts[1]
-    return found
-
-
 def interface_for_address(address: str) -> str | None:
     """The network interface that holds `address`, or None."""
     return local_ipv4_addresses().get(address)
@@ -85,18 +68,3 @@ def set_socket_ifname_for(address: str) -> str | None:
             DERIVED_ENV.add(var)
     os.environ[DERIVED_ENV_LIST] = ",".join(sorted(DERIVED_ENV))
     return os.environ.get("GLOO_SOCKET_IFNAME", ifname)
-
-
-def bind_listener(host: str, port: int = 0, backlog: int = 128) -> socket.socket:
-    """A TCP socket listening on `host` only (never all interfaces); port 0 picks a free one."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart must not wait out TIME_WAIT
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        here = ", ".join(sorted(local_ipv4_addresses())) or "unknown"
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror} (this node's addresses: {here}; "
-                      f"set {HOST_IP_ENV} to the private one)") from None
-    sock.listen(backlog)
-    return sock

@@ -1,4 +1,4 @@
-"""The messages nodes exchange when they meet (actors/rendezvous.py), and how they are framed.
+"""The messages nodes exchange when they meet (actors/nodes/rendezvous.py), and how they are framed.
 
 A frame is a 4-byte big-endian length and JSON checked against these schemas, so nothing that
 arrives over the network is unpickled, and a stray connection is refused rather than believed.

@@ -5,7 +5,7 @@ other node connects, retrying until its timeout, and announces itself with a Hel
 N - 1 have come, node 0 answers each with a Welcome carrying torch.distributed's store port and
 every node's facts; if its timeout passes first, it answers those that came with a Reject naming
 the node ranks that did not, and fails with the same message. Frames are a 4-byte big-endian
-length and JSON checked against schemas (actors/node_messages.py): nothing on it is unpickled.
+length and JSON checked against schemas (actors/nodes/node_messages.py): nothing on it is unpickled.
 
 The connection then stays open as a watchdog: node 0 sends a Ping every few seconds and a Bye
 when it shuts down cleanly, so a headless node notices a head that went away (end of stream, or
@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 
-from strata.actors.nodes.node_address import bind_listener
 from strata.actors.nodes.node_facts import NodeFacts, this_node, version_mismatches
 from strata.actors.nodes.node_messages import (
     Bye,
@@ -34,6 +33,7 @@ from strata.actors.nodes.node_messages import (
 )
 
 from strata.config import EngineConfig
+from strata.distributed.sockets import bind_listener
 
 logger = logging.getLogger("strata")
 

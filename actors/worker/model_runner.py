@@ -14,7 +14,8 @@ import torch
 from strata.model.layers.attention import AttentionMetadata
 from strata.model.sampler import Sampler, SequenceSamplingState
 
-from strata.distributed.channel import PendingSends, RankGroups
+from strata.distributed.channel import PendingSends
+from strata.distributed.process_groups import RankGroups
 from strata.distributed.step_plan import PromptLogprobs, SampledResult, SamplerOptions, StepPlan, StepResult
 
 

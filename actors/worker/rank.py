@@ -27,14 +27,9 @@ from strata.model.loader import load_model
 from transformers import AutoConfig
 
 from strata.config import EngineConfig
-from strata.distributed.channel import (
-    all_gather_msgpack,
-    all_reduce_min,
-    init_rank_groups,
-    isend_bytes,
-    recv_bytes,
-)
-from strata.distributed.process_groups import rank_coords
+from strata.distributed.channel import all_gather_msgpack, all_reduce_min, isend_bytes, recv_bytes
+from strata.distributed.process_groups import init_rank_groups
+from strata.distributed.rank_layout import rank_coords
 from strata.distributed.step_plan import StepPlan
 from strata.model_facts import ModelFacts
 

@@ -1,9 +1,11 @@
-"""Token ids -> text, one token at a time, and stop strings over that text (runs on the driver).
+"""Token ids -> text, one token at a time, and stop strings over that text (runs in the caller's
+process, inside the output processor; the engine sends token ids only).
 
-`IncrementalDetokenizer.step(token_id)` returns only the new text. A character whose UTF-8 bytes
-span several tokens is released whole, on the step that completes it (until then step returns "").
-Once a step completes a character, `.text` equals `tokenizer.decode(output_ids,
-skip_special_tokens=...)` (for tokenizers that do not clean up tokenization spaces on decode).
+`IncrementalDetokenizer.step(token_id)` returns only the new text; the caller owns the ids and the
+text (the detokenizer keeps neither). A character whose UTF-8 bytes span several tokens is
+released whole, on the step that completes it (until then step returns ""). Once a step completes
+a character, the text returned so far equals `tokenizer.decode(output_ids, skip_special_tokens=...)`
+(for tokenizers that do not clean up tokenization spaces on decode).
 
 Stop strings: `find_stop` looks only where a stop string could touch the newest text (older text
 was searched on earlier steps) and truncates there. While streaming, text that could still be the
@@ -37,8 +39,6 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._backend: Tokenizer = tokenizer.backend_tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self.output_token_ids: list[int] = []
-        self.text = ""
         self._stream = DecodeStream(
             ids=self._priming_ids(list(prompt_token_ids)), skip_special_tokens=skip_special_tokens
         )
@@ -59,7 +59,6 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """Add one generated token; return the text it completes ("" while a character is split)."""
-        self.output_token_ids.append(token_id)
         try:
             new_text = self._stream.step(self._backend, token_id)
         except Exception as err:
@@ -69,9 +68,7 @@ class IncrementalDetokenizer:
                 raise
             self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
             new_text = self._stream.step(self._backend, token_id)
-        new_text = new_text or ""
-        self.text += new_text
-        return new_text
+        return new_text or ""
 
 
 def find_stop(

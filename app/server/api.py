@@ -1,8 +1,11 @@
-"""`build_app(client, settings)`: the OpenAI-compatible FastAPI app.
+"""`build_app(engine, settings, tokenizer)`: the OpenAI-compatible FastAPI app.
 
 The same app runs inside the Ray Serve ingress replica and under uvicorn (mp backend); all it
-needs is an EngineClient. A background task polls the engine's stats, feeding the metrics gauges
-and the backpressure estimate.
+needs is an `Engine` (strata/engine_protocol.py), the served settings and the model's tokenizer
+(None with skip_tokenizer_init). The app tokenizes, validates, fans out `n` and turns engine
+deltas into text itself (one OutputProcessor per app); the engine only ever sees token ids. A
+background task polls the engine's stats, feeding the metrics gauges and the backpressure
+estimate.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from strata.app.output.processor import OutputProcessor
 from strata.app.server.chat import ChatServing
 from strata.app.server.completions import CompletionServing
 from strata.app.server.engine_client import EngineClient
@@ -33,6 +37,9 @@ from strata.app.server.protocol import (
     TokenizeResponse,
 )
 from strata.app.server.settings import ServerSettings
+from strata.app.server.tokenizer import ServerTokenizer
+
+from strata.engine_protocol import Engine
 
 logger = logging.getLogger("strata.server")
 T = TypeVar("T")
@@ -89,11 +96,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
     return task.result()
 
 
-def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = None) -> FastAPI:
+    """The app serving `engine`. `settings.served_model_name` names the model (the launchers
+    fill it in from the model's facts); `tokenizer` is the model's (transformers), loaded once
+    by the caller, or None with skip_tokenizer_init (then only token-id prompts work)."""
     names = settings.served_model_name or ["strata"]
+    client = EngineClient(engine)
+    tokens = ServerTokenizer(tokenizer)
+    processor = OutputProcessor(tokenizer)
     metrics = ServerMetrics(names[0])
-    completions = CompletionServing(client, settings, names, metrics)
-    chat = ChatServing(client, settings, names, metrics)
+    completions = CompletionServing(client, tokens, processor, settings, names, metrics)
+    chat = ChatServing(client, tokens, processor, settings, names, metrics)
 
     async def refresh(step_times: bool = False) -> None:
         metrics.update_stats(await asyncio.wait_for(client.stats(), settings.health_timeout_s))
@@ -123,6 +136,7 @@ def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
+    app.state.tokenizer = tokens
 
     def check_model(model: str | None) -> None:
         if model is not None and model not in names:
@@ -164,15 +178,14 @@ def build_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
             return error_response(400, "Give exactly one of prompt or messages.", "prompt")
         if body.messages is not None:
             conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = await client.apply_chat_template(conversation, body.add_generation_prompt)
-            tokens = await client.encode(text, add_special_tokens=False)
+            _, ids = await tokens.chat_prompt(conversation, body.add_generation_prompt)
         else:
-            tokens = await client.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return TokenizeResponse(count=len(tokens), max_model_len=client.max_model_len, tokens=tokens)
+            ids = await tokens.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=client.max_model_len, tokens=ids)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         check_model(body.model)
-        return DetokenizeResponse(prompt=await client.decode(body.tokens))
+        return DetokenizeResponse(prompt=await tokens.decode(body.tokens))
 
     return app

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: messages in, through the model's chat template, assistant text out.
 
-The prompt is the template's text, tokenized without adding special tokens again (the template
-holds them), so `usage.prompt_tokens` is exactly the templated prompt's length. Streams send each
+The prompt is the template's text, tokenized here in the ingress without adding special tokens
+again (the template holds them), so `usage.prompt_tokens` is exactly the templated prompt's
+length; the engine gets only the ids. Streams send each
 choice's role first, then content deltas, then its finish_reason; usage last, when asked.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
+from strata.app.output.processor import CompletionUpdate
 from strata.app.server.errors import bad_request
 from strata.app.server.protocol import (
     AssistantMessage,
@@ -25,10 +27,19 @@ from strata.app.server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
-from strata.app.server.serving import Serving, check_unsupported, clamp_logprob, now, random_id, usage
-from strata.app.server.streaming import Cursor, sse, sse_stream
+from strata.app.server.serving import (
+    Generation,
+    PromptRequest,
+    Serving,
+    check_unsupported,
+    clamp_logprob,
+    now,
+    random_id,
+    usage,
+)
+from strata.app.server.streaming import sse, sse_stream
 
-from strata.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from strata.outputs import PositionLogprobs
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -64,23 +75,23 @@ class ChatServing(Serving):
                                   "top_logprobs")
         conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                         for m in req.messages]
-        prompt = await self.client.apply_chat_template(conversation, req.add_generation_prompt, req.chat_template)
-        ids = await self.client.encode(prompt, add_special_tokens=False)
+        prompt, ids = await self.tokenizer.chat_prompt(conversation, req.add_generation_prompt, req.chat_template)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(req.max_new_tokens(), len(ids), param, prompt_param="messages")
         params = self.sampling_params(**req.to_sampling_kwargs(), max_tokens=max_tokens,
                                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         self.admit(req.n)
         request_id = random_id("chatcmpl")
-        stream = await self.start([(request_id, prompt, ids, params)], arrival)
+        requests = [PromptRequest(request_id, prompt, ids, params)]
+        self.check_engine_limits(requests)
+        generation = await self.start(requests, arrival)
         if req.stream:
-            return StreamingResponse(sse_stream(self._events(req, request_id, stream, len(ids))),
+            return StreamingResponse(sse_stream(self._events(req, request_id, generation, len(ids))),
                                      media_type="text/event-stream")
-        final: RequestOutput | None = None
-        async with aclosing(stream) as it:
-            async for _, out in it:
-                final = out
-        assert final is not None
+        async with aclosing(generation.updates) as it:
+            async for _ in it:
+                pass
+        final = generation.outputs()[0]
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
                               logprobs=self._logprobs(req, o.token_ids, o.logprobs),
                               finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in final.outputs]
@@ -93,8 +104,8 @@ class ChatServing(Serving):
             return None
         return chat_logprobs(token_ids, positions, req.top_logprobs or 0)
 
-    async def _events(self, req: ChatCompletionRequest, request_id: str,
-                      stream: AsyncIterator[tuple[int, RequestOutput]], num_prompt_tokens: int) -> AsyncIterator[str]:
+    async def _events(self, req: ChatCompletionRequest, request_id: str, generation: Generation,
+                      num_prompt_tokens: int) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choice: ChatStreamChoice) -> str:
@@ -103,25 +114,21 @@ class ChatServing(Serving):
         # The role comes first, for every choice, before any content (OpenAI's order).
         for i in range(req.n):
             yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-        cursors = [Cursor() for _ in range(req.n)]
-        final: RequestOutput | None = None
-        async with aclosing(stream) as it:
-            async for _, out in it:
-                final = out
-                for o in out.outputs:
-                    event = self._delta_event(req, cursors[o.index], o)
-                    if event is not None:
-                        yield chunk(event)
-        if req.stream_options is not None and req.stream_options.include_usage and final is not None:
+        any_update = False
+        async with aclosing(generation.updates) as it:
+            async for _, update in it:
+                any_update = True
+                event = self._delta_event(req, update)
+                if event is not None:
+                    yield chunk(event)
+        if req.stream_options is not None and req.stream_options.include_usage and any_update:
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[],
-                                          usage=usage(num_prompt_tokens, [final])))
+                                          usage=usage(num_prompt_tokens, generation.outputs())))
 
-    def _delta_event(self, req: ChatCompletionRequest, cursor: Cursor, o: CompletionOutput) -> ChatStreamChoice | None:
-        delta = cursor.advance(o)
-        if delta is None:
+    def _delta_event(self, req: ChatCompletionRequest, update: CompletionUpdate) -> ChatStreamChoice | None:
+        """The chunk for one update; None when it carries no text, no logprobs and no finish."""
+        logprobs = self._logprobs(req, update.token_ids, update.logprobs) if update.token_ids else None
+        if not update.text and logprobs is None and update.finish_reason is None:
             return None
-        logprobs = self._logprobs(req, delta.token_ids, delta.logprobs) if delta.token_ids else None
-        if not delta.text and logprobs is None and delta.finish_reason is None:
-            return None
-        return ChatStreamChoice(index=o.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs,
-                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        return ChatStreamChoice(index=update.index, delta=DeltaMessage(content=update.text), logprobs=logprobs,
+                                finish_reason=update.finish_reason, stop_reason=update.stop_reason)

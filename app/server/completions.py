@@ -14,8 +14,17 @@ from contextlib import aclosing
 from fastapi.responses import StreamingResponse
 from strata.app.server.errors import bad_request
 from strata.app.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from strata.app.server.serving import EngineRequest, Serving, check_unsupported, clamp_logprob, now, random_id, usage
-from strata.app.server.streaming import Cursor, sse, sse_stream
+from strata.app.server.serving import (
+    Generation,
+    PromptRequest,
+    Serving,
+    check_unsupported,
+    clamp_logprob,
+    now,
+    random_id,
+    usage,
+)
+from strata.app.server.streaming import sse, sse_stream
 
 from strata.outputs import PositionLogprobs, RequestOutput
 
@@ -49,38 +58,39 @@ class CompletionServing(Serving):
             raise bad_request(f"best_of is not supported (it may only equal n={req.n}), got {req.best_of}.",
                               "best_of")
         prompts = await self._prompts(req)
-        requests: list[EngineRequest] = []
+        requests: list[PromptRequest] = []
         request_id = random_id("cmpl")
         for p, (text, ids) in enumerate(prompts):
             max_tokens = self.resolve_max_tokens(req.max_tokens, len(ids))
             params = self.sampling_params(
                 **req.to_sampling_kwargs(), max_tokens=max_tokens, logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
-            requests.append((f"{request_id}-{p}", text, ids, params))
+            requests.append(PromptRequest(f"{request_id}-{p}", text, ids, params))
         self.admit(req.n * len(prompts))
-        stream = await self.start(requests, arrival)
+        self.check_engine_limits(requests)
+        generation = await self.start(requests, arrival)
         echoes = [await self._echo(req, text, ids) for text, ids in prompts] if req.echo else None
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         if req.stream:
-            events = self._events(req, request_id, stream, echoes, num_prompt_tokens)
+            events = self._events(req, request_id, generation, echoes, num_prompt_tokens)
             return StreamingResponse(sse_stream(events), media_type="text/event-stream")
-        finals: dict[int, RequestOutput] = {}
-        async with aclosing(stream) as it:
-            async for p, out in it:
-                finals[p] = out
+        async with aclosing(generation.updates) as it:
+            async for _ in it:
+                pass
+        finals = generation.outputs()
         choices = []
-        for p in range(len(prompts)):
-            for o in finals[p].outputs:
+        for p, final in enumerate(finals):
+            for o in final.outputs:
                 text, lp, offset = "", None, 0
                 if echoes is not None:
-                    text, lp, offset = self._echo_part(req, finals[p], echoes[p])
+                    text, lp, offset = self._echo_part(req, final, echoes[p])
                 if req.logprobs is not None:
                     lp = lp or CompletionLogprobs()
                     add_logprobs(lp, o.token_ids, o.logprobs or [], offset)
                 choices.append(CompletionChoice(index=p * req.n + o.index, text=text + o.text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                  usage=usage(num_prompt_tokens, list(finals.values())))
+                                  usage=usage(num_prompt_tokens, finals))
 
     async def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
         prompt = req.prompt
@@ -93,7 +103,7 @@ class CompletionServing(Serving):
         out: list[tuple[str | None, list[int]]] = []
         for p in prompt:
             if isinstance(p, str):
-                out.append((p, await self.client.encode(p)))
+                out.append((p, await self.tokenizer.encode(p)))
             else:
                 if not p:
                     raise bad_request("prompt must not contain an empty list of token ids.", "prompt")
@@ -102,8 +112,8 @@ class CompletionServing(Serving):
 
     async def _echo(self, req: CompletionRequest, text: str | None, ids: list[int]) -> tuple[str, str]:
         """(prompt text to echo, text of its first token, for the logprobs of that position)."""
-        prompt_text = text if text is not None else await self.client.decode(ids)
-        first = await self.client.decode(ids[:1]) if req.logprobs is not None else ""
+        prompt_text = text if text is not None else await self.tokenizer.decode(ids)
+        first = await self.tokenizer.decode(ids[:1]) if req.logprobs is not None else ""
         return prompt_text, first
 
     def _echo_part(self, req: CompletionRequest, out: RequestOutput,
@@ -115,34 +125,27 @@ class CompletionServing(Serving):
         offset = add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs or [None], 0, first)
         return prompt_text, lp, offset
 
-    async def _events(self, req: CompletionRequest, request_id: str,
-                      stream: AsyncIterator[tuple[int, RequestOutput]], echoes: list[tuple[str, str]] | None,
-                      num_prompt_tokens: int) -> AsyncIterator[str]:
+    async def _events(self, req: CompletionRequest, request_id: str, generation: Generation,
+                      echoes: list[tuple[str, str]] | None, num_prompt_tokens: int) -> AsyncIterator[str]:
         created = int(time.time())
-        cursors: dict[tuple[int, int], Cursor] = {}
-        offsets: dict[tuple[int, int], int] = {}
-        finals: dict[int, RequestOutput] = {}
-        async with aclosing(stream) as it:
-            async for p, out in it:
-                finals[p] = out
-                for o in out.outputs:
-                    key = (p, o.index)
-                    first = key not in cursors
-                    delta = cursors.setdefault(key, Cursor()).advance(o)
-                    if delta is None and not (first and echoes is not None):
-                        continue
-                    text, lp = (delta.text if delta else ""), None
-                    if first and echoes is not None:
-                        echo_text, lp, offsets[key] = self._echo_part(req, out, echoes[p])
+        offsets: dict[tuple[int, int], int] = {}  # per choice: text offset of its next token
+        async with aclosing(generation.updates) as it:
+            async for p, update in it:
+                key = (p, update.index)
+                text, lp = update.text, None
+                if key not in offsets:
+                    offsets[key] = 0
+                    if echoes is not None:  # a choice's first chunk starts with the prompt
+                        echo_text, lp, offsets[key] = self._echo_part(req, generation.processors[p].output(),
+                                                                      echoes[p])
                         text = echo_text + text
-                    if req.logprobs is not None and delta is not None:
-                        lp = lp or CompletionLogprobs()
-                        offsets[key] = add_logprobs(lp, delta.token_ids, delta.logprobs or [], offsets.get(key, 0))
-                    choice = CompletionChoice(index=p * req.n + o.index, text=text, logprobs=lp,
-                                              finish_reason=delta.finish_reason if delta else None,
-                                              stop_reason=delta.stop_reason if delta else None)
-                    yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
-                                                 choices=[choice]))
+                if req.logprobs is not None:
+                    lp = lp or CompletionLogprobs()
+                    offsets[key] = add_logprobs(lp, update.token_ids, update.logprobs or [], offsets[key])
+                choice = CompletionChoice(index=p * req.n + update.index, text=text, logprobs=lp,
+                                          finish_reason=update.finish_reason, stop_reason=update.stop_reason)
+                yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                             choices=[choice]))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
-                                         usage=usage(num_prompt_tokens, list(finals.values()))))
+                                         usage=usage(num_prompt_tokens, generation.outputs())))

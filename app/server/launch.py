@@ -3,7 +3,7 @@
 ray: the Serve application (app/server/serve_app.py) behind Serve's HTTP proxy on --host/--port.
 On a signal, deleting the app makes Serve stop routing to it and drain in-flight requests for a
 bounded time; the replica then stops the engine, releasing its actors and placement groups.
-mp: the same FastAPI app under uvicorn with a LocalDriver; uvicorn drains on a signal
+mp: the same FastAPI app under uvicorn with a LocalEngine; uvicorn drains on a signal
 (`timeout_graceful_shutdown`), then the engine stops. Across nodes, node 0 does this and every
 other node runs `serve_headless`: its ranks, no API.
 """
@@ -51,9 +51,8 @@ def _raise_interrupt(*_: object) -> None:
 def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     import ray
     from ray import serve
-    from strata.app.driver_handle import ensure_ray
+    from strata.app.ray_serve_support import check_driver_node, ensure_ray
     from strata.app.server.serve_app import APP_NAME, ingress_app
-    from strata.placement.placement import check_driver_node
 
     prepared = _prepare(config, settings)
     if prepared is None:
@@ -100,10 +99,10 @@ def _stop_serve(app_name: str) -> None:
 
 def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     import uvicorn
-    from strata.actors.nodes.node_messages import RendezvousError
-    from strata.app.driver_handle import start_driver
+    from strata.app.engines import start_engine
+    from strata.app.model_source import load_tokenizer
+    from strata.app.ray_serve_support import engine_start_errors
     from strata.app.server.api import build_app
-    from strata.app.server.engine_client import EngineClient
 
     prepared = _prepare(config, settings)
     if prepared is None:
@@ -111,16 +110,17 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     facts, settings = prepared
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        handle = start_driver(config, facts)
+        tokenizer = load_tokenizer(facts)
+        engine = start_engine(config, facts)
     except KeyboardInterrupt:
         return 0
-    except (RendezvousError, OSError) as err:  # another node is missing or unreachable: say which
+    except engine_start_errors() as err:  # another node is missing or unreachable: say which
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 1
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: ours
     # turns SIGTERM into KeyboardInterrupt too, so the engine still shuts down below.
     try:
-        app = build_app(EngineClient(handle, config.max_num_seqs), settings)
+        app = build_app(engine, settings, tokenizer)
         server = uvicorn.Server(uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
             timeout_graceful_shutdown=int(settings.drain_timeout_s)))
@@ -139,7 +139,7 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
         pass
     finally:
         logger.info("stopping the engine")
-        handle.shutdown()
+        engine.shutdown()
     return 0
 
 

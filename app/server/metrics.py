@@ -2,7 +2,7 @@
 never collide in the process-wide default registry).
 
 Gauges and token counters come from the engine's `stats()`, polled; latency histograms are
-observed here, per request, as its outputs stream past. Names follow vLLM's (`vllm:` -> `strata:`).
+observed here, per request, as its updates stream past. Names follow vLLM's (`vllm:` -> `strata:`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from strata.outputs import RequestOutput
+from strata.app.output.processor import CompletionUpdate
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
@@ -74,25 +73,34 @@ class ServerMetrics:
             if times:
                 self._last_step_start[rank] = max(last, times[-1][0])
 
-    async def timed(self, stream: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
-        """Passes a request's outputs through, observing TTFT (from `arrival`, a perf_counter
-        time), inter-token latency and end-to-end latency."""
+    async def timed(self, updates: AsyncIterator[CompletionUpdate], arrival: float,
+                    num_completions: int) -> AsyncIterator[CompletionUpdate]:
+        """Passes one request's updates through (its `num_completions` completions, merged),
+        observing TTFT (from `arrival`, a perf_counter time: the request's first token),
+        inter-token latency (per completion, between its successive updates with tokens) and
+        end-to-end latency (when the last completion finishes)."""
         name = self.model_name
-        last, first, finished = arrival, True, False
+        last_token_at: dict[int, float] = {}
+        reasons: dict[int, str] = {}
+        finished = False
         try:
-            async with aclosing(stream) as it:
-                async for out in it:
+            async with aclosing(updates) as it:
+                async for update in it:
                     now = time.perf_counter()
-                    if any(o.token_ids for o in out.outputs):
-                        (self.ttft if first else self.itl).labels(name).observe(now - last)
-                        first = False
-                    last = now
-                    if out.finished:
-                        finished = True
-                        self.e2e.labels(name).observe(now - arrival)
-                        for o in out.outputs:
-                            self.requests.labels(name, o.finish_reason or "abort").inc()
-                    yield out
+                    if update.token_ids:
+                        if not last_token_at:
+                            self.ttft.labels(name).observe(now - arrival)
+                        elif update.index in last_token_at:
+                            self.itl.labels(name).observe(now - last_token_at[update.index])
+                        last_token_at[update.index] = now
+                    if update.finish_reason is not None:
+                        reasons[update.index] = update.finish_reason
+                        if len(reasons) == num_completions:
+                            finished = True
+                            self.e2e.labels(name).observe(now - arrival)
+                            for index in sorted(reasons):
+                                self.requests.labels(name, reasons[index]).inc()
+                    yield update
         finally:
             if not finished:  # the client went away, or the request failed
                 self.requests.labels(name, "abort").inc()

@@ -2,27 +2,31 @@
 
 `strata serve` (ray backend), `serve run cluster/serve_config.yaml` and `serve deploy` all build
 it here, so they serve the same thing. The replica asks for no CPU (the ranks hold the
-resources) and starts the driver, which reserves the ranks' placement groups; on shutdown Serve
-drains in-flight requests for `drain_timeout_s`, then `__del__` stops the driver and releases
-its actors and placement groups.
+resources). At start it checks the model (preflight -> ModelFacts), loads the tokenizer once, and
+starts the engine through its engine factory (as Ray Serve LLM takes its engine class):
+`strata.app.engines.start_engine` unless another is given, which reserves the ranks' placement
+groups. On shutdown Serve drains in-flight requests for `drain_timeout_s`, then `__del__` stops
+the engine, releasing its actors and placement groups.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
-from strata.app.driver_handle import start_driver
-from strata.app.model_source import preflight
+from strata.app.model_source import load_tokenizer, preflight
 from strata.app.server.api import build_app as build_fastapi_app
 from strata.app.server.engine_client import EngineClient
 from strata.app.server.settings import ServerSettings
 
 from strata.config import EngineConfig, describe_validation_error
+from strata.engine_protocol import Engine
+from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata.server")
 
@@ -34,42 +38,61 @@ _SERVE_LOG_LEVEL = {"critical": "CRITICAL", "error": "ERROR", "warning": "WARNIN
                     "debug": "DEBUG", "trace": "DEBUG"}
 
 
+EngineFactory = Callable[[EngineConfig, ModelFacts], Engine]
+"""Starts an engine for a validated config and the model's facts (blocking; may take minutes)."""
+
+
+def default_engine_factory() -> EngineFactory:
+    from strata.app.engines import start_engine
+
+    return start_engine
+
+
 @serve.deployment(name="StrataIngress", ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=1,
                   health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress()
 class StrataIngress:
-    async def __init__(self, engine_config: dict[str, Any], server_settings: dict[str, Any]):
+    async def __init__(self, engine_config: dict[str, Any], server_settings: dict[str, Any],
+                       engine_factory: EngineFactory | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._stopped = True  # until there is an engine to stop
         self.config = EngineConfig.model_validate(engine_config)
-        self.settings = ServerSettings.model_validate(server_settings)
+        settings = ServerSettings.model_validate(server_settings)
         facts = await asyncio.to_thread(preflight, self.config)
-        if not self.settings.served_model_name:
-            self.settings = self.settings.model_copy(update={"served_model_name": [facts.served_name]})
+        if not settings.served_model_name:
+            settings = settings.model_copy(update={"served_model_name": [facts.served_name]})
+        self.settings = settings
         # Loading blocks for seconds; keep the replica's event loop free meanwhile.
-        self.handle = await asyncio.to_thread(start_driver, self.config, facts)
-        self.client = EngineClient(self.handle, self.config.max_num_seqs)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, facts)
+        start = engine_factory or default_engine_factory()
+        self.engine: Engine = await asyncio.to_thread(start, self.config, facts)
         self._stopped = False
+        # Not `self.app`: Serve's ASGI wrapper owns that name (a read-only property).
+        self._api = build_fastapi_app(self.engine, self.settings, self.tokenizer)
+        self.client: EngineClient = self._api.state.client
 
     def __serve_build_asgi_app__(self):
-        return build_fastapi_app(self.client, self.settings)
+        return self._api
 
     async def check_health(self) -> None:
         """Serve restarts the replica (and with it the engine) when the engine stops answering."""
         if not await self.client.healthy(self.settings.health_timeout_s):
-            raise RuntimeError("the engine did not answer stats() in time")
+            raise RuntimeError(f"the engine is not healthy (or did not answer within "
+                               f"{self.settings.health_timeout_s} s)")
 
     def __del__(self) -> None:
         if getattr(self, "_stopped", True):
             return
         self._stopped = True
         logger.info("shutting down the engine")
-        self.handle.shutdown()
+        self.engine.shutdown()
 
 
-def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
-    """The Serve application for these settings (what `serve.run` takes)."""
-    from strata.actors.executor import rank_env
-    from strata.placement.placement import driver_pin
+def ingress_app(config: EngineConfig, settings: ServerSettings,
+                engine_factory: EngineFactory | None = None) -> Application:
+    """The Serve application for these settings (what `serve.run` takes). `engine_factory`
+    (None: strata.app.engines.start_engine) travels to the replica pickled, as a bound argument."""
+    from strata.app.ray_serve_support import driver_pin, rank_env
 
     return StrataIngress.options(
         # The replica sees the same STRATA_/HF_/NCCL_ settings as the ranks, and sits on the driver
@@ -81,7 +104,7 @@ def ingress_app(config: EngineConfig, settings: ServerSettings) -> Application:
         # --uvicorn-log-level means the same here: Serve's request log takes the place of uvicorn's.
         logging_config={"log_level": _SERVE_LOG_LEVEL[settings.uvicorn_log_level],
                         "enable_access_log": settings.uvicorn_log_level in ("info", "debug", "trace")},
-    ).bind(config.model_dump(), settings.model_dump())
+    ).bind(config.model_dump(), settings.model_dump(), engine_factory)
 
 
 def split_args(args: dict[str, Any]) -> tuple[EngineConfig, ServerSettings]:

@@ -1,8 +1,11 @@
 """What completions and chat share: checks every request passes before the engine sees it
-(model name, caps, context length, backpressure), SamplingParams, and running the engine.
+(model name, caps, context length, sampling values, backpressure, the engine's own limits),
+SamplingParams, and running a request through the engine and the output processor.
 
-Each check raises APIError with the status and wording the OpenAI/vLLM clients expect; the
-engine's own checks (vocabulary, max_logprobs) stay the last line of defence.
+Each check raises APIError with the status and wording the OpenAI/vLLM clients expect. A request
+that passes is sent to the engine as token ids, once per completion (the output processor fans
+out `n`); each completion's engine deltas become CompletionUpdates here, and a completion that
+ends on a stop string has its engine stream closed, which aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -10,20 +13,46 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
+from strata.app.output.processor import CompletionUpdate, OutputProcessor, RequestProcessor
+from strata.app.request_check import check_request
 from strata.app.server.engine_client import EngineClient
 from strata.app.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded
 from strata.app.server.metrics import ServerMetrics
 from strata.app.server.protocol import SamplingFields, UsageInfo
 from strata.app.server.settings import ServerSettings
 from strata.app.server.streaming import merge, peek
+from strata.app.server.tokenizer import ServerTokenizer
 
+from strata.engine_protocol import EngineRequest
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
-# (request_id, prompt text, prompt token ids, params): one engine request.
-EngineRequest = tuple[str, str | None, list[int], SamplingParams]
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One prompt to run with its `params.n` completions."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Generation:
+    """A started response: one RequestProcessor per prompt (for the final outputs), and every
+    completion's updates as they come, tagged with their prompt's index. Closing `updates`
+    aborts whatever has not finished."""
+
+    processors: list[RequestProcessor]
+    updates: AsyncIterator[tuple[int, CompletionUpdate]]
+
+    def outputs(self) -> list[RequestOutput]:
+        return [rp.output() for rp in self.processors]
 
 
 def random_id(prefix: str) -> str:
@@ -36,9 +65,11 @@ def clamp_logprob(value: float) -> float:
 
 
 class Serving:
-    def __init__(self, client: EngineClient, settings: ServerSettings, model_names: list[str],
-                 metrics: ServerMetrics):
+    def __init__(self, client: EngineClient, tokenizer: ServerTokenizer, processor: OutputProcessor,
+                 settings: ServerSettings, model_names: list[str], metrics: ServerMetrics):
         self.client = client
+        self.tokenizer = tokenizer
+        self.processor = processor
         self.settings = settings
         self.model_names = model_names
         self.metrics = metrics
@@ -92,17 +123,51 @@ class Serving:
         if waiting > limit:
             raise overloaded(waiting, limit, self.settings.retry_after_s)
 
+    def check_engine_limits(self, requests: list[PromptRequest]) -> None:
+        """400 for a request the engine must not take (vocabulary, max_logprobs, ...), in the
+        engine's words: the engine trusts what it is sent."""
+        for r in requests:
+            try:
+                check_request(r.prompt_token_ids, r.params, self.client.info, self.tokenizer.available)
+            except ValueError as err:
+                raise from_value_error(err) from None
+
     # ---- running ----
 
-    async def start(self, requests: list[EngineRequest], arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """The requests' outputs as they come, tagged with their index, already started: an error
-        the engine raises at submission (ValueError -> 400) is raised here, before any response
-        header is sent. Closing the stream aborts whatever has not finished."""
-        streams = [self.metrics.timed(self.client.generate(*r), arrival) for r in requests]
+    async def start(self, requests: list[PromptRequest], arrival: float) -> Generation:
+        """Sends every completion of every prompt to the engine and waits for the first update:
+        a request the engine refuses (ValueError -> 400) fails here, before any response header
+        is sent. `arrival` (a perf_counter time) starts each request's latency metrics."""
+        processors = [self.processor.start(r.request_id, r.prompt, r.prompt_token_ids, r.params)
+                      for r in requests]
+        streams = [self.metrics.timed(self._request_updates(rp), arrival, len(rp.engine_requests))
+                   for rp in processors]
         try:
-            return await peek(merge(streams))
+            updates = await peek(merge(streams))
         except ValueError as err:
             raise from_value_error(err) from None
+        return Generation(processors, updates)
+
+    async def _request_updates(self, rp: RequestProcessor) -> AsyncIterator[CompletionUpdate]:
+        """One prompt's completions, merged."""
+        async with aclosing(merge([self._completion_updates(rp, r) for r in rp.engine_requests])) as it:
+            async for _, update in it:
+                yield update
+
+    async def _completion_updates(self, rp: RequestProcessor,
+                                  request: EngineRequest) -> AsyncIterator[CompletionUpdate]:
+        """One completion: its engine deltas through the processor, skipping updates with nothing
+        to send. A stop string ends it here; closing its engine stream aborts it in the engine."""
+        async with aclosing(self.client.generate(request)) as deltas:
+            async for delta in deltas:
+                update = rp.process(delta)
+                if update is None or not (update.text or update.token_ids or update.finished):
+                    continue
+                if update.stopped_by_string:
+                    await deltas.aclose()
+                    yield update
+                    return
+                yield update
 
 
 def now() -> float:

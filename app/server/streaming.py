@@ -1,8 +1,10 @@
-"""Server-sent events, and turning cumulative engine outputs into per-chunk deltas.
+"""Server-sent events, and the plumbing of the engine streams behind one response.
 
-The engine reports each request's state so far (all text, all token ids); a stream sends only
-what is new. `Cursor` remembers what one choice has sent. Text the engine holds back (it might
-still become a stop string) simply appears in a later delta; shown text only ever grows.
+`merge` interleaves several streams (a request's n completions, a completions call's prompts) as
+their items come; `peek` waits for the first item so a request the engine refuses becomes the
+HTTP status rather than an error inside a 200 stream; `sse_stream` frames a response body.
+What a chunk carries comes from the output processor's CompletionUpdates (strata.app.output):
+only the newly released text and tokens, so nothing here remembers what was already sent.
 """
 
 from __future__ import annotations
@@ -11,13 +13,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import BaseModel
 from strata.app.server.errors import APIError, error_body, from_value_error
-
-from strata.outputs import CompletionOutput
 
 logger = logging.getLogger("strata.server")
 
@@ -29,37 +28,6 @@ _END = object()
 def sse(payload: BaseModel) -> str:
     # Nulls are left out (as vLLM does): a delta carries only what changed.
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
-
-
-@dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclass
-class Cursor:
-    """How much of one choice's cumulative output has been sent."""
-
-    text_len: int = 0
-    num_tokens: int = 0
-    finished: bool = False
-
-    def advance(self, out: CompletionOutput) -> Delta | None:
-        """What is new since the last call; None when there is nothing to send."""
-        if self.finished:
-            return None
-        text = out.text[self.text_len:]
-        ids = out.token_ids[self.num_tokens:]
-        lps = out.logprobs[self.num_tokens:] if out.logprobs is not None else None
-        done = out.finish_reason is not None
-        if not text and not ids and not done:
-            return None
-        self.text_len, self.num_tokens, self.finished = len(out.text), len(out.token_ids), done
-        return Delta(text, ids, lps, out.finish_reason, out.stop_reason)
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

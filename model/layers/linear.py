@@ -74,11 +74,9 @@ class ColumnParallelLinear(nn.Module):
         output_size: int,
         ctx: ModelContext,
         bias: bool = False,
-        gather_output: bool = False,
     ):
         super().__init__()
         self.tp = ctx.tp
-        self.gather_output = gather_output
         self.output_size_per_rank = _divide(output_size, ctx.tp_size, "output_size")
         self.weight = _param(ctx.empty(self.output_size_per_rank, input_size), self.weight_loader)
         self.bias = _param(ctx.empty(self.output_size_per_rank), self.weight_loader) if bias else None
@@ -89,8 +87,7 @@ class ColumnParallelLinear(nn.Module):
             copy_checked(param.data, read_narrow(loaded, 0, self.tp.rank * n, n), "column-parallel")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return self.tp.all_gather(y, dim=-1) if self.gather_output else y
+        return F.linear(x, self.weight, self.bias)  # this rank's slice of y; the next layer is row-parallel
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

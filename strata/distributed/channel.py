@@ -1,94 +1,15 @@
-"""torch.distributed bring-up for one rank, and the typed byte channel the ranks talk over.
+"""The typed byte channel the ranks talk over: point-to-point bytes and msgpack collectives.
 
-Every rank calls `init_rank_groups` with the same arguments but its own rank. The world group
-uses NCCL on GPU (the data plane: tp all-reduce, pp hidden states) and a second, gloo group over
-the same ranks carries control traffic on CPU (step plans, results, start-up facts) as msgpack
-bytes, so no rank ever unpickles what came over the network.
+Control traffic (step plans, results, start-up facts) travels as msgpack bytes over the gloo
+control group (`RankGroups.control`, strata/distributed/process_groups.py), so no rank ever
+unpickles what came over the network.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-from dataclasses import dataclass
-from datetime import timedelta
-
 import msgpack
 import torch
 import torch.distributed as dist
-
-from strata.actors.nodes.node_address import bind_listener
-from strata.distributed.process_groups import GroupCoordinator, RankCoords, global_rank, single_rank_group
-
-logger = logging.getLogger("strata")
-
-
-@dataclass
-class RankGroups:
-    coords: RankCoords
-    tp: GroupCoordinator
-    pp: GroupCoordinator  # the ranks holding this tensor slice in every stage, in stage order
-    control: dist.ProcessGroup | None  # gloo over all ranks, for msgpack bytes
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
-                     timeout_s: float, listener: socket.socket | None = None) -> dist.TCPStore:
-    """torch.distributed's key-value store. Rank 0 hosts it on a socket bound to the master's
-    private address (`listener`, else one bound to master_addr:master_port): torch's own server
-    would listen on every interface. The other ranks connect, retrying until `timeout_s`."""
-    timeout = timedelta(seconds=timeout_s)
-    if rank != 0:
-        return dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
-    sock = listener or bind_listener(master_addr, master_port)
-    port = sock.getsockname()[1]
-    # The store takes over the file descriptor (and closes it); the Python socket lets go of it.
-    return dist.TCPStore(master_addr, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
-                         master_listen_fd=sock.detach(), use_libuv=True)
-
-
-def init_rank_groups(
-    coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0,
-    listener: socket.socket | None = None,
-) -> RankGroups:
-    """Joins the world and builds the tp, pp and control groups (all ranks, same order).
-    Rank 0 may pass the socket it already listens on for the store (see `rendezvous_store`)."""
-    if coords.world_size == 1:
-        if listener is not None:
-            listener.close()
-        return RankGroups(coords, single_rank_group(), single_rank_group(), None)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    store = rendezvous_store(coords.rank, coords.world_size, master_addr, master_port, timeout_s, listener)
-    dist.init_process_group(
-        backend=backend,
-        store=store,
-        rank=coords.rank,
-        world_size=coords.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
-    tp_size, pp_size = coords.tp_size, coords.pp_size
-    tp = pp = None
-    # new_group is collective: every rank creates every group, in the same order.
-    for stage in range(pp_size):
-        ranks = [global_rank(stage, t, tp_size) for t in range(tp_size)]
-        group = dist.new_group(ranks) if tp_size > 1 else None
-        if stage == coords.pp_rank:
-            tp = GroupCoordinator(ranks, coords.rank, group)
-    for t in range(tp_size):
-        ranks = [global_rank(s, t, tp_size) for s in range(pp_size)]
-        group = dist.new_group(ranks) if pp_size > 1 else None
-        if t == coords.tp_rank:
-            pp = GroupCoordinator(ranks, coords.rank, group)
-    control = dist.new_group(list(range(coords.world_size)), backend="gloo") if backend != "gloo" else None
-    control = control or dist.group.WORLD
-    logger.info("rank %d joined: %s backend, tp group %s, pp group %s", coords.rank, backend, tp.ranks, pp.ranks)
-    return RankGroups(coords, tp, pp, control)
 
 
 class PendingSends:

@@ -1,76 +1,26 @@
-"""Process groups as objects: who a rank is, and the collectives it may call.
+"""Process groups as objects: who a rank is talking with, and the collectives it may call.
 
-Global rank layout (the one place that owns it):
-
-    rank = pp_rank * tp_size + tp_rank
-
-Worked example, tp=4, pp=2 (8 ranks): ranks 0-3 are pipeline stage 0 with tensor ranks 0-3,
-ranks 4-7 are stage 1. Rank 6 is (pp_rank=1, tp_rank=2). Its tensor-parallel group is
-[4, 5, 6, 7]; its pipeline group (the ranks holding tensor slice 2 of every stage) is [2, 6].
-Expert parallelism reuses the tensor-parallel group (ep_rank = tp_rank).
-
-Across nodes (the mp backend's --nnodes), node k runs the k-th contiguous block of W / N ranks:
-with tp=4, pp=2 on 2 nodes, node 0 runs ranks 0-3 (stage 0) and node 1 ranks 4-7 (stage 1), so
-a tensor-parallel group stays on one node whenever pp is a multiple of the node count.
+Every rank calls `init_rank_groups` with the same arguments but its own rank. The world group
+uses NCCL on GPU (the data plane: tp all-reduce, pp hidden states) and a second, gloo group over
+the same ranks carries control traffic on CPU (step plans, results, start-up facts) as msgpack
+bytes over the byte channel (strata/distributed/channel.py), so no rank ever unpickles what came
+over the network. Which ranks form a group is the rank layout's (strata/distributed/rank_layout.py).
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from strata.distributed.rank_layout import RankCoords, pp_group_ranks, tp_group_ranks
+from strata.distributed.sockets import bind_listener
 
-@dataclass(frozen=True)
-class RankCoords:
-    """A rank's position in the (pp, tp) grid."""
-
-    rank: int
-    tp_rank: int
-    pp_rank: int
-    tp_size: int
-    pp_size: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp_size * self.pp_size
-
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
-    @property
-    def is_sampler(self) -> bool:
-        """The one rank that samples: tensor rank 0 of the last stage."""
-        return self.is_last_stage and self.tp_rank == 0
-
-
-def rank_coords(rank: int, tp_size: int, pp_size: int) -> RankCoords:
-    """Maps a global rank to its (pp_rank, tp_rank); see the module docstring."""
-    if not 0 <= rank < tp_size * pp_size:
-        raise ValueError(f"rank {rank} is outside 0..{tp_size * pp_size - 1} (tp={tp_size}, pp={pp_size})")
-    return RankCoords(rank, rank % tp_size, rank // tp_size, tp_size, pp_size)
-
-
-def global_rank(pp_rank: int, tp_rank: int, tp_size: int) -> int:
-    return pp_rank * tp_size + tp_rank
-
-
-def ranks_of_node(world_size: int, nnodes: int, node_rank: int) -> range:
-    """The global ranks node `node_rank` runs; its local device index is rank - range.start."""
-    if world_size % nnodes or not 0 <= node_rank < nnodes:
-        raise ValueError(f"{world_size} ranks cannot be split over {nnodes} nodes as node {node_rank}")
-    per_node = world_size // nnodes
-    return range(node_rank * per_node, (node_rank + 1) * per_node)
+logger = logging.getLogger("strata")
 
 
 class GroupCoordinator:
@@ -107,9 +57,6 @@ class GroupCoordinator:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def send(self, x: torch.Tensor, dst_in_group: int) -> None:
-        dist.send(x.contiguous(), dst=self.ranks[dst_in_group], group=self.group)
-
     def isend(self, x: torch.Tensor, dst_in_group: int) -> dist.Work:
         return dist.isend(x, dst=self.ranks[dst_in_group], group=self.group)
 
@@ -117,12 +64,69 @@ class GroupCoordinator:
         dist.recv(x, src=self.ranks[src_in_group], group=self.group)
         return x
 
-    def broadcast(self, x: torch.Tensor, src_in_group: int = 0) -> torch.Tensor:
-        if self.size > 1:
-            dist.broadcast(x, src=self.ranks[src_in_group], group=self.group)
-        return x
-
 
 def single_rank_group() -> GroupCoordinator:
     """The trivial group of a rank that is alone in its dimension."""
     return GroupCoordinator([0], 0, None)
+
+
+@dataclass
+class RankGroups:
+    coords: RankCoords
+    tp: GroupCoordinator
+    pp: GroupCoordinator  # the ranks holding this tensor slice in every stage, in stage order
+    control: dist.ProcessGroup | None  # gloo over all ranks, for msgpack bytes
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout_s: float, listener: socket.socket | None = None) -> dist.TCPStore:
+    """torch.distributed's key-value store. Rank 0 hosts it on a socket bound to the master's
+    private address (`listener`, else one bound to master_addr:master_port): torch's own server
+    would listen on every interface. The other ranks connect, retrying until `timeout_s`."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+    sock = listener or bind_listener(master_addr, master_port)
+    port = sock.getsockname()[1]
+    # The store takes over the file descriptor (and closes it); the Python socket lets go of it.
+    return dist.TCPStore(master_addr, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach(), use_libuv=True)
+
+
+def init_rank_groups(
+    coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0,
+    listener: socket.socket | None = None,
+) -> RankGroups:
+    """Joins the world and builds the tp, pp and control groups (all ranks, same order).
+    Rank 0 may pass the socket it already listens on for the store (see `rendezvous_store`)."""
+    if coords.world_size == 1:
+        if listener is not None:
+            listener.close()
+        return RankGroups(coords, single_rank_group(), single_rank_group(), None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = rendezvous_store(coords.rank, coords.world_size, master_addr, master_port, timeout_s, listener)
+    dist.init_process_group(
+        backend=backend,
+        store=store,
+        rank=coords.rank,
+        world_size=coords.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    tp_size, pp_size = coords.tp_size, coords.pp_size
+    tp = pp = None
+    # new_group is collective: every rank creates every group, in the same order.
+    for stage in range(pp_size):
+        ranks = tp_group_ranks(stage, tp_size)
+        group = dist.new_group(ranks) if tp_size > 1 else None
+        if stage == coords.pp_rank:
+            tp = GroupCoordinator(ranks, coords.rank, group)
+    for t in range(tp_size):
+        ranks = pp_group_ranks(t, tp_size, pp_size)
+        group = dist.new_group(ranks) if pp_size > 1 else None
+        if t == coords.tp_rank:
+            pp = GroupCoordinator(ranks, coords.rank, group)
+    control = dist.new_group(list(range(coords.world_size)), backend="gloo") if backend != "gloo" else None
+    control = control or dist.group.WORLD
+    logger.info("rank %d joined: %s backend, tp group %s, pp group %s", coords.rank, backend, tp.ranks, pp.ranks)
+    return RankGroups(coords, tp, pp, control)

@@ -136,10 +136,18 @@ class StepResult:
     def decode(cls, data: bytes) -> StepResult:
         # strict_map_key=False: msgpack keys here are ints (sequence ids).
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        # msgpack has no tuples: the (token, logprob) pairs and prompt entries come back as lists.
         return cls(
             step_id=raw["step_id"],
-            sampled={int(k): SampledResult(**v) for k, v in raw["sampled"].items()},
-            prompt_logprobs={int(k): PromptLogprobs(**v) for k, v in raw["prompt_logprobs"].items()},
+            sampled={int(k): SampledResult(v["token_id"], v["logprob"], v["rank"], _pairs(v["top_logprobs"]))
+                     for k, v in raw["sampled"].items()},
+            prompt_logprobs={int(k): PromptLogprobs(v["start_pos"], [(lp, rank, _pairs(top))
+                                                                     for lp, rank, top in v["entries"]])
+                             for k, v in raw["prompt_logprobs"].items()},
             step_seconds=raw["step_seconds"],
             expert_load=raw.get("expert_load", []),
         )
+
+
+def _pairs(top: list) -> list[tuple[int, float]]:
+    return [(token, logprob) for token, logprob in top]

@@ -1,0 +1,202 @@
+"""The running engine, whichever backend hosts it: both classes implement
+strata.engine_protocol.Engine, so callers (the server, the offline LLM) never branch on the backend.
+
+`RayEngine` reserves the placement groups and starts the driver as an async Ray actor in bundle
+0 of stage 0; `LocalEngine` (the mp backend) builds the driver in this process. `start_engine`
+picks one from the config.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from strata.config import EngineConfig
+from strata.engine_protocol import Engine, EngineInfo, EngineRequest, RequestDelta
+from strata.model_facts import ModelFacts
+
+logger = logging.getLogger("strata")
+
+
+def ensure_ray(config: EngineConfig) -> None:
+    """Joins the cluster in `ray_address` / RAY_ADDRESS, or one already running on this machine;
+    else starts a local Ray sized so every rank gets its logical slot."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        logger.info("joined the Ray cluster running on this machine")
+    except ConnectionError:
+        # Logical CPUs are only accounting: tiny CPU models may run more ranks than cores.
+        num_cpus = max(os.cpu_count() or 1, config.world_size + 2)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
+        logger.info("started a local Ray (%d logical CPUs)", num_cpus)
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The actor's own exception: Ray wraps it in RayTaskError (ValueError must stay ValueError)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+class RayEngine:
+    """The driver as an async Ray actor; every method awaits the actor's."""
+
+    info: EngineInfo
+
+    def __init__(self, config: EngineConfig, facts: ModelFacts):
+        import ray
+        from strata.actors.driver import Driver
+        from strata.actors.executor import rank_env
+        from strata.placement.placement import reserve
+
+        ensure_ray(config)
+        self.placement = reserve(config)
+        opts = dict(self.placement.actor_resources(), scheduling_strategy=self.placement.strategy_for_rank(0),
+                    runtime_env={"env_vars": rank_env()}, max_concurrency=1000)
+        self.actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), facts.to_json(),
+                                                               self.placement)
+        try:
+            self.info = ray.get(self.actor.info.remote())
+        except Exception:
+            self.placement.release()
+            raise
+        self._closed = False
+
+    async def _stream(self, method, arg) -> AsyncIterator:
+        """The values of one of the actor's streaming generators, Ray's wrapping removed."""
+        try:
+            async for ref in method.remote(arg):
+                yield await ref
+        except Exception as err:  # noqa: BLE001 - re-raised, unwrapped
+            raise _unwrap(err) from None
+
+    def _abort_detached(self, request_ids) -> None:
+        """Sends aborts from a `finally` that may be unwinding a cancellation: submitted, not
+        awaited, and in an empty context (under Ray Serve the cancelled request's context would
+        make Ray cancel these calls too, as its children)."""
+
+        def send() -> None:
+            for request_id in request_ids:
+                self.actor.abort.remote(request_id)
+
+        try:
+            contextvars.Context().run(send)
+        except Exception:  # noqa: BLE001 - the actor may be gone; nothing left to free then
+            logger.warning("abort of %s failed", list(request_ids), exc_info=True)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestDelta]:
+        done = False  # the driver holds nothing more of it: finished, refused or failed
+        try:
+            async with aclosing(self._stream(self.actor.generate, request)) as deltas:
+                async for delta in deltas:
+                    done = delta.finished
+                    yield delta
+        except Exception:
+            done = True  # raised by the driver, whose own stream already cleaned up
+            raise
+        finally:
+            if not done:
+                self._abort_detached([request.request_id])
+
+    async def generate_batch(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestDelta]]:
+        pending = {r.request_id for r in requests}
+        try:
+            async with aclosing(self._stream(self.actor.generate_batch, requests)) as steps:
+                async for step in steps:
+                    for delta in step:
+                        if delta.finished:
+                            pending.discard(delta.request_id)
+                    yield step
+        except Exception:
+            pending.clear()  # raised by the driver, which aborted the unfinished ones
+            raise
+        finally:
+            if pending:
+                self._abort_detached(sorted(pending))
+
+    async def _call(self, method, *args):
+        try:
+            return await method.remote(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised, unwrapped
+            raise _unwrap(err) from None
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(self.actor.abort, request_id)
+
+    async def stats(self) -> dict:
+        return await self._call(self.actor.stats)
+
+    async def health(self) -> bool:
+        try:
+            return await self.actor.health.remote()
+        except Exception:  # noqa: BLE001 - an actor that cannot answer is not healthy
+            return False
+
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        return await self._call(self.actor.step_times)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            ray.get(self.actor.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - the actor may already be gone
+            pass
+        ray.kill(self.actor, no_restart=True)
+        self.placement.release()
+
+
+class LocalEngine:
+    """The mp backend: the driver lives in this process. Its async generators and methods run on
+    whatever event loop calls them."""
+
+    info: EngineInfo
+
+    def __init__(self, config: EngineConfig, facts: ModelFacts):
+        from strata.actors.driver import Driver
+
+        self.driver = Driver(config.model_dump_json(), facts.to_json(), placement=None)
+        self.info = self.driver.info()
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestDelta]:
+        return self.driver.generate(request)
+
+    def generate_batch(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestDelta]]:
+        return self.driver.generate_batch(requests)
+
+    async def abort(self, request_id: str) -> None:
+        self.driver.abort(request_id)
+
+    async def stats(self) -> dict:
+        return self.driver.stats()
+
+    async def health(self) -> bool:
+        return self.driver.health()
+
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        return self.driver.step_times()
+
+    def shutdown(self) -> None:
+        self.driver.shutdown()
+
+
+def start_engine(config: EngineConfig, facts: ModelFacts) -> Engine:
+    backend = config.distributed_executor_backend
+    if backend == "auto":
+        # Strata is a Ray application; mp is chosen by name, or by its multi-node settings.
+        backend = "mp" if config.nnodes > 1 else "ray"
+    logger.info("distributed executor backend: %s", backend)
+    return RayEngine(config, facts) if backend == "ray" else LocalEngine(config, facts)

@@ -1,0 +1,36 @@
+"""What a caller checks before sending a request to the engine (the server and `LLM` both, once
+per request): the engine trusts what it is sent, so a bad request fails here with a ValueError
+naming what is wrong, before anything is queued."""
+
+from __future__ import annotations
+
+from strata.engine_protocol import EngineInfo
+from strata.sampling_params import SamplingParams
+
+
+def tokenize_prompt(tokenizer, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+    """The prompt's token ids: `prompt_token_ids` when given, else the encoded text (with the
+    tokenizer's special tokens, e.g. bos). Raises ValueError without a usable prompt."""
+    if prompt_token_ids is not None:
+        return list(prompt_token_ids)
+    if not isinstance(prompt, str):
+        raise ValueError(f"A prompt must be a string or token ids, got {type(prompt).__name__}.")
+    if tokenizer is None:
+        raise ValueError("Text prompts need a tokenizer; with skip_tokenizer_init=True pass token ids.")
+    return tokenizer.encode(prompt)
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, info: EngineInfo,
+                  has_tokenizer: bool) -> None:
+    """Raises ValueError for a request the engine must not take."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("The prompt is empty; it needs at least one token.")
+    if n > info.max_model_len:
+        raise ValueError(f"The prompt has {n} tokens, more than max_model_len={info.max_model_len}.")
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < info.vocab_size)]
+    if bad:
+        raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {info.vocab_size}).")
+    params.verify_max_logprobs(info.max_logprobs)
+    if not has_tokenizer and params.stop:
+        raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init=True")

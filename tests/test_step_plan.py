@@ -1,0 +1,115 @@
+"""The wire types between ranks (strata/distributed/step_plan.py): what goes out as msgpack comes
+back equal, with sequence ids as int map keys, prompt logprobs entries as tuples, and no pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+
+import msgpack
+import pytest
+
+from strata.distributed.step_plan import (
+    Chunk,
+    NewSequence,
+    PromptLogprobs,
+    SampledResult,
+    SamplerOptions,
+    StepPlan,
+    StepResult,
+)
+from strata.sampling_params import SamplingParams
+
+BIG_SEQ_ID = 2**40 + 7  # sequence ids are counters: they outgrow 32 bits on a long-running server
+
+
+def a_plan() -> StepPlan:
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, seed=11, presence_penalty=0.5,
+                            frequency_penalty=-0.25, repetition_penalty=1.1, stop_token_ids=[7], min_tokens=2,
+                            logprobs=3, prompt_logprobs=1)
+    options = SamplerOptions.from_params(params, [2])
+    return StepPlan(
+        step_id=42,
+        chunks=[
+            Chunk(seq_id=3, start_pos=0, token_ids=[1, 2, 3, 4], block_table=[0, 5], samples=False,
+                  prompt_logprobs=1),
+            Chunk(seq_id=BIG_SEQ_ID, start_pos=17, token_ids=[9], block_table=[1, 2, 3], samples=True),
+        ],
+        new_sequences=[NewSequence(seq_id=3, prompt_token_ids=[1, 2, 3, 4, 5, 6], options=dataclasses.asdict(options))],
+        finished_seq_ids=[1, BIG_SEQ_ID - 1],
+        report_expert_load=True,
+    )
+
+
+def a_result() -> StepResult:
+    return StepResult(
+        step_id=42,
+        sampled={
+            3: SampledResult(token_id=17, logprob=-0.125, rank=1, top_logprobs=[(17, -0.125), (4, -2.5)]),
+            BIG_SEQ_ID: SampledResult(token_id=0, logprob=-math.inf, rank=50000, top_logprobs=[]),
+        },
+        prompt_logprobs={
+            3: PromptLogprobs(start_pos=0, entries=[(-1.5, 2, [(8, -0.75)]), (-0.0625, 1, [(3, -0.0625)])]),
+        },
+        step_seconds=0.0125,
+        expert_load=[{"layers": [0, 1], "per_expert": [[1, 2], [3, 4]], "per_rank": [[3], [7]]}],
+    )
+
+
+def test_step_plan_round_trip():
+    plan = a_plan()
+    back = StepPlan.decode(plan.encode())
+    assert back == plan
+    assert all(isinstance(c, Chunk) for c in back.chunks) and isinstance(back.new_sequences[0], NewSequence)
+    assert back.chunks[1].seq_id == BIG_SEQ_ID and back.chunks[0].prompt_logprobs == 1
+    # What the sampling rank rebuilds from the plan is the driver's SamplerOptions.
+    assert SamplerOptions(**back.new_sequences[0].options) == SamplerOptions(**plan.new_sequences[0].options)
+
+
+def test_shutdown_plan_round_trip():
+    plan = StepPlan(step_id=-1, kind="shutdown")
+    back = StepPlan.decode(plan.encode())
+    assert back == plan and back.kind == "shutdown" and back.chunks == [] and back.new_sequences == []
+    assert back.report_expert_load is False
+
+
+def test_step_result_round_trip_with_int_keys_and_tuples():
+    result = a_result()
+    back = StepResult.decode(result.encode())
+    assert back == result
+    assert list(back.sampled) == [3, BIG_SEQ_ID] and all(isinstance(k, int) for k in back.prompt_logprobs)
+    assert back.sampled[3].top_logprobs == [(17, -0.125), (4, -2.5)]
+    assert all(isinstance(p, tuple) for p in back.sampled[3].top_logprobs)
+    entry = back.prompt_logprobs[3].entries[0]
+    assert isinstance(entry, tuple) and entry == (-1.5, 2, [(8, -0.75)]) and isinstance(entry[2][0], tuple)
+    assert back.sampled[BIG_SEQ_ID].logprob == -math.inf
+
+
+def test_empty_step_result_round_trip():
+    result = StepResult(step_id=7)
+    assert StepResult.decode(result.encode()) == result
+
+
+def test_sampler_options_from_params():
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, seed=11, presence_penalty=0.5,
+                            frequency_penalty=-0.25, repetition_penalty=1.1, stop_token_ids=[7], min_tokens=2,
+                            logprobs=3, prompt_logprobs=1)
+    opts = SamplerOptions.from_params(params, [2, 7])
+    assert opts == SamplerOptions(temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, seed=11, presence_penalty=0.5,
+                                  frequency_penalty=-0.25, repetition_penalty=1.1, min_tokens=2,
+                                  stop_token_ids=[7, 2], logprobs=3, prompt_logprobs=1)
+    # Greedy is temperature 0 for the sampler; an ignored eos is not a stop token.
+    greedy = SamplerOptions.from_params(SamplingParams(temperature=0.0, ignore_eos=True, top_k=5), (2,))
+    assert (greedy.temperature, greedy.top_k, greedy.stop_token_ids) == (0.0, 0, [])
+    # Plain types only, so the options travel inside a plan.
+    raw = msgpack.unpackb(msgpack.packb(dataclasses.asdict(opts)), raw=False)
+    assert SamplerOptions(**raw) == opts
+
+
+def test_decode_never_unpickles():
+    """A pickle on the wire is code execution; the decoders read msgpack only."""
+    with pytest.raises((ValueError, TypeError, msgpack.exceptions.ExtraData)):
+        StepPlan.decode(pickle.dumps(a_plan()))
+    with pytest.raises((ValueError, TypeError, msgpack.exceptions.ExtraData)):
+        StepResult.decode(pickle.dumps(a_result()))
