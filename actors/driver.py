@@ -14,13 +14,13 @@ import logging
 import threading
 
 import torch
+
 from strata.actors.engine.engine_core import EngineCore
 from strata.actors.engine.engine_loop import EngineLoop
 from strata.actors.executor import DriverExecutor, rank_launcher
 from strata.actors.nodes.rendezvous import HeadRendezvous, hello_for
 from strata.actors.startup_log import log_startup
 from strata.actors.worker.rank import RankWorker
-
 from strata.config import EngineConfig
 from strata.distributed.sockets import bind_listener
 from strata.engine_protocol import EngineInfo

@@ -16,9 +16,9 @@ import signal
 
 import msgpack
 import torch
+
 from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST
 from strata.actors.worker.rank import RankWorker
-
 from strata.config import EngineConfig
 from strata.distributed.channel import PendingSends, isend_bytes, recv_bytes
 from strata.distributed.rank_layout import ranks_of_node, sampler_rank, stage_leader

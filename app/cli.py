@@ -34,12 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--distributed-executor-backend", choices=["auto", "ray", "mp"], default="auto")
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.set_defaults(func=_demo)
-    try:
-        from strata.app.serve_cli import add_serve_parser
-    except ImportError:  # the server's module is optional until it lands
-        pass
-    else:
-        add_serve_parser(sub)
+    from strata.app.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
     from strata.app.doctor import add_doctor_parser
 
     add_doctor_parser(sub)

@@ -55,6 +55,7 @@ class RayEngine:
 
     def __init__(self, config: EngineConfig, facts: ModelFacts):
         import ray
+
         from strata.actors.driver import Driver
         from strata.actors.executor import rank_env
         from strata.placement.placement import reserve

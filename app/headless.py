@@ -19,10 +19,10 @@ import threading
 import time
 
 import torch
+
 from strata.actors.executor import MpRankLauncher
 from strata.actors.nodes.node_messages import RendezvousError
 from strata.actors.nodes.rendezvous import HeadConnection, hello_for, join_head
-
 from strata.config import EngineConfig
 from strata.distributed.rank_layout import ranks_of_node
 from strata.model_facts import ModelFacts

@@ -16,12 +16,12 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from tqdm import tqdm
+
 from strata.app.engines import start_engine
 from strata.app.model_source import load_tokenizer, preflight
 from strata.app.output.processor import OutputProcessor, RequestProcessor
 from strata.app.request_check import check_request, tokenize_prompt
-from tqdm import tqdm
-
 from strata.config import EngineConfig, describe_validation_error
 from strata.engine_protocol import Engine
 from strata.outputs import RequestOutput

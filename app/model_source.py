@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 
-from strata.app.bundled_model import BUNDLED_MODEL_NAME, ensure_bundled_model
-from strata.model.architectures.partition import check_partition, even_layer_partition
-from strata.model.architectures.registry import check_tp_compatible, get_model_class
 from transformers import AutoConfig, AutoTokenizer
 
+from strata.app.bundled_model import BUNDLED_MODEL_NAME, ensure_bundled_model
 from strata.config import EngineConfig
+from strata.model.architectures.partition import check_partition, even_layer_partition
+from strata.model.architectures.registry import check_tp_compatible, get_model_class
 from strata.model_facts import ModelFacts
 
 PARTITION_ENV = "STRATA_PP_LAYER_PARTITION"

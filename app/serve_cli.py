@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
-from strata.app.server.settings import API_KEY_ENV, ServerSettings
 
+from strata.app.server.settings import API_KEY_ENV, ServerSettings
 from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")

@@ -16,12 +16,13 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from strata.model.architectures.registry import check_tp_compatible, get_model_class
-from strata.model.context import ModelContext
-from strata.model.layers.linear import LoadedSlice
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
+
+from strata.model.architectures.registry import check_tp_compatible, get_model_class
+from strata.model.context import ModelContext
+from strata.model.layers.linear import LoadedSlice
 
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 INDEX_FILE = "model.safetensors.index.json"

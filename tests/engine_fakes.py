@@ -7,7 +7,6 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from strata.actors.engine.engine_core import EngineCore
-
 from strata.config import EngineConfig
 from strata.distributed.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from strata.model.layers.attention import AttentionMetadata
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +23,7 @@ from transformers import (
 
 from strata.distributed.process_groups import GroupCoordinator
 from strata.distributed.rank_layout import tp_group_ranks
+from strata.model.layers.attention import AttentionMetadata
 
 CONFIGS: dict[str, tuple[type[PretrainedConfig], str]] = {
     "llama": (LlamaConfig, "LlamaForCausalLM"),

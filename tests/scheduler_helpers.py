@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence
-
 from strata.sampling_params import SamplingParams
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.sequence import Sequence
-
 from strata.sampling_params import SamplingParams
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker, find_stop, releasable_len
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker, find_stop, releasable_len
 
 EOS = "<|eos|>"
 WORDS = [

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import msgpack
 import pytest
-from strata.actors.engine.sequence import SequenceStatus
 
+from strata.actors.engine.sequence import SequenceStatus
 from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs
 from strata.sampling_params import SamplingParams
 from tests.engine_fakes import (

@@ -8,9 +8,9 @@ import inspect
 import time
 
 import pytest
+
 from strata.actors.engine.engine_loop import EngineLoop
 from strata.app.engines import LocalEngine, RayEngine
-
 from strata.engine_protocol import Engine, EngineInfo, RequestDelta
 from tests.engine_fakes import FakeExecutor, make_engine, request
 

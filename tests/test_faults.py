@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from strata.actors.worker.rank import FAIL_RANK_ENV
 
 from strata import LLM, SamplingParams
+from strata.actors.worker.rank import FAIL_RANK_ENV
 
 
 def _placement_groups_alive(ray) -> int:

@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from strata.distributed.process_groups import single_rank_group
 from strata.model.context import ModelContext
 from strata.model.layers.attention import AttentionMetadata
 from strata.model.loader import load_model
-
-from strata.distributed.process_groups import single_rank_group
 from tests.model_factory import (
     LLAMA3_ROPE,
     NUM_DECODE,

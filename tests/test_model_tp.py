@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import PretrainedConfig
+
+from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from strata.model.architectures.llama import head_dim_of
 from strata.model.architectures.partition import check_partition, even_layer_partition, layer_range_for_stage
 from strata.model.architectures.registry import check_tp_compatible
 from strata.model.context import ModelContext
 from strata.model.layers.attention import AttentionMetadata
 from strata.model.loader import load_model
-from transformers import PretrainedConfig
-
-from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from tests.model_factory import (
     NUM_DECODE,
     PROMPTS,

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from strata.model.architectures.registry import check_tp_compatible
 from strata.model.context import ModelContext
 from strata.model.loader import load_model
-
-from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from tests.model_factory import (
     NUM_DECODE,
     PROMPTS,

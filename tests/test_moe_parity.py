@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from strata.model.context import ModelContext
-from strata.model.loader import load_model
 
 from strata.distributed.process_groups import single_rank_group
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
 from tests.model_factory import (
     NUM_DECODE,
     PROMPTS,

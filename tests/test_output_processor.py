@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from strata.app.output.processor import CompletionUpdate, OutputProcessor, RequestProcessor
-from strata.app.request_check import check_request
 from transformers import AutoTokenizer
 
+from strata.app.output.processor import CompletionUpdate, OutputProcessor, RequestProcessor
+from strata.app.request_check import check_request
 from strata.engine_protocol import EngineInfo, EngineRequest, RequestDelta, TokenLogprobs
 from strata.sampling_params import SamplingParams
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from strata.placement.placement import PlacementError
 
 from strata import LLM
+from strata.placement.placement import PlacementError
 
 
 def test_more_ranks_than_any_node_fails_within_seconds(ray_cluster, tiny_models):
@@ -37,9 +37,8 @@ def test_busy_cluster_fails_within_the_timeout(ray_cluster, tiny_models):
 
 
 def test_stage_0_goes_to_the_driver_node_or_the_head_when_it_has_room():
-    from strata.placement.placement import NodeCapacity, check_fits, pick_driver_node
-
     from strata.config import EngineConfig
+    from strata.placement.placement import NodeCapacity, check_fits, pick_driver_node
 
     head = NodeCapacity("h", "10.0.0.1", gpus=0, cpus=2, is_head=True)
     worker = NodeCapacity("w", "10.0.0.2", gpus=0, cpus=2)
@@ -61,9 +60,8 @@ def test_stage_0_goes_to_the_driver_node_or_the_head_when_it_has_room():
 
 def test_each_rank_gets_its_stage_group_and_tensor_bundle():
     """Bundle i of stage k's group hosts the rank at (pp_rank=k, tp_rank=i) of the rank layout."""
-    from strata.placement.placement import StagePlacement
-
     from strata.distributed.rank_layout import rank_coords
+    from strata.placement.placement import StagePlacement
 
     groups = ["stage-0", "stage-1", "stage-2"]  # stand-ins: the strategy only carries the group
     placement = StagePlacement("CPU", groups, tp_size=2)

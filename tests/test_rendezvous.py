@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
+
 from strata.actors.nodes.node_facts import NodeFacts, package_versions
 from strata.actors.nodes.node_messages import Hello, RendezvousError
 from strata.actors.nodes.rendezvous import HeadRendezvous, join_head
-
 from strata.distributed.rank_layout import ranks_of_node
 
 LOOPBACK = "127.0.0.1"

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from strata.model.sampler import Sampler, SequenceSamplingState
 
 from strata.distributed.step_plan import SamplerOptions
+from strata.model.sampler import Sampler, SequenceSamplingState
 
 V = 64
 

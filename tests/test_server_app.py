@@ -12,9 +12,9 @@ import json
 
 import httpx
 import pytest
+
 from strata.app.server.api import build_app
 from strata.app.server.settings import ServerSettings
-
 from tests.server_fixtures import FakeEngine, char_tokenizer, letter_id
 
 
@@ -350,9 +350,7 @@ async def test_metrics_and_version():
 
 
 def test_the_serve_app_binds_its_engine_factory():
-    pytest.importorskip("ray.serve")
     from strata.app.server.serve_app import ingress_app
-
     from strata.config import EngineConfig
 
     def factory(config, facts):  # pragma: no cover - never started here
@@ -367,9 +365,7 @@ def test_the_serve_app_binds_its_engine_factory():
 async def test_the_serve_replica_starts_its_engine_through_the_factory(smollm2_dir):
     """The replica class in-process (no Ray): preflight, the tokenizer, the injected engine, the
     app on top; its health check asks the engine; deleting it shuts the engine down."""
-    pytest.importorskip("ray.serve")
     from strata.app.server.serve_app import StrataIngress
-
     from strata.config import EngineConfig
 
     started = []
@@ -450,7 +446,6 @@ def test_multi_node_mp_flags_build_the_config():
 
 
 def test_serve_yaml_args_split_and_reject_unknown():
-    pytest.importorskip("ray.serve")
     from strata.app.server.serve_app import split_args
 
     config, settings = split_args({"max-model-len": 2048, "served_model_name": "x", "api_key": "k"})

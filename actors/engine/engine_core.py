@@ -24,7 +24,6 @@ from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.expert_load import ExpertLoad
 from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
-
 from strata.config import EngineConfig
 from strata.distributed.step_plan import Chunk, NewSequence, SampledResult, SamplerOptions, StepPlan, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs

@@ -18,7 +18,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 from strata.actors.engine.engine_core import EngineCore
-
 from strata.engine_protocol import EngineRequest, RequestDelta
 
 logger = logging.getLogger("strata")

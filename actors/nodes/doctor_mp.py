@@ -14,13 +14,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from strata.actors.nodes.doctor_report import DoctorReport, NodeReport, PairReport
 from strata.actors.nodes.link_check import LinkResult, nccl_transport, pair_rounds, result_of, timed_all_reduce
 from strata.actors.nodes.node_address import set_socket_ifname_for
 from strata.actors.nodes.node_facts import NodeFacts, this_node
 from strata.actors.nodes.node_messages import Hello, RendezvousError
 from strata.actors.nodes.rendezvous import HeadRendezvous, join_head
-
 from strata.distributed.channel import all_gather_msgpack
 from strata.distributed.process_groups import rendezvous_store
 from strata.distributed.sockets import bind_listener

@@ -14,6 +14,7 @@ import os
 import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from strata.actors.executor import rank_env
 from strata.actors.nodes.doctor_report import DoctorReport, NodeReport, PairReport
 from strata.actors.nodes.link_check import LinkResult, PairEndpoint, pair_rounds

@@ -18,8 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
-from strata.actors.nodes.node_address import set_socket_ifname_for
 
+from strata.actors.nodes.node_address import set_socket_ifname_for
 from strata.distributed.process_groups import rendezvous_store
 from strata.distributed.sockets import bind_listener
 

@@ -12,6 +12,7 @@ import socket
 from importlib import metadata
 
 from pydantic import BaseModel
+
 from strata.actors.nodes.node_address import interface_for_address, node_ip
 
 # Packages whose versions must agree on every node.

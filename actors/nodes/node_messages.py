@@ -11,6 +11,7 @@ import struct
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
 from strata.actors.nodes.node_facts import NodeFacts
 
 Purpose = Literal["serve", "doctor"]

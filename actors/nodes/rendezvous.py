@@ -31,7 +31,6 @@ from strata.actors.nodes.node_messages import (
     recv_msg,
     send_msg,
 )
-
 from strata.config import EngineConfig
 from strata.distributed.sockets import bind_listener
 

@@ -12,9 +12,9 @@ import logging
 import math
 
 import torch
-from strata.model.layers.attention import AttentionMetadata
 
 from strata.config import EngineConfig
+from strata.model.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("strata")
 

@@ -11,12 +11,12 @@ import collections
 import time
 
 import torch
-from strata.model.layers.attention import AttentionMetadata
-from strata.model.sampler import Sampler, SequenceSamplingState
 
 from strata.distributed.channel import PendingSends
 from strata.distributed.process_groups import RankGroups
 from strata.distributed.step_plan import PromptLogprobs, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.model.layers.attention import AttentionMetadata
+from strata.model.sampler import Sampler, SequenceSamplingState
 
 
 class ModelRunner:

@@ -17,20 +17,20 @@ import time
 
 import msgpack
 import torch
+from transformers import AutoConfig
+
 from strata.actors.nodes.node_address import node_ip, set_socket_ifname_for
 from strata.actors.worker.host_memory import PeakAnonMemory
 from strata.actors.worker.kv_cache import allocate_kv_caches, profile_num_blocks
 from strata.actors.worker.model_runner import ModelRunner
-from strata.model.architectures.partition import layer_range_for_stage
-from strata.model.context import ModelContext
-from strata.model.loader import load_model
-from transformers import AutoConfig
-
 from strata.config import EngineConfig
 from strata.distributed.channel import all_gather_msgpack, all_reduce_min, isend_bytes, recv_bytes
 from strata.distributed.process_groups import init_rank_groups
 from strata.distributed.rank_layout import rank_coords
 from strata.distributed.step_plan import StepPlan
+from strata.model.architectures.partition import layer_range_for_stage
+from strata.model.context import ModelContext
+from strata.model.loader import load_model
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")

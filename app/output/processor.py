@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.app.output.detokenizer import IncrementalDetokenizer, StopChecker
-
 from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs
 from strata.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from strata.sampling_params import SamplingParams

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+
 from strata.app.output.processor import OutputProcessor
 from strata.app.server.chat import ChatServing
 from strata.app.server.completions import CompletionServing
@@ -38,7 +39,6 @@ from strata.app.server.protocol import (
 )
 from strata.app.server.settings import ServerSettings
 from strata.app.server.tokenizer import ServerTokenizer
-
 from strata.engine_protocol import Engine
 
 logger = logging.getLogger("strata.server")

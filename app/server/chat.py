@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
+
 from strata.app.output.processor import CompletionUpdate
 from strata.app.server.errors import bad_request
 from strata.app.server.protocol import (
@@ -38,7 +39,6 @@ from strata.app.server.serving import (
     usage,
 )
 from strata.app.server.streaming import sse, sse_stream
-
 from strata.outputs import PositionLogprobs
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit

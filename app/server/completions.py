@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi.responses import StreamingResponse
+
 from strata.app.server.errors import bad_request
 from strata.app.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from strata.app.server.serving import (
@@ -25,7 +26,6 @@ from strata.app.server.serving import (
     usage,
 )
 from strata.app.server.streaming import sse, sse_stream
-
 from strata.outputs import PositionLogprobs, RequestOutput
 
 

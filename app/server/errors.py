@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from strata.app.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("strata.server")

@@ -18,7 +18,6 @@ import threading
 
 from strata.app.model_source import preflight
 from strata.app.server.settings import ServerSettings
-
 from strata.config import EngineConfig
 from strata.model_facts import ModelFacts
 
@@ -51,6 +50,7 @@ def _raise_interrupt(*_: object) -> None:
 def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     import ray
     from ray import serve
+
     from strata.app.ray_serve_support import check_driver_node, ensure_ray
     from strata.app.server.serve_app import APP_NAME, ingress_app
 
@@ -99,6 +99,7 @@ def _stop_serve(app_name: str) -> None:
 
 def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     import uvicorn
+
     from strata.app.engines import start_engine
     from strata.app.model_source import load_tokenizer
     from strata.app.ray_serve_support import engine_start_errors

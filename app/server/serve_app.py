@@ -19,11 +19,11 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+
 from strata.app.model_source import load_tokenizer, preflight
 from strata.app.server.api import build_app as build_fastapi_app
 from strata.app.server.engine_client import EngineClient
 from strata.app.server.settings import ServerSettings
-
 from strata.config import EngineConfig, describe_validation_error
 from strata.engine_protocol import Engine
 from strata.model_facts import ModelFacts

@@ -26,7 +26,6 @@ from strata.app.server.protocol import SamplingFields, UsageInfo
 from strata.app.server.settings import ServerSettings
 from strata.app.server.streaming import merge, peek
 from strata.app.server.tokenizer import ServerTokenizer
-
 from strata.engine_protocol import EngineRequest
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from typing import TypeVar
 
 from pydantic import BaseModel
+
 from strata.app.server.errors import APIError, error_body, from_value_error
 
 logger = logging.getLogger("strata.server")

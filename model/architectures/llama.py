@@ -12,6 +12,9 @@ import re
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
+from transformers import PretrainedConfig
+
 from strata.model.architectures.partition import even_layer_partition, layer_range_for_stage
 from strata.model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
 from strata.model.context import ModelContext
@@ -21,8 +24,6 @@ from strata.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.model.layers.linear import LoadedSlice, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.model.layers.norm import RMSNorm
 from strata.model.layers.rotary import RotaryEmbedding
-from torch import nn
-from transformers import PretrainedConfig
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 

@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers import PretrainedConfig
+
 from strata.model.architectures.llama import LlamaForCausalLM, LlamaMLP
 from strata.model.architectures.weights import ShardId
 from strata.model.context import ModelContext
 from strata.model.layers.moe import ExpertShard, FusedMoE, SparseMoeBlock
-from torch import nn
-from transformers import PretrainedConfig
 
 # Per-expert tensors (Qwen names; Mixtral's are renamed to these first) and the stacked tensors
 # transformers 5 uses in memory: `experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I].

@@ -8,8 +8,9 @@ layers (mlp_only_layers, decoder_sparse_step); see `model.architectures.moe_base
 
 from __future__ import annotations
 
-from strata.model.architectures.moe_base import MoeForCausalLM
 from transformers import PretrainedConfig
+
+from strata.model.architectures.moe_base import MoeForCausalLM
 
 
 class Qwen2MoeForCausalLM(MoeForCausalLM):

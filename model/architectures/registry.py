@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
 from strata.model.architectures.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -11,7 +13,6 @@ from strata.model.architectures.llama import (
 from strata.model.architectures.mixtral import MixtralForCausalLM
 from strata.model.architectures.moe_base import has_dense_layers, moe_shape
 from strata.model.architectures.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
-from transformers import PretrainedConfig
 
 _MODELS: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from strata.model.layers.linear import LoadedSlice, default_weight_loader
 from torch import nn
+
+from strata.model.layers.linear import LoadedSlice, default_weight_loader
 
 ShardId = Any  # str for qkv ("q", "k", "v"), int for merged column layers, None for plain ones
 PackedModules = dict[str, tuple[str, ShardId]]

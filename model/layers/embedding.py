@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from strata.model.context import ModelContext
 from strata.model.layers.linear import LoadedSlice, copy_checked, read_narrow, slice_shape
-from torch import nn
 
 VOCAB_PAD_MULTIPLE = 64
 

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from strata.model.context import ModelContext
 from torch import nn
+
+from strata.model.context import ModelContext
 
 
 class LoadedSlice(Protocol):

@@ -18,10 +18,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from strata.model.context import ModelContext
 from strata.model.layers.linear import LoadedSlice, ReplicatedLinear, copy_checked, read_narrow, slice_shape
 from strata.model.layers.moe_router import TopKRouter
-from torch import nn
 
 ExpertPart = Literal["gate", "up", "down", "gate_up"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from strata.model.context import ModelContext
 from strata.model.layers.linear import ReplicatedLinear
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import overload
 
 import torch
+from torch import nn
+
 from strata.model.context import ModelContext
 from strata.model.layers.linear import default_weight_loader
-from torch import nn
 
 
 class RMSNorm(nn.Module):
