@@ -94,7 +94,7 @@ class Driver(EngineLoop):
     def _meet_nodes(self):
         """Where torch.distributed's store listens (this node's private address, a socket bound
         now so no other process takes the port); with the mp backend across nodes, node 0's
-        --master-addr, once every other node has joined (see actors/rendezvous.py)."""
+        --master-addr, once every other node has joined (see actors/nodes/rendezvous.py)."""
         config = self.config
         if config.nnodes == 1:
             master_addr = self.worker.node_ip()

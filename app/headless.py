@@ -1,6 +1,6 @@
 """A headless node of the mp backend across nodes: `strata serve ... --node-rank K --headless`.
 
-It hosts no driver and serves no API. It joins node 0 (actors/rendezvous.py), starts this node's
+It hosts no driver and serves no API. It joins node 0 (actors/nodes/rendezvous.py), starts this node's
 ranks as local processes (node K of N runs ranks K*W/N .. (K+1)*W/N - 1, device index = the
 rank's place on the node), and watches. It exits 0 when the head shut down cleanly (its ranks
 got the shutdown plan), and 1 with a message when the head went away or a rank died: a node

@@ -36,7 +36,7 @@ T = TypeVar("T")
 class LLM:
     """Loads a model across `tensor_parallel_size x pipeline_parallel_size` ranks and generates.
 
-    Every keyword is an EngineConfig field (see app/config.py); unknown or invalid ones raise
+    Every keyword is an EngineConfig field (see strata/config.py); unknown or invalid ones raise
     ValueError naming the argument and what is allowed, before anything starts.
 
     The engine sees token ids only: this process tokenizes, validates each prompt, fans out n,

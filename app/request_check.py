@@ -4,7 +4,7 @@ naming what is wrong, before anything is queued."""
 
 from __future__ import annotations
 
-from strata.engine_protocol import EngineInfo
+from strata.engine_protocol import EngineInfo, check_prompt
 from strata.sampling_params import SamplingParams
 
 
@@ -23,14 +23,7 @@ def tokenize_prompt(tokenizer, prompt: str | None, prompt_token_ids: list[int] |
 def check_request(prompt_token_ids: list[int], params: SamplingParams, info: EngineInfo,
                   has_tokenizer: bool) -> None:
     """Raises ValueError for a request the engine must not take."""
-    n = len(prompt_token_ids)
-    if n == 0:
-        raise ValueError("The prompt is empty; it needs at least one token.")
-    if n > info.max_model_len:
-        raise ValueError(f"The prompt has {n} tokens, more than max_model_len={info.max_model_len}.")
-    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < info.vocab_size)]
-    if bad:
-        raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {info.vocab_size}).")
-    params.verify_max_logprobs(info.max_logprobs)
+    check_prompt(prompt_token_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                 max_logprobs=info.max_logprobs)
     if not has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init=True")

@@ -69,6 +69,22 @@ class RequestDelta:
         return self.finish_reason is not None
 
 
+def check_prompt(prompt_token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int,
+                 max_logprobs: int) -> None:
+    """Raises ValueError for a request no engine with these limits may take. Callers check it
+    before sending (strata.app.request_check); the engine checks it again as its last line of
+    defence, so a caller that skipped it cannot fail a step that other requests share."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("The prompt is empty; it needs at least one token.")
+    if n > max_model_len:
+        raise ValueError(f"The prompt has {n} tokens, more than max_model_len={max_model_len}.")
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+    params.verify_max_logprobs(max_logprobs)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """Facts about a started engine that callers validate against."""

@@ -58,19 +58,19 @@ def test_generate_streams_deltas_until_the_final_one(loop_of) -> None:
 
 
 def test_a_refused_request_raises_before_any_delta(loop_of) -> None:
-    loop = loop_of()
+    loop = loop_of(SlowExecutor())  # the first "dup" is still running when the second arrives
     with pytest.raises(ValueError, match="n=3"):
         asyncio.run(_collect(loop.generate(request("a", n=3))))
 
     async def duplicate() -> list[RequestDelta]:
-        first = loop.generate(request("dup", max_tokens=20))
+        first = loop.generate(request("dup", max_tokens=200, ignore_eos=True))
         first_delta = await first.__anext__()
         with pytest.raises(ValueError, match="already running"):
             await _collect(loop.generate(request("dup")))
         return [first_delta, *await _collect(first)]  # the refused one did not abort the first
 
     deltas = asyncio.run(duplicate())
-    assert len(deltas) == 20 and deltas[-1].finish_reason == "length"
+    assert len(deltas) == 200 and deltas[-1].finish_reason == "length"
 
 
 def test_a_consumer_that_leaves_aborts_its_request(loop_of) -> None:

@@ -26,7 +26,7 @@ from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, Scheduler
 from strata.actors.engine.sequence import Sequence, SequenceStatus
 from strata.config import EngineConfig
 from strata.distributed.step_plan import Chunk, NewSequence, SampledResult, SamplerOptions, StepPlan, StepResult
-from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs
+from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, check_prompt
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -76,15 +76,8 @@ class EngineCore:
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one completion per request; "
                              "send n requests instead.")
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("The prompt is empty; it needs at least one token.")
-        if n > self.max_model_len:
-            raise ValueError(f"The prompt has {n} tokens, more than max_model_len={self.max_model_len}.")
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
-        params.verify_max_logprobs(self.config.max_logprobs)
+        check_prompt(prompt_token_ids, params, max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+                     max_logprobs=self.config.max_logprobs)
 
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self._seqs:
