@@ -25,6 +25,9 @@ class ModelContext:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     enable_expert_parallel: bool = False  # read by MoE layers: whole experts per rank
+    # Registered name of the attention backend (strata.model.layers.attention_backend); None: the
+    # default for `device` (the reference, gather + SDPA, which is the CPU oracle).
+    attention_backend: str | None = None
 
     @property
     def tp_rank(self) -> int:

@@ -1,5 +1,6 @@
 """A fake executor for EngineCore tests: no model, tokens from a rule, plans and results through
-their msgpack wire form (so what the engine sends is what ranks would get)."""
+their msgpack wire form (so what the engine sends is what ranks would get), plans applied to a
+rank's PersistentBatch (so the engine's changes must add up to what a rank needs)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from strata.actors.engine.engine_core import EngineCore
+from strata.actors.worker.persistent_batch import PersistentBatch, StepInputs
 from strata.config import EngineConfig
 from strata.distributed.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta
@@ -35,6 +37,9 @@ class FakeExecutor:
         self.pipelined = pipelined
         self.fail_at = fail_at
         self.plans: list[StepPlan] = []
+        self.inputs: list[StepInputs] = []  # what the rank's persistent batch made of each plan
+        self.batch: PersistentBatch | None = None  # made at the first plan, when block_size is known
+        self.block_size = 4
         self.prompts: dict[int, list[int]] = {}
         self.announcements: Counter[int] = Counter()
         self.dropped: list[int] = []  # finished_seq_ids, in the order plans carried them
@@ -58,22 +63,28 @@ class FakeExecutor:
 
     def _run(self, plan: StepPlan) -> StepResult:
         result = StepResult(plan.step_id, step_seconds=0.001)
-        self.dropped += plan.finished_seq_ids
+        self.dropped += plan.finished_seq_ids.tolist()
         for new in plan.new_sequences:
-            self.prompts[new.seq_id] = new.prompt_token_ids
+            self.prompts[new.seq_id] = new.prompt_token_ids.tolist()
             self.announcements[new.seq_id] += 1
-        for c in plan.chunks:
-            end = c.start_pos + len(c.token_ids)
-            if c.prompt_logprobs is not None:
-                prompt = self.prompts[c.seq_id]
-                usable = max(0, min(len(c.token_ids), len(prompt) - 1 - c.start_pos))
+        if self.batch is None:
+            self.batch = PersistentBatch(self.block_size, max_num_seqs=2, max_blocks_per_seq=2,
+                                         max_tokens_per_seq=4)  # small, so that it grows
+        inputs = self.batch.apply(plan)
+        self.inputs.append(inputs)
+        for i, seq_id in enumerate(inputs.seq_ids.tolist()):
+            start, n = int(inputs.start_positions[i]), int(inputs.query_lens[i])
+            top = inputs.prompt_logprobs[i]
+            if top is not None:
+                prompt = self.prompts[seq_id]
+                usable = max(0, min(n, len(prompt) - 1 - start))
                 if usable:
-                    positions = range(c.start_pos + 1, c.start_pos + 1 + usable)
-                    result.prompt_logprobs[c.seq_id] = PromptLogprobs(
-                        c.start_pos, [(prompt_logprob(p), 1, [(prompt[p], prompt_logprob(p))]) for p in positions])
-            if c.samples:
-                tok = self.token_for(c.seq_id, end)
-                result.sampled[c.seq_id] = SampledResult(tok, -0.5, 2, [(3, -0.1), (tok, -0.5)])
+                    positions = range(start + 1, start + 1 + usable)
+                    result.prompt_logprobs[seq_id] = PromptLogprobs(
+                        start, [(prompt_logprob(p), 1, [(prompt[p], prompt_logprob(p))]) for p in positions])
+            if inputs.samples[i]:
+                tok = self.token_for(seq_id, start + n)
+                result.sampled[seq_id] = SampledResult(tok, -0.5, 2, [(3, -0.1), (tok, -0.5)])
         return result
 
 
@@ -81,7 +92,9 @@ def make_engine(executor: FakeExecutor | None = None, *, max_model_len: int = 64
                 block_size: int = 4, **config) -> EngineCore:
     config.setdefault("max_num_batched_tokens", 64)
     cfg = EngineConfig(block_size=block_size, **config)
-    return EngineCore(cfg, executor or FakeExecutor(), vocab_size=VOCAB, eos_token_ids=[EOS],
+    executor = executor or FakeExecutor()
+    executor.block_size = block_size
+    return EngineCore(cfg, executor, vocab_size=VOCAB, eos_token_ids=[EOS],
                       max_model_len=max_model_len, num_blocks=num_blocks)
 
 

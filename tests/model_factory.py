@@ -23,6 +23,7 @@ from transformers import (
 
 from strata.distributed.process_groups import GroupCoordinator
 from strata.distributed.rank_layout import tp_group_ranks
+from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.layers.attention import AttentionMetadata
 
 CONFIGS: dict[str, tuple[type[PretrainedConfig], str]] = {
@@ -161,7 +162,7 @@ class Driver:
         ids = torch.tensor([t for _, toks, _ in batch for t in toks], device=self.device)
         out: Any = None
         for model, caches in zip(self.stages, self.caches, strict=True):
-            out = model(ids, positions, caches, attn, out if isinstance(out, dict) else None)
+            out = model(ids, positions, caches, attn, out if isinstance(out, IntermediateTensors) else None)
         return self.stages[-1].compute_logits(out).cpu()
 
 

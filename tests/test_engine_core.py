@@ -4,9 +4,7 @@ what the engine sends per step (which must not grow with a request's length)."""
 from __future__ import annotations
 
 import pickle
-from dataclasses import asdict
 
-import msgpack
 import pytest
 
 from strata.actors.engine.sequence import SequenceStatus
@@ -33,7 +31,7 @@ def test_deltas_carry_only_the_new_tokens() -> None:
     # No delta for the two prefill chunks that do not sample; then one token per step.
     assert len(steps) == 7 and steps[0] == [] and steps[1] == []
     assert [len(d.token_ids) for d in deltas] == [1] * 5
-    seq_id = engine.executor.plans[0].chunks[0].seq_id
+    seq_id = int(engine.executor.plans[0].seq_ids[0])
     assert tokens(deltas) == [default_token(seq_id, 10 + k) for k in range(5)]
     assert [d.finish_reason for d in deltas] == [None] * 4 + ["length"]
     assert all(d.logprobs is None and d.prompt_logprobs is None for d in deltas)
@@ -112,8 +110,8 @@ def test_finished_sequences_are_dropped_by_the_next_plan_once() -> None:
     engine.add_request(request("short", max_tokens=1))
     engine.add_request(request("long", max_tokens=5))
     run(engine)
-    short_id, long_id = (c.seq_id for c in executor.plans[0].chunks)
-    assert executor.plans[1].finished_seq_ids == [short_id]
+    short_id, long_id = executor.plans[0].seq_ids.tolist()
+    assert executor.plans[1].finished_seq_ids.tolist() == [short_id]
     assert executor.dropped == [short_id]  # "long" finished last: no plan came after it
     engine.add_request(request("next", max_tokens=1))
     run(engine)
@@ -170,7 +168,7 @@ def test_preempted_sequences_are_announced_once_and_prompt_logprobs_are_not_reco
         assert len(tokens(out[rid])) == 8 and out[rid][-1].finish_reason == "length"
         assert sum(len(d.prompt_logprobs or []) for d in out[rid]) == 3
     # Recomputation after preemption samples exactly what an unpreempted run would.
-    seq_ids = {c.seq_id for c in executor.plans[0].chunks}
+    seq_ids = set(executor.plans[0].seq_ids.tolist())
     expected = {tuple(default_token(s, 4 + k) for k in range(8)) for s in seq_ids}
     assert {tuple(tokens(out[rid])) for rid in ("a", "b")} == expected
     assert engine.block_manager.num_free_blocks == 6
@@ -202,22 +200,18 @@ def test_one_sequence_per_request_and_stats_keys() -> None:
     assert engine.stats()["prompt_tokens_total"] == 5 and engine.stats()["generation_tokens_total"] == 16
 
 
-def _per_step_bytes(length: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Per decode step of one long request: (pickled delta, msgpack chunk without its block
-    table, msgpack chunk)."""
+def _per_step_bytes(length: int, block_size: int) -> list[tuple[int, int, bool]]:
+    """Per decode step of one long request: (pickled delta, msgpack plan, whether the plan
+    carries a new block id)."""
     executor = FakeExecutor(token_for=lambda seq_id, n: 500)
     engine = make_engine(executor, max_model_len=1024, num_blocks=256, block_size=block_size,
                          max_num_batched_tokens=512)
-    # A 300-token prompt: positions stay in msgpack's 3-byte ints (256..65535) throughout, as a
-    # variable-length int encoding is the only growth allowed.
     engine.add_request(request("a", prompt_len=300, max_tokens=length, logprobs=2, ignore_eos=True))
     sizes = []
     for step in run(engine):
         (delta,) = step
-        chunk = asdict(executor.plans[len(sizes)].chunks[0])
-        table = chunk.pop("block_table")
-        without = len(msgpack.packb(chunk))
-        sizes.append((len(pickle.dumps(delta)), without, len(msgpack.packb({**chunk, "block_table": table}))))
+        plan = executor.plans[len(sizes)]
+        sizes.append((len(pickle.dumps(delta)), len(plan.encode()), len(plan.new_block_ids) > 0))
     return sizes
 
 
@@ -225,12 +219,14 @@ def test_what_the_engine_sends_per_step_does_not_grow_with_the_request() -> None
     sizes = _per_step_bytes(300, block_size=16)
     step5, step299 = sizes[5], sizes[298]  # the last one differs: it carries finish_reason
     assert step5[0] == step299[0], "the delta grows with the request"
-    assert step5[1] == step299[1], "the plan's chunk grows with the request"
 
 
-@pytest.mark.xfail(strict=True, reason="Chunk.block_table (strata/distributed/step_plan.py) carries the "
-                   "whole table every step: one more block id per block_size tokens; ranks would have to "
-                   "keep the tables and get only new block ids")
-def test_the_block_table_sent_per_step_does_not_grow_with_the_request() -> None:
+def test_the_plan_sent_per_decode_step_does_not_grow_with_the_request() -> None:
     sizes = _per_step_bytes(300, block_size=16)
-    assert sizes[5][2] == sizes[298][2]
+    decodes = sizes[1:]  # the first plan announces the prompt and computes it
+    without = {size for _, size, new_block in decodes if not new_block}
+    with_block = {size for _, size, new_block in decodes if new_block}
+    assert len(without) == 1, f"the plan grows with the request: {sorted(without)}"
+    # A new block id every block_size steps: four bytes more.
+    assert with_block == {without.pop() + 4}
+    assert sum(new_block for _, _, new_block in decodes) == len(decodes) // 16 + 1

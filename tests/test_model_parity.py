@@ -139,5 +139,6 @@ def test_metadata_build() -> None:
     assert attn.query_start_loc.tolist() == [0, 3, 4]
     assert attn.seq_lens.tolist() == [3, 6]
     assert attn.block_tables.tolist() == [[7, 0], [2, 9]]
+    assert (attn.max_query_len, attn.max_seq_len, attn.num_tokens, attn.num_seqs) == (3, 6, 4, 2)  # host ints
     with pytest.raises(ValueError, match="cannot hold 9 tokens"):
         AttentionMetadata.build([4], [5], [[0, 1]], 4, "cpu")

@@ -250,3 +250,55 @@ def test_sequence_status_is_finished() -> None:
     finished = {s for s in SequenceStatus if s.is_finished}
     assert SequenceStatus.WAITING not in finished and SequenceStatus.RUNNING not in finished
     assert len(finished) == 3
+
+
+def ranks_learn(out) -> list[tuple[int, bool, bool, list[int], list[int]]]:
+    """Per chunk, what the ranks are told: (seq id, is_new, resumed, new block ids, new token ids)."""
+    return [(c.seq.seq_id, c.is_new, c.resumed, list(c.new_block_ids), list(c.new_token_ids)) for c in out.chunks]
+
+
+def test_chunks_carry_only_what_the_ranks_do_not_know_yet() -> None:
+    sched = make_scheduler(max_num_batched_tokens=6, block_size=4)
+    (seq,) = add_seqs(sched, [10])
+    first = step(sched)  # tokens 0..5: blocks 0, 1
+    assert ranks_learn(first) == [(0, True, False, [0, 1], [])]
+    second = step(sched)  # tokens 6..9: block 2; samples
+    assert ranks_learn(second) == [(0, False, False, [2], [])]
+    third = step(sched)  # token 10, the sampled one, in block 2
+    assert ranks_learn(third) == [(0, False, False, [], [seq.output_token_ids[0]])]
+    fourth = step(sched)
+    assert ranks_learn(fourth) == [(0, False, False, [], [seq.output_token_ids[1]])]
+    step(sched)  # token 12: block 3
+    assert seq.num_blocks_sent == 4 == len(seq.block_ids)
+    assert seq.num_tokens_sent == 13 == seq.num_tokens - 1  # the token just sampled goes with the next chunk
+
+
+def test_a_resumed_sequence_gets_its_whole_new_table_and_untold_tokens() -> None:
+    sched = make_scheduler(num_blocks=6, max_model_len=24)
+    seq0, seq1, seq2 = add_seqs(sched, [7, 7, 7])
+    step(sched)
+    step(sched)
+    out = sched.schedule()
+    assert out.preempted == [seq2] and seq2.resume_pending and seq2.num_blocks_sent == 0
+    sched.update(out, sampled_for(out))
+    sched.finish(seq0, SequenceStatus.FINISHED_LENGTH)
+    sched.finish(seq1, SequenceStatus.FINISHED_LENGTH)
+    out = step(sched)
+    # Its second output was sampled but never sent (it was preempted before its next chunk).
+    assert ranks_learn(out) == [(2, False, True, seq2.block_ids[:3], [seq2.output_token_ids[1]])]
+    assert out.finished_seq_ids == [0, 1] and not seq2.resume_pending
+
+
+def test_finished_ids_wait_for_a_non_empty_output_and_unannounced_ones_are_not_sent() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    seq0, seq1, seq2 = add_seqs(sched, [3, 3, 3])
+    step(sched)
+    sched.finish(seq2, SequenceStatus.FINISHED_ABORTED)  # never scheduled: the ranks never knew it
+    sched.finish(seq0, SequenceStatus.FINISHED_STOPPED)
+    out = sched.schedule()
+    assert [c.seq for c in out.chunks] == [seq1] and out.finished_seq_ids == [0]
+    sched.finish(seq1, SequenceStatus.FINISHED_ABORTED)  # in flight
+    assert sched.schedule().is_empty  # nothing to run: the id waits
+    (seq3,) = add_seqs(sched, [2], first_id=3)
+    sched.update(out, sampled_for(out))
+    assert sched.schedule().finished_seq_ids == [1]

@@ -1,5 +1,6 @@
 """The wire types between ranks (strata/distributed/step_plan.py): what goes out as msgpack comes
-back equal, with sequence ids as int map keys, prompt logprobs entries as tuples, and no pickle."""
+back equal, with int arrays as packed bytes, sequence ids as int map keys, prompt logprobs
+entries as tuples, and no pickle."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import math
 import pickle
 
 import msgpack
+import numpy as np
 import pytest
 
 from strata.distributed.step_plan import (
-    Chunk,
     NewSequence,
+    PlanBuilder,
     PromptLogprobs,
     SampledResult,
     SamplerOptions,
@@ -29,17 +31,12 @@ def a_plan() -> StepPlan:
                             frequency_penalty=-0.25, repetition_penalty=1.1, stop_token_ids=[7], min_tokens=2,
                             logprobs=3, prompt_logprobs=1)
     options = SamplerOptions.from_params(params, [2])
-    return StepPlan(
-        step_id=42,
-        chunks=[
-            Chunk(seq_id=3, start_pos=0, token_ids=[1, 2, 3, 4], block_table=[0, 5], samples=False,
-                  prompt_logprobs=1),
-            Chunk(seq_id=BIG_SEQ_ID, start_pos=17, token_ids=[9], block_table=[1, 2, 3], samples=True),
-        ],
-        new_sequences=[NewSequence(seq_id=3, prompt_token_ids=[1, 2, 3, 4, 5, 6], options=dataclasses.asdict(options))],
-        finished_seq_ids=[1, BIG_SEQ_ID - 1],
-        report_expert_load=True,
-    )
+    plan = PlanBuilder(42, finished_seq_ids=[1, BIG_SEQ_ID - 1], report_expert_load=True)
+    plan.announce(3, [1, 2, 3, 4, 5, 6], dataclasses.asdict(options))
+    plan.add(3, 4, new_block_ids=[0, 5], prompt_logprobs=1)  # a first prefill chunk
+    plan.add(BIG_SEQ_ID, 1, new_token_ids=[9])  # a decode
+    plan.add(8, 3, new_block_ids=[1, 2], new_token_ids=[70], resumed=True)  # after a preemption
+    return plan.build()
 
 
 def a_result() -> StepResult:
@@ -60,17 +57,44 @@ def a_result() -> StepResult:
 def test_step_plan_round_trip():
     plan = a_plan()
     back = StepPlan.decode(plan.encode())
-    assert back == plan
-    assert all(isinstance(c, Chunk) for c in back.chunks) and isinstance(back.new_sequences[0], NewSequence)
-    assert back.chunks[1].seq_id == BIG_SEQ_ID and back.chunks[0].prompt_logprobs == 1
+    assert back == plan and back != StepPlan(step_id=42)
+    assert isinstance(back.new_sequences[0], NewSequence)
+    assert back.seq_ids.tolist() == [3, BIG_SEQ_ID, 8] and back.seq_ids.dtype == np.int64
+    assert back.num_scheduled.tolist() == [4, 1, 3] and back.num_tokens == 8 and back.num_seqs == 3
+    assert (back.num_new_blocks.tolist(), back.new_block_ids.tolist()) == ([2, 0, 2], [0, 5, 1, 2])
+    assert (back.num_new_tokens.tolist(), back.new_token_ids.tolist()) == ([0, 1, 1], [9, 70])
+    assert back.resumed.tolist() == [2] and back.prompt_logprobs.tolist() == [0, 1]
+    assert back.finished_seq_ids.tolist() == [1, BIG_SEQ_ID - 1] and back.report_expert_load
+    assert back.new_sequences[0].prompt_token_ids.tolist() == [1, 2, 3, 4, 5, 6]
     # What the sampling rank rebuilds from the plan is the driver's SamplerOptions.
     assert SamplerOptions(**back.new_sequences[0].options) == SamplerOptions(**plan.new_sequences[0].options)
+
+
+def test_int_arrays_travel_as_packed_bytes():
+    raw = msgpack.unpackb(a_plan().encode(), raw=False)
+    for name in ("finished_seq_ids", "seq_ids", "num_scheduled", "num_new_blocks", "new_block_ids",
+                 "num_new_tokens", "new_token_ids", "resumed", "prompt_logprobs"):
+        assert isinstance(raw[name], bytes), name
+    assert len(raw["seq_ids"]) == 3 * 8 and len(raw["new_block_ids"]) == 4 * 4
+    assert isinstance(raw["new_sequences"][0][1], bytes)
+
+
+def test_a_decode_costs_the_same_bytes_at_any_position():
+    def decode_plan(seq_ids: list[int], token: int) -> int:
+        plan = PlanBuilder(7)
+        for seq_id in seq_ids:
+            plan.add(seq_id, 1, new_token_ids=[token])
+        return len(plan.build().encode())
+
+    # Nothing in a decode says where the sequence is: the rank knows its computed count.
+    assert decode_plan([5, 6], 3) == decode_plan([2**40, 2**41], 2**30)
+    assert decode_plan(list(range(256)), 1) - decode_plan(list(range(128)), 1) == 128 * (8 + 4 * 4)
 
 
 def test_shutdown_plan_round_trip():
     plan = StepPlan(step_id=-1, kind="shutdown")
     back = StepPlan.decode(plan.encode())
-    assert back == plan and back.kind == "shutdown" and back.chunks == [] and back.new_sequences == []
+    assert back == plan and back.kind == "shutdown" and back.num_seqs == 0 and back.new_sequences == []
     assert back.report_expert_load is False
 
 
@@ -113,3 +137,16 @@ def test_decode_never_unpickles():
         StepPlan.decode(pickle.dumps(a_plan()))
     with pytest.raises((ValueError, TypeError, msgpack.exceptions.ExtraData)):
         StepResult.decode(pickle.dumps(a_result()))
+
+
+@pytest.mark.parametrize("change", [
+    {"num_scheduled": [4, 1]},  # one entry short
+    {"new_block_ids": [0, 5, 1]},  # counts say 4
+    {"num_new_tokens": [0, 1, -1]},
+    {"resumed": [3]},  # past the batch
+    {"prompt_logprobs": [0]},  # not a pair
+])
+def test_malformed_plans_fail_their_check(change):
+    a_plan().check()
+    with pytest.raises(ValueError, match="plan 42"):
+        dataclasses.replace(a_plan(), **change).check()

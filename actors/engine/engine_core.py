@@ -25,7 +25,7 @@ from strata.actors.engine.expert_load import ExpertLoad
 from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
 from strata.config import EngineConfig
-from strata.distributed.step_plan import Chunk, NewSequence, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.distributed.step_plan import PlanBuilder, SampledResult, SamplerOptions, StepPlan, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, check_prompt
 from strata.sampling_params import SamplingParams
 
@@ -54,7 +54,6 @@ class EngineCore:
             self.block_manager,
         )
         self._seqs: dict[str, Sequence] = {}  # the one map of unfinished requests
-        self._finished_since_plan: list[int] = []  # announced seq ids the ranks should drop
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -117,9 +116,9 @@ class EngineCore:
         finish the oldest; returns a delta per request that changed."""
         while len(self._in_flight) < self.pipeline_depth:
             scheduled = self.scheduler.schedule(self._micro_batch_cap())  # skips those in flight
+            self.num_preemptions += len(scheduled.preempted)
             if scheduled.is_empty:
                 break
-            self.num_preemptions += len(scheduled.preempted)
             plan = self._build_plan(scheduled)
             self._in_flight.append((scheduled, plan, self.executor.submit(plan)))
         if not self._in_flight:
@@ -141,63 +140,66 @@ class EngineCore:
         return max(1, -(-total // self.pipeline_depth))
 
     def _build_plan(self, scheduled: SchedulerOutput) -> StepPlan:
-        plan = StepPlan(step_id=next(self._step_ids), finished_seq_ids=self._finished_since_plan,
-                        report_expert_load=self.is_moe)
-        self._finished_since_plan = []
+        """The scheduler's output as changes for the ranks' persistent batches (see
+        strata.distributed.step_plan): a decode costs a few ints, whatever the context length."""
+        plan = PlanBuilder(next(self._step_ids), scheduled.finished_seq_ids, self.is_moe)
+        add = plan.add
         for ch in scheduled.chunks:
             seq = ch.seq
-            if not seq.announced:
+            if ch.is_new:
                 options = SamplerOptions.from_params(seq.params, self.eos_token_ids)
-                plan.new_sequences.append(NewSequence(seq.seq_id, seq.prompt_token_ids, vars(options)))
-                seq.announced = True
+                plan.announce(seq.seq_id, seq.prompt_token_ids, vars(options))
             # Prompt logprobs are computed on the first pass only, not again after a preemption.
-            wants_plp = (seq.params.prompt_logprobs is not None and seq.num_preemptions == 0
-                         and ch.start_pos < seq.num_prompt_tokens - 1)
-            plan.chunks.append(Chunk(
-                seq_id=seq.seq_id, start_pos=ch.start_pos, token_ids=ch.token_ids,
-                block_table=list(seq.block_ids), samples=ch.samples,
-                prompt_logprobs=seq.params.prompt_logprobs if wants_plp else None,
-            ))
-        return plan
+            top = seq.params.prompt_logprobs
+            if top is not None and (seq.num_preemptions or ch.start_pos >= len(seq.prompt_token_ids) - 1):
+                top = None
+            if ch.new_block_ids or ch.resumed or top is not None:
+                add(seq.seq_id, ch.num_tokens, ch.new_block_ids, ch.new_token_ids, ch.resumed, top)
+            else:
+                plan.add_plain(seq.seq_id, ch.num_tokens, ch.new_token_ids)
+        return plan.build()
 
     def _process(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestDelta]:
         deltas = []
+        all_plp, sampled = result.prompt_logprobs, result.sampled
+        take = self._take_token
         for ch in scheduled.chunks:
             seq = ch.seq
-            if seq.status.is_finished:
-                continue  # aborted while its step ran
+            if seq.status._finished:  # aborted while its step ran (SequenceStatus.is_finished)
+                continue
+            plp = all_plp.get(seq.seq_id) if all_plp else None
+            if plp is None:
+                if ch.samples:
+                    deltas.append(take(seq, sampled[seq.seq_id], RequestDelta(seq.request_id)))
+                continue
             delta = RequestDelta(seq.request_id)
-            plp = result.prompt_logprobs.get(seq.seq_id)
-            if plp is not None:
-                delta.prompt_logprobs = [_entry(lp, rank, top) for lp, rank, top in plp.entries]
+            delta.prompt_logprobs = [_entry(lp, rank, top) for lp, rank, top in plp.entries]
             if ch.samples:
-                self._take_token(seq, result.sampled[seq.seq_id], delta)
-            if delta.token_ids or delta.prompt_logprobs is not None:
-                deltas.append(delta)
+                take(seq, sampled[seq.seq_id], delta)
+            deltas.append(delta)
         return deltas
 
-    def _take_token(self, seq: Sequence, sampled: SampledResult, delta: RequestDelta) -> None:
+    def _take_token(self, seq: Sequence, sampled: SampledResult, delta: RequestDelta) -> RequestDelta:
         """`sampled` was just appended to `seq` (Scheduler.update); record it in the delta and
-        finish the sequence if this token ends it."""
+        finish the sequence if this token ends it. Returns the delta."""
         tok, p = sampled.token_id, seq.params
         self.num_generation_tokens += 1
         delta.token_ids.append(tok)
         if p.logprobs is not None:
             delta.logprobs = [_entry(sampled.logprob, sampled.rank, sampled.top_logprobs)]
-        num_out = seq.num_output_tokens
+        num_out = len(seq.output_token_ids)
         if num_out >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self._eos)):
             delta.finish_reason = "stop"
             delta.stop_reason = tok if tok in p.stop_token_ids else None  # None means eos, as vLLM
             self._finish(seq, SequenceStatus.FINISHED_STOPPED)
-        elif num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_out >= p.max_tokens or len(seq.prompt_token_ids) + num_out >= self.max_model_len:
             delta.finish_reason = "length"
             self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+        return delta
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        self.scheduler.finish(seq, status)
+        self.scheduler.finish(seq, status)  # the scheduler tells the ranks, in its next output
         del self._seqs[seq.request_id]
-        if seq.announced:
-            self._finished_since_plan.append(seq.seq_id)
 
     # ---- what the outside sees ----
 

@@ -3,6 +3,11 @@
 Plain Python (no torch, no Ray), tested on CPU with made-up sampled tokens. It holds only its
 two queues (waiting, running); the engine owns the map of sequences and hands the scheduler the
 Sequence objects themselves.
+
+It also knows what the ranks know: every scheduled chunk says what is new for them (the
+sequence's announcement, the block ids and sampled tokens they have not been sent, whether a
+preemption replaced its table), and every output lists the sequences finished since the last
+one, so the engine's step plan (strata.distributed.step_plan) carries only changes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Sequence as Ints
 from dataclasses import dataclass, field
 
 from strata.actors.engine.block_manager import BlockManager
@@ -39,18 +45,27 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """Compute tokens ``[start_pos, start_pos + num_tokens)`` of ``seq`` this step.
 
     ``samples``: the chunk reaches the end of the sequence's known tokens, so the last position's
     logits are sampled and one token comes back for ``seq``.
+
+    What the ranks learn with it: ``is_new``, the sequence's first chunk (announce its prompt);
+    ``new_token_ids``, tokens sampled since they were last told; ``new_block_ids``, block ids
+    appended to its table since; ``resumed``, its first chunk after a preemption: the table was
+    replaced, ``new_block_ids`` is the whole new one and ``start_pos`` is 0.
     """
 
     seq: Sequence
     start_pos: int
     num_tokens: int
     samples: bool
+    is_new: bool = False
+    resumed: bool = False
+    new_block_ids: Ints[int] = ()
+    new_token_ids: Ints[int] = ()
 
     @property
     def token_ids(self) -> list[int]:
@@ -64,10 +79,13 @@ class SchedulerOutput:
 
     ``chunks``: at most one per sequence, running ones first, in arrival order.
     ``preempted``: sequences preempted by this call (their blocks are already free).
+    ``finished_seq_ids``: sequences the ranks know that finished since the last non-empty output
+    (an empty output keeps them for the next one).
     """
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -109,8 +127,9 @@ class Scheduler:
     only asserts that no chunk reaches past ``max_model_len`` tokens.
 
     Ownership: the scheduler keeps no map of sequences, only the queues. The engine keeps the one
-    map (and gives every sequence a unique ``seq_id``), passes the Sequence itself to ``add`` and
-    ``finish``, and tells the ranks which sequences finished.
+    map (and gives every sequence a unique ``seq_id``) and passes the Sequence itself to ``add``
+    and ``finish``. The scheduler keeps what the ranks were told of each sequence (see
+    ``ScheduledChunk``), and the ids of finished sequences until an output carries them.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None = None) -> None:
@@ -123,6 +142,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # sorted by arrival_order
         self._arrivals = itertools.count()
+        self._finished_ids: list[int] = []  # announced, finished, not yet in an output
 
     @property
     def num_running(self) -> int:
@@ -166,6 +186,8 @@ class Scheduler:
             self._waiting.remove(seq)
         seq.status = status
         self.block_manager.free(seq)
+        if seq.announced:
+            self._finished_ids.append(seq.seq_id)
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         """Plan the next step (see the class docstring). Marks every scheduled sequence in flight.
@@ -177,16 +199,25 @@ class Scheduler:
         short_of_blocks = False
         cap = max_seqs if max_seqs is not None else self.config.max_num_seqs
 
-        # Indexing, not iteration: preemption removes entries from self._running.
+        # Indexing, not iteration: preemption removes entries from self._running. The loop runs
+        # for every running sequence every step, so it is written for speed (locals, no calls
+        # but allocate and _chunk when the blocks are there).
+        running, chunks = self._running, out.chunks
+        allocate, chunk_of = self.block_manager.allocate, self._chunk
         i = 0
-        while i < len(self._running) and budget > 0 and len(out.chunks) < cap:
-            seq = self._running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.in_flight or num_new <= 0:
+        while i < len(running) and budget > 0 and len(chunks) < cap:
+            seq = running[i]
+            if seq.in_flight:
                 i += 1
                 continue
-            if self._make_room(seq, num_new, out):
-                out.chunks.append(self._chunk(seq, num_new))
+            num_new = len(seq.prompt_token_ids) + len(seq.output_token_ids) - seq.num_computed_tokens
+            if num_new <= 0:
+                i += 1
+                continue
+            if num_new > budget:
+                num_new = budget
+            if allocate(seq, num_new) or self._make_room(seq, num_new, out):
+                chunks.append(chunk_of(seq, num_new))
                 budget -= num_new
             else:
                 short_of_blocks = True
@@ -205,6 +236,8 @@ class Scheduler:
             bisect.insort(self._running, seq, key=lambda s: s.arrival_order)
             out.chunks.append(self._chunk(seq, num_new))
             budget -= num_new
+        if out.chunks and self._finished_ids:
+            out.finished_seq_ids, self._finished_ids = self._finished_ids, []
         return out
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
@@ -217,21 +250,41 @@ class Scheduler:
         for chunk in output.chunks:
             seq = chunk.seq
             seq.in_flight = False
-            if seq.status.is_finished:
+            if seq.status._finished:  # SequenceStatus.is_finished, without the property call
                 continue
             assert seq.num_computed_tokens == chunk.start_pos, f"out-of-order update for {seq}"
             seq.num_computed_tokens += chunk.num_tokens
             if chunk.samples:
-                if seq.seq_id not in sampled:
+                token = sampled.get(seq.seq_id)
+                if token is None:
                     raise KeyError(f"no sampled token for sequence {seq.seq_id}, whose chunk samples")
-                seq.append_token(sampled[seq.seq_id])
+                seq.output_token_ids.append(token)  # Sequence.append_token, inlined
 
     def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
         end = start + num_new
         assert end <= self.config.max_model_len, f"{seq} would pass max_model_len; the engine must finish it"
         seq.in_flight = True
-        return ScheduledChunk(seq=seq, start_pos=start, num_tokens=num_new, samples=end == seq.num_tokens)
+        num_prompt = len(seq.prompt_token_ids)
+        num_tokens = num_prompt + len(seq.output_token_ids)
+        # What the ranks have not been told yet (see ScheduledChunk).
+        is_new = resumed = False
+        if not seq.announced:
+            seq.announced = is_new = True
+            seq.num_tokens_sent = num_prompt
+            seq.resume_pending = False
+        elif seq.resume_pending:
+            seq.resume_pending = False
+            resumed = True
+        new_tokens = new_blocks = ()
+        if seq.num_tokens_sent < num_tokens:
+            new_tokens = seq.output_token_ids[seq.num_tokens_sent - num_prompt:]
+            seq.num_tokens_sent = num_tokens
+        num_blocks = len(seq.block_ids)
+        if seq.num_blocks_sent < num_blocks:
+            new_blocks = seq.block_ids[seq.num_blocks_sent:]
+            seq.num_blocks_sent = num_blocks
+        return ScheduledChunk(seq, start, num_new, end == num_tokens, is_new, resumed, new_blocks, new_tokens)
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for ``num_new`` more tokens of running ``seq``, preempting newer
@@ -261,6 +314,8 @@ class Scheduler:
         self._running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_blocks_sent = 0
+        seq.resume_pending = True  # the ranks keep its tokens; its next chunk replaces the table
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self._waiting.appendleft(seq)

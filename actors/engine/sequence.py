@@ -32,12 +32,11 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        return self._finished  # a plain attribute: set membership would hash the enum (slow per step)
 
 
-_FINISHED = frozenset(
-    {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED}
-)
+for _status in SequenceStatus:
+    _status._finished = _status.name.startswith("FINISHED_")
 
 
 # eq=False: sequences are compared by identity; queues look them up and remove them.
@@ -47,10 +46,12 @@ class Sequence:
 
     The engine creates it (``seq_id``, unique per engine, is the id ranks know it by;
     ``request_id``; ``prompt_token_ids``; ``params``, the engine's own copy with ``max_tokens``
-    set) and owns ``announced``. The scheduler stamps ``arrival_order`` in ``Scheduler.add``,
-    moves ``status``, sets ``in_flight`` and advances ``num_computed_tokens``; the block manager
-    owns ``block_ids``. Tokens are only ever appended, through ``append_token``, so a slice that
-    was handed to the model stays valid. ``output_token_ids`` is the only copy of the output.
+    set). The scheduler stamps ``arrival_order`` in ``Scheduler.add``, moves ``status``, sets
+    ``in_flight``, advances ``num_computed_tokens`` and keeps what the ranks know of the sequence
+    (``announced``, ``num_blocks_sent``, ``num_tokens_sent``, ``resume_pending``); the block
+    manager owns ``block_ids``. Tokens are only ever appended (``append_token``; the scheduler's
+    update appends directly), so a slice that was handed to the model stays valid.
+    ``output_token_ids`` is the only copy of the output.
     """
 
     seq_id: int
@@ -66,9 +67,15 @@ class Sequence:
     # A scheduled chunk whose result has not come back yet; schedule() skips such sequences.
     in_flight: bool = False
     num_preemptions: int = 0
-    # The sampling rank holds this sequence's sampling state (sent once, in its first plan; kept
-    # across preemption). When it finishes, the next plan tells the ranks to drop it.
+    # What the ranks know (each rank keeps the sequence in its persistent batch from its first
+    # plan on, across preemption, until a plan says it finished), so that a plan carries only
+    # what is new: announced (prompt and options sent), how many of ``block_ids`` were sent, how
+    # many of the tokens (prompt + output) they know, and whether the table was dropped by a
+    # preemption (the next chunk sends the whole new table and restarts at position 0).
     announced: bool = False
+    num_blocks_sent: int = 0
+    num_tokens_sent: int = 0
+    resume_pending: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

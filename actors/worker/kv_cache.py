@@ -14,6 +14,7 @@ import math
 import torch
 
 from strata.config import EngineConfig
+from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("strata")
@@ -72,8 +73,8 @@ def _profile_forward(model, config: EngineConfig, hidden_size: int, is_first_sta
     if is_first_stage:
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     else:
-        intermediate = {k: torch.zeros(num_tokens, hidden_size, dtype=dtype, device=device)
-                        for k in ("hidden_states", "residual")}
+        intermediate = IntermediateTensors(*(torch.zeros(num_tokens, hidden_size, dtype=dtype, device=device)
+                                             for _ in IntermediateTensors.FIELDS))
     out = model(input_ids, positions, caches, attn, intermediate)
     if isinstance(out, torch.Tensor):
         model.compute_logits(out[:num_seqs])

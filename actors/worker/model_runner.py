@@ -1,27 +1,34 @@
-"""Runs one StepPlan on this rank's shard: plan -> tensors -> forward -> (last stage) logits -> sample.
+"""Runs one StepPlan on this rank's shard: plan -> persistent batch -> StepInputs -> tensors ->
+forward -> (last stage) logits -> sample.
 
 The same code runs on every rank; what a rank does depends on its coordinates: the first stage
 embeds tokens, other stages receive hidden states from the previous stage, the last stage
-computes logits, and only the sampling rank (tensor rank 0 of the last stage) samples.
+computes logits, and only the sampling rank (tensor rank 0 of the last stage) samples. Every
+rank applies every plan to its PersistentBatch (the plan carries only changes) and reads the
+step's inputs from it as numpy (StepInputs).
 """
 
 from __future__ import annotations
 
-import collections
 import time
 
 import torch
 
+from strata.actors.worker.input_buffers import InputBuffers
+from strata.actors.worker.persistent_batch import PersistentBatch, StepInputs
+from strata.actors.worker.step_timing import StepTimer
 from strata.distributed.channel import PendingSends
 from strata.distributed.process_groups import RankGroups
 from strata.distributed.step_plan import PromptLogprobs, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.layers.attention import AttentionMetadata
 from strata.model.sampler import Sampler, SequenceSamplingState
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], groups: RankGroups, block_size: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, max_num_seqs: int = 256,
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048):
         self.model = model
         self.kv_caches = kv_caches
         self.groups = groups
@@ -31,79 +38,87 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.sampler = Sampler()
+        # Sizes are hints: the batch grows when a plan needs more.
+        self.batch = PersistentBatch(block_size, max_num_seqs=max_num_seqs,
+                                     max_blocks_per_seq=-(-max_model_len // block_size),
+                                     max_tokens_per_seq=max_model_len, pin_memory=device.type == "cuda")
+        # Persistent device buffers at their largest sizes (a step never has more sequences than tokens).
+        self.input_buffers = InputBuffers(max_num_batched_tokens, min(max_num_seqs, max_num_batched_tokens),
+                                          -(-max_model_len // block_size), block_size, device)
         self.sampling_states: dict[int, SequenceSamplingState] = {}
-        # (start, end) of each step's compute, from its inputs' arrival to its outputs' sending,
-        # so tests can check that pipeline stages overlap. Bounded: only recent steps are kept.
-        self.step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
+        # When each step's compute ran, from its inputs' arrival to its outputs' sending (CUDA
+        # events, read lazily: no sync per step), so tests can check that pipeline stages overlap.
+        self.timer = StepTimer(device)
         self.pending = PendingSends()
         self.is_moe = hasattr(model, "expert_load")
 
     def _update_sampling_states(self, plan: StepPlan) -> None:
-        for seq_id in plan.finished_seq_ids:
+        for seq_id in plan.finished_seq_ids.tolist():
             self.sampling_states.pop(seq_id, None)
         if not self.coords.is_sampler:
             return
         for new in plan.new_sequences:
-            # A preempted sequence keeps its state (and its generator's position), so seeded
-            # sampling continues exactly where it was.
+            # A sequence is announced once; a preempted one keeps its state (and its generator's
+            # position), so seeded sampling continues exactly where it was.
             if new.seq_id not in self.sampling_states:
                 self.sampling_states[new.seq_id] = SequenceSamplingState(
-                    SamplerOptions(**new.options), list(new.prompt_token_ids)
+                    SamplerOptions(**new.options), new.prompt_token_ids.tolist()
                 )
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Runs the plan; returns the result on the sampling rank, None elsewhere."""
         started = time.time()
+        self.timer.start()
         self._update_sampling_states(plan)
-        if not plan.chunks:
+        inputs = self.batch.apply(plan)
+        if inputs.num_seqs == 0:
             return StepResult(plan.step_id) if self.coords.is_sampler else None
-        query_lens = [len(c.token_ids) for c in plan.chunks]
-        attn, positions = AttentionMetadata.build(
-            query_lens, [c.start_pos for c in plan.chunks], [c.block_table for c in plan.chunks],
-            self.block_size, self.device,
-        )
-        input_ids = None
+        attn, positions, input_ids = self._tensors(inputs)
         intermediate = None
-        if self.coords.is_first_stage:
-            flat = [t for c in plan.chunks for t in c.token_ids]
-            input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
-        else:
-            intermediate = self._recv_intermediate(sum(query_lens))
+        if not self.coords.is_first_stage:
+            intermediate = self._recv_intermediate(inputs.num_tokens)
             started = time.time()  # waiting for the previous stage is not this stage's work
+            self.timer.start()
         out = self.model(input_ids, positions, self.kv_caches, attn, intermediate)
         if not self.coords.is_last_stage:
-            if out["hidden_states"].is_cuda:
-                torch.cuda.current_stream().synchronize()  # so the interval covers the compute
-            self.step_times.append((started, time.time()))
+            self.timer.end()
             self._send_intermediate(out)
             return None
-        result = self._logits_and_sample(plan, out, query_lens)
-        self.step_times.append((started, time.time()))
+        result = self._logits_and_sample(plan, inputs, out)
+        self.timer.end()
         if result is not None:
             result.step_seconds = time.time() - started
         return result
 
-    def _logits_and_sample(self, plan: StepPlan, hidden: torch.Tensor, query_lens: list[int]):
+    def _tensors(self, inputs: StepInputs) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor | None]:
+        """This step's attention metadata, positions [T] and (first stage) input ids [T], from
+        the persistent batch's StepInputs: views of the persistent device input buffers, filled by
+        one non-blocking copy each (the logits rows too: `input_buffers.logits_indices()`)."""
+        input_ids, positions, attn = self.input_buffers.prepare(inputs)
+        return attn, positions, input_ids if self.coords.is_first_stage else None
+
+    def _logits_and_sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor):
         # Rows whose logits are needed: every position of a chunk that wants prompt logprobs,
         # else only the last position of a chunk that samples.
         rows: list[int] = []
         sample_rows: list[tuple[int, int]] = []  # (seq_id, row index into `rows`)
         plp_rows: list[tuple[int, int, int]] = []  # (chunk index, first row, count)
         offset = 0
-        for i, (chunk, n) in enumerate(zip(plan.chunks, query_lens, strict=True)):
-            if chunk.prompt_logprobs is not None:
+        seq_ids, samples = inputs.seq_ids.tolist(), inputs.samples.tolist()
+        for i, (n, top) in enumerate(zip(inputs.query_lens.tolist(), inputs.prompt_logprobs, strict=True)):
+            if top is not None:
                 plp_rows.append((i, len(rows), n))
                 rows.extend(range(offset, offset + n))
-                if chunk.samples:
-                    sample_rows.append((chunk.seq_id, len(rows) - 1))
-            elif chunk.samples:
-                sample_rows.append((chunk.seq_id, len(rows)))
+                if samples[i]:
+                    sample_rows.append((seq_ids[i], len(rows) - 1))
+            elif samples[i]:
+                sample_rows.append((seq_ids[i], len(rows)))
                 rows.append(offset + n - 1)
             offset += n
         if not rows:
             return StepResult(plan.step_id) if self.coords.is_sampler else None
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        logits = self.model.compute_logits(hidden[self.input_buffers.logits_indices()[0]])  # == rows
         if not self.coords.is_sampler:
             return None
         logits = logits.float()
@@ -115,16 +130,16 @@ class ModelRunner:
                                                strict=True):
                 state.output_token_ids.append(tok.token_id)
                 result.sampled[seq_id] = SampledResult(tok.token_id, tok.logprob, tok.rank, tok.top_logprobs)
-        for chunk_idx, first, count in plp_rows:
-            chunk = plan.chunks[chunk_idx]
-            prompt = self.sampling_states[chunk.seq_id].prompt_token_ids
+        for i, first, count in plp_rows:
+            seq_id, start = seq_ids[i], int(inputs.start_positions[i])
+            prompt = self.sampling_states[seq_id].prompt_token_ids
             # Position p predicts prompt token p + 1; the prompt's last position predicts output.
-            usable = max(0, min(count, len(prompt) - 1 - chunk.start_pos))
+            usable = max(0, min(count, len(prompt) - 1 - start))
             if usable == 0:
                 continue
-            targets = prompt[chunk.start_pos + 1: chunk.start_pos + 1 + usable]
-            entries = self.sampler.prompt_logprobs(logits[first: first + usable], targets, chunk.prompt_logprobs)
-            result.prompt_logprobs[chunk.seq_id] = PromptLogprobs(chunk.start_pos, entries)
+            targets = prompt[start + 1: start + 1 + usable]
+            entries = self.sampler.prompt_logprobs(logits[first: first + usable], targets, inputs.prompt_logprobs[i])
+            result.prompt_logprobs[seq_id] = PromptLogprobs(start, entries)
         return result
 
     def expert_load(self, plan: StepPlan) -> dict | None:
@@ -134,16 +149,21 @@ class ModelRunner:
             return self.model.expert_load()
         return None
 
-    def _recv_intermediate(self, num_tokens: int) -> dict[str, torch.Tensor]:
+    @property
+    def step_times(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock seconds of recent steps (the device's finished ones), oldest first."""
+        return self.timer.times()
+
+    def _recv_intermediate(self, num_tokens: int) -> IntermediateTensors:
         pp = self.groups.pp
         tensors = {}
-        for name in ("hidden_states", "residual"):
+        for name in IntermediateTensors.FIELDS:
             buf = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             tensors[name] = pp.recv(buf, pp.rank - 1)
-        return tensors
+        return IntermediateTensors(**tensors)
 
-    def _send_intermediate(self, out: dict[str, torch.Tensor]) -> None:
+    def _send_intermediate(self, out: IntermediateTensors) -> None:
         pp = self.groups.pp
-        for name in ("hidden_states", "residual"):
-            tensor = out[name].contiguous()
+        for name in IntermediateTensors.FIELDS:
+            tensor = getattr(out, name).contiguous()
             self.pending.add(pp.isend(tensor, pp.rank + 1), tensor)

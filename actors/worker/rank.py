@@ -96,8 +96,12 @@ class RankWorker:
                                       dtype, self.device)
         self.num_blocks = all_reduce_min(capacity, self.groups.control)
         caches = allocate_kv_caches(model, self.num_blocks, cfg.block_size, dtype, self.device)
+        # The longest sequence a step can hold: the asked (or the model's) length, within the cache.
+        max_model_len = min(self.facts.max_model_len(cfg), self.num_blocks * cfg.block_size)
         self.runner = ModelRunner(model, caches, self.groups, cfg.block_size, hf_config.hidden_size,
-                                  dtype, self.device)
+                                  dtype, self.device, max_num_seqs=cfg.max_num_seqs,
+                                  max_model_len=max(1, max_model_len),
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens)
         if self.runner.is_moe:
             model.expert_load()  # the profiling forward routed dummy tokens: do not report them
         facts = {

@@ -9,17 +9,20 @@ packed qkv_proj and gate_up_proj (see `packed_modules`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.architectures.partition import even_layer_partition, layer_range_for_stage
 from strata.model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
 from strata.model.context import ModelContext
 from strata.model.layers.activation import SiluAndMul
 from strata.model.layers.attention import AttentionMetadata, PagedAttention
+from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend
 from strata.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.model.layers.linear import LoadedSlice, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.model.layers.norm import RMSNorm
@@ -53,6 +56,7 @@ class LlamaAttention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
+        backend: AttentionBackend | None = None,
     ):
         super().__init__()
         hd = self.head_dim = head_dim_of(cfg)
@@ -65,7 +69,8 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ctx) if qk_norm else None
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, hd, hd**-0.5, sliding_window_of(cfg, layer_idx)
+            self.num_heads, self.num_kv_heads, hd, hd**-0.5, sliding_window_of(cfg, layer_idx),
+            backend or get_attention_backend(ctx.attention_backend, ctx.device),
         )
 
     def forward(
@@ -131,7 +136,7 @@ class LlamaDecoderLayer(nn.Module):
         ctx: ModelContext,
         layer_idx: int,
         make_mlp: MlpFactory = dense_mlp,
-        **attn_options: bool,
+        **attn_options: Any,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
@@ -170,7 +175,7 @@ class LlamaModel(nn.Module):
         ctx: ModelContext,
         layer_range: tuple[int, int],
         make_mlp: MlpFactory = dense_mlp,
-        **attn_options: bool,
+        **attn_options: Any,
     ):
         super().__init__()
         self.start, self.end = layer_range
@@ -225,6 +230,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"layer_range {self.layer_range} is not a non-empty part of 0..{n}")
         self.num_local_layers = self.layer_range[1] - self.layer_range[0]
         qkv_bias, o_bias = self.projection_biases(hf_config)
+        # One backend for every layer of the shard (chosen by ctx.attention_backend).
+        self.attention_backend = get_attention_backend(ctx.attention_backend, ctx.device)
         self.model = LlamaModel(
             hf_config,
             ctx,
@@ -233,6 +240,7 @@ class LlamaForCausalLM(nn.Module):
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=self.qk_norm,
+            backend=self.attention_backend,
         )
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head: ParallelLMHead | None = None
@@ -255,8 +263,11 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn: AttentionMetadata,
-        intermediate: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        intermediate: IntermediateTensors | Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """The last stage returns final-normed hidden states [T, hidden]; every other stage an
+        `IntermediateTensors` (see model/__init__.py). No host sync: attention reads its sizes
+        from `attn`'s host ints."""
         m = self.model
         residual: torch.Tensor | None
         if m.embed_tokens is not None:
@@ -266,7 +277,8 @@ class LlamaForCausalLM(nn.Module):
         elif intermediate is None:
             raise ValueError("a pipeline stage after the first needs `intermediate` from the one before")
         else:
-            hidden, residual = intermediate["hidden_states"], intermediate["residual"]
+            received = IntermediateTensors.of(intermediate)
+            hidden, residual = received.hidden_states, received.residual
         if len(kv_caches) != self.num_local_layers:
             raise ValueError(f"got {len(kv_caches)} kv caches for {self.num_local_layers} local layers")
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
@@ -274,7 +286,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = m.layers[i](hidden, residual, cos, sin, kv_caches[i - m.start], attn)
         if m.norm is None:
             assert residual is not None
-            return {"hidden_states": hidden, "residual": residual}
+            return IntermediateTensors(hidden, residual)
         hidden, _ = m.norm(hidden, residual)
         return hidden
 

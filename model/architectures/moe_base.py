@@ -113,7 +113,9 @@ class MoeForCausalLM(LlamaForCausalLM):
              "per_rank": [layers x ep_size]}         # pairs each EP rank's experts computed
 
         Routing is replicated, so every rank of a stage reports the same counts (sum over stages,
-        not over tensor ranks). Without expert parallelism ep_size is 1. Syncs with the device once.
+        not over tensor ranks). Without expert parallelism ep_size is 1. The counters live on the
+        device and the forward never reads them; this call is the one sync (one copy to the host),
+        so ask every N steps or when /metrics wants them, not every step.
         """
         layers = self.moe_layers()
         if not layers:

@@ -2,6 +2,7 @@
 
 from strata.model.layers.activation import SiluAndMul
 from strata.model.layers.attention import AttentionMetadata, PagedAttention
+from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend, register_attention_backend
 from strata.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.model.layers.linear import (
     ColumnParallelLinear,
@@ -14,6 +15,7 @@ from strata.model.layers.norm import RMSNorm
 from strata.model.layers.rotary import RotaryEmbedding
 
 __all__ = [
+    "AttentionBackend",
     "AttentionMetadata",
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",
@@ -26,4 +28,6 @@ __all__ = [
     "RowParallelLinear",
     "SiluAndMul",
     "VocabParallelEmbedding",
+    "get_attention_backend",
+    "register_attention_backend",
 ]

@@ -1,45 +1,45 @@
-"""Paged attention: the per-step batch description, and the reference attention over the KV cache.
+"""Paged attention: the per-step batch description, and the attention layer over the KV cache.
 
 Tokens of all sequences in a step are flattened into one [T, ...] batch (vLLM style). Each layer's
 cache is one tensor [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]; a sequence's token at
 position p lives in slot block_table[p // block_size] * block_size + p % block_size.
 
-The reference implementation here gathers every sequence's cached keys into a padded batch and makes
-one SDPA call with a boolean mask. It is correct on CPU and GPU; a faster GPU kernel can replace it
-behind the same `PagedAttention.forward` and `AttentionMetadata`.
+`AttentionMetadata` is backend-neutral: device tensors (in the engine, views of the model runner's
+persistent input buffers, `strata.actors.worker.input_buffers`) plus the host ints a kernel launch
+needs, so nothing downstream asks the device for a size. `PagedAttention` runs one layer through
+an `AttentionBackend` (`strata.model.layers.attention_backend`); the backend's per-step metadata is
+built once per step and shared by every layer. The default backend, "reference" (gather + SDPA),
+is the CPU oracle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class _PaddedLayout:
-    """Where each flat token sits in the padded [B, max_q] query grid; shared by all layers of a step."""
-
-    seq_of_token: torch.Tensor  # [T]
-    row_of_token: torch.Tensor  # [T]
-    query_pos: torch.Tensor  # [B, max_q] absolute position of each query row
-    query_valid: torch.Tensor  # [B, max_q]
-    key_slots: torch.Tensor  # [B, max_ctx] flat cache slot of each key position
-    key_valid: torch.Tensor  # [B, max_ctx]
+from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend
 
 
 @dataclass
 class AttentionMetadata:
-    """What attention needs to know about one step's batch of B sequences and T new tokens."""
+    """What attention needs to know about one step's batch of B sequences and T new tokens.
+
+    Integer widths follow the engine's buffers: slot_mapping int64; query_start_loc, seq_lens and
+    block_tables int32. `block_tables` may be wider than the step needs (the engine's buffer has
+    max_blocks_per_seq columns); columns past a sequence's blocks are never read.
+    """
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     query_start_loc: torch.Tensor  # [B+1] cumulative query lengths
     seq_lens: torch.Tensor  # [B] context length of each sequence after this step (cached + new)
-    block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
+    block_tables: torch.Tensor  # [B, W] block ids, padded with 0
     block_size: int
-    _layout: _PaddedLayout | None = field(default=None, init=False, repr=False, compare=False)
+    max_query_len: int  # host ints, from the plan: max(query lens), max(seq_lens)
+    max_seq_len: int
+    _built: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -50,7 +50,11 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str,
     ) -> tuple[AttentionMetadata, torch.Tensor]:
-        """Metadata and positions[T] for sequences whose new tokens start at `start_positions`."""
+        """Metadata and positions[T] for sequences whose new tokens start at `start_positions`.
+
+        The plain-Python oracle (tests, the memory-profiling forward); the engine's steps go
+        through `InputBuffers.prepare`, which must give the same tensors.
+        """
         if not len(query_lens) == len(start_positions) == len(block_tables):
             raise ValueError("query_lens, start_positions and block_tables need one entry per sequence")
         positions: list[int] = []
@@ -70,44 +74,36 @@ class AttentionMetadata:
         cum = [0]
         for q in query_lens:
             cum.append(cum[-1] + q)
+        seq_lens = [s + q for s, q in zip(start_positions, query_lens, strict=True)]
 
-        def as_long(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=device)
+        def tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=device)
 
         meta = cls(
-            slot_mapping=as_long(slots),
-            query_start_loc=as_long(cum),
-            seq_lens=as_long([s + q for s, q in zip(start_positions, query_lens, strict=True)]),
-            block_tables=as_long(padded),
+            slot_mapping=tensor(slots, torch.long),
+            query_start_loc=tensor(cum, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(padded, torch.int32),
             block_size=block_size,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
         )
-        return meta, as_long(positions)
+        return meta, tensor(positions, torch.long)
 
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
-    def padded_layout(self) -> _PaddedLayout:
-        """Computed on first use and reused by every layer of the step (costs one host sync)."""
-        if self._layout is None:
-            self._layout = self._compute_layout()
-        return self._layout
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
 
-    def _compute_layout(self) -> _PaddedLayout:
-        device = self.seq_lens.device
-        query_lens = self.query_start_loc[1:] - self.query_start_loc[:-1]
-        max_q, max_ctx = int(query_lens.max()), int(self.seq_lens.max())
-        seq_of_token = torch.repeat_interleave(torch.arange(self.num_seqs, device=device), query_lens)
-        row_of_token = torch.arange(seq_of_token.numel(), device=device) - self.query_start_loc[seq_of_token]
-        rows = torch.arange(max_q, device=device)
-        query_pos = (self.seq_lens - query_lens)[:, None] + rows[None, :]
-        query_valid = rows[None, :] < query_lens[:, None]
-        keys = torch.arange(max_ctx, device=device)
-        block_idx = (keys // self.block_size).clamp(max=self.block_tables.shape[1] - 1)
-        blocks = self.block_tables[:, block_idx]  # [B, max_ctx]
-        key_slots = blocks * self.block_size + (keys % self.block_size)[None, :]
-        key_valid = keys[None, :] < self.seq_lens[:, None]
-        return _PaddedLayout(seq_of_token, row_of_token, query_pos, query_valid, key_slots, key_valid)
+    def backend_metadata(self, backend: AttentionBackend) -> Any:
+        """`backend`'s metadata for this step: built on first use, then shared by every layer."""
+        built = self._built.get(backend.name)
+        if built is None:
+            built = self._built[backend.name] = backend.build_metadata(self)
+        return built
 
 
 class PagedAttention(nn.Module):
@@ -115,6 +111,7 @@ class PagedAttention(nn.Module):
 
     Chunked prefill is native: a sequence's queries may follow tokens cached by earlier steps.
     `sliding_window` (HF semantics) lets a query at position p see keys at positions > p - window.
+    `backend` is an `AttentionBackend` or its registered name (None: the default, the reference).
     """
 
     def __init__(
@@ -124,6 +121,7 @@ class PagedAttention(nn.Module):
         head_dim: int,
         scale: float,
         sliding_window: int | None = None,
+        backend: AttentionBackend | str | None = None,
     ):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -131,6 +129,7 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.backend = backend if isinstance(backend, AttentionBackend) else get_attention_backend(backend)
 
     def forward(
         self,
@@ -141,37 +140,8 @@ class PagedAttention(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] -> [T, heads*head_dim]."""
-        num_tokens = q.shape[0]
-        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat[attn.slot_mapping] = k.view(num_tokens, self.num_kv_heads, self.head_dim).to(k_flat.dtype)
-        v_flat[attn.slot_mapping] = v.view(num_tokens, self.num_kv_heads, self.head_dim).to(v_flat.dtype)
+        return self.backend.forward(self, q, k, v, kv_cache, attn, attn.backend_metadata(self.backend))
 
-        lay = attn.padded_layout()
-        batch, max_q = lay.query_pos.shape
-        qp = q.new_zeros(batch, max_q, self.num_heads, self.head_dim)
-        qp[lay.seq_of_token, lay.row_of_token] = q.view(num_tokens, self.num_heads, self.head_dim)
-        # Unused cache slots may hold NaN (torch.empty); a masked NaN still poisons softmax @ V.
-        hidden = ~lay.key_valid[:, :, None, None]
-        keys = k_flat[lay.key_slots].masked_fill(hidden, 0).to(q.dtype)
-        values = v_flat[lay.key_slots].masked_fill(hidden, 0).to(q.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=2)
-            values = values.repeat_interleave(groups, dim=2)
-
-        key_pos = torch.arange(keys.shape[1], device=q.device)
-        qpos = lay.query_pos[:, :, None]
-        mask = (key_pos[None, None, :] <= qpos) & lay.key_valid[:, None, :]
-        if self.sliding_window is not None:
-            mask &= key_pos[None, None, :] > qpos - self.sliding_window
-        mask |= ~lay.query_valid[:, :, None]  # padding rows: anything finite, they are dropped below
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask[:, None],
-            scale=self.scale,
-        )  # [B, heads, max_q, head_dim]
-        out = out.transpose(1, 2)[lay.seq_of_token, lay.row_of_token]
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"sliding_window={self.sliding_window}, backend={self.backend.name}")

@@ -46,7 +46,8 @@ class FusedMoE(nn.Module):
     w13_weight [local experts, 2 * local intermediate, hidden] holds gate rows then up rows;
     w2_weight [local experts, hidden, local intermediate]. `expert_counts` [num_experts] counts the
     token-expert pairs routed to each expert (all experts, not only local ones) since the last
-    `take_counts()`; routing is replicated, so it is the same on every rank.
+    `take_counts()`; routing is replicated, so it is the same on every rank. The counts accumulate
+    on the device: counting costs no host sync, only reading them does.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, ctx: ModelContext):
@@ -135,7 +136,10 @@ class FusedMoE(nn.Module):
         """
         k = topk_ids.shape[1]
         flat_ids = topk_ids.reshape(-1)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        # Not torch.bincount: on CUDA it asks the device for max(ids) to size its output (a host
+        # sync). The load counters stay on the device until `take_counts` is asked for them.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat_ids.device)
+        counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
         self.expert_counts += counts
         order = torch.argsort(flat_ids, stable=True)  # stable: a token's pairs add in expert order, as HF
         per_expert = counts.tolist()  # the layer's one host sync: the matmul sizes
@@ -159,7 +163,7 @@ class FusedMoE(nn.Module):
         return out.index_add_(0, tokens, ys)
 
     def take_counts(self) -> torch.Tensor:
-        """The counts since the last call (a copy), then zero."""
+        """The counts since the last call (a device copy, no sync), then zero."""
         counts = self.expert_counts.clone()
         self.expert_counts.zero_()
         return counts

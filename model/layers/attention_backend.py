@@ -1,0 +1,115 @@
+"""The attention backend interface, and the registry that picks one by name.
+
+A backend is two things:
+
+    build_metadata(attn)  once per step, from the step's `AttentionMetadata` (whose tensors are
+                          views of the model runner's persistent input buffers): whatever the
+                          backend's kernels need beyond it. Shared by every layer of the step (and
+                          every pipeline stage run in one process). It must not synchronise with
+                          the device: host-side sizes come from the metadata's host ints
+                          (`max_query_len`, `max_seq_len`, `num_tokens`, `num_seqs`), never from
+                          `.item()`, `.tolist()`, `.max()` or `.cpu()` of a device tensor.
+    forward(layer, q, k, v, kv_cache, attn, metadata)
+                          writes this step's k/v into the layer's paged cache
+                          [2, num_blocks, block_size, kv_heads, head_dim] at `attn.slot_mapping`,
+                          then attends causally (and within `layer.sliding_window`) over each
+                          sequence's cache; q [T, heads * head_dim] -> [T, heads * head_dim].
+                          No host sync either.
+
+`layer` is the `PagedAttention` module (num_heads, num_kv_heads, head_dim, scale, sliding_window).
+
+Backends register by name. "reference" (gather + SDPA, `strata.model.layers.reference_attention`)
+is exact on CPU and GPU and is the default everywhere today: it is the CPU oracle the parity tests
+hold to Hugging Face. GPU kernels (Triton) register beside it, e.g.
+`register_attention_backend("triton", "strata.model.layers.triton_attention:TritonBackend")`, and
+are chosen through `ModelContext.attention_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from strata.model.layers.attention import AttentionMetadata, PagedAttention
+
+DEFAULT_BACKEND = "reference"
+
+# name -> "module:Class", imported on first use (so registering costs no import).
+_REGISTRY: dict[str, str] = {
+    "reference": "strata.model.layers.reference_attention:ReferenceBackend",
+}
+_INSTANCES: dict[str, AttentionBackend] = {}
+
+
+class AttentionBackend(ABC):
+    """One way to run paged attention: a per-step metadata builder and a per-layer forward.
+
+    Instances are stateless across steps (one per name per process); per-step state lives in what
+    `build_metadata` returns, which `AttentionMetadata.backend_metadata` caches for the step.
+    """
+
+    name: ClassVar[str]
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend runs on `device` (the reference runs everywhere)."""
+        return True
+
+    @abstractmethod
+    def build_metadata(self, attn: AttentionMetadata) -> Any:
+        """The backend's own per-step metadata, built without a host sync."""
+
+    @abstractmethod
+    def forward(
+        self,
+        layer: PagedAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        metadata: Any,
+    ) -> torch.Tensor:
+        """Cache this step's k/v, then attend: q [T, heads*head_dim] -> [T, heads*head_dim]."""
+
+
+def register_attention_backend(name: str, target: str | type[AttentionBackend]) -> None:
+    """Makes `name` selectable: `target` is a backend class or its "module:Class" path."""
+    if isinstance(target, type):
+        target = f"{target.__module__}:{target.__qualname__}"
+    _REGISTRY[name] = target
+    _INSTANCES.pop(name, None)
+
+
+def available_attention_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def default_attention_backend(device: torch.device | str) -> str:
+    """The backend used when none is named: the reference on CPU (the oracle) and, until a GPU
+    kernel lands, on GPU too."""
+    return DEFAULT_BACKEND
+
+
+def get_attention_backend(
+    name: str | None = None, device: torch.device | str | None = None
+) -> AttentionBackend:
+    """The backend called `name` (None: the default for `device`); raises ValueError for an
+    unknown name or one that cannot run on `device`."""
+    device = torch.device(device if device is not None else "cpu")
+    name = name or default_attention_backend(device)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(available_attention_backends())}"
+        )
+    backend = _INSTANCES.get(name)
+    if backend is None:
+        module, _, cls_name = _REGISTRY[name].partition(":")
+        backend = getattr(importlib.import_module(module), cls_name)()
+        _INSTANCES[name] = backend
+    if not backend.supports(device):
+        raise ValueError(f"attention backend {name!r} does not run on {device}")
+    return backend

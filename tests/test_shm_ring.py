@@ -1,0 +1,428 @@
+"""The shared-memory broadcast ring (strata/distributed/shm_ring.py), with readers and writers in
+real processes (spawn): order and bytes, back-pressure, shutdown, and peers that die mid-stream."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import secrets
+import signal
+import threading
+import time
+
+import pytest
+
+from strata.distributed.plan_relay import DATA, Forwarder, NodeRelay, PlanHub, RelayError, send_frame
+from strata.distributed.shm_ring import (
+    PeerDied,
+    RingAborted,
+    RingClosed,
+    RingError,
+    RingReader,
+    RingTimeout,
+    RingWriter,
+    unlink_segment,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SPAWN = mp.get_context("spawn")
+SLOT_BYTES = 8 << 10
+DEAD_WITHIN_S = 3.0  # how soon a dead peer must be reported
+
+
+def _message(i: int) -> bytes:
+    """Message i: mostly within a slot, every 7th spans up to three slots, some empty."""
+    rng = random.Random(i)
+    size = rng.randrange(3 * SLOT_BYTES) if i % 7 == 0 else rng.choice((0, 1, rng.randrange(SLOT_BYTES + 1)))
+    return rng.randbytes(size)
+
+
+def _shm_rings() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("strata-ring-")} if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments():
+    before = _shm_rings()
+    yield
+    assert _shm_rings() - before == set()
+
+
+# --- child processes --------------------------------------------------------------------------
+
+def _read_all(name: str, index: int, results, delay_s: float = 0.0, slots: int = 0, stride: int = 1,
+              tag=None) -> None:
+    """Reads to the end, checking message i against _message(i * stride + stride - 1); reports
+    what it saw."""
+    bad, count, ahead, outcome = [], 0, 0, "closed"
+    reader = RingReader(name, index)
+    try:
+        while True:
+            try:
+                msg = reader.read()
+            except RingClosed:
+                break
+            except RingAborted as err:
+                outcome = f"aborted: {err.reason}"
+                break
+            if msg != _message(count * stride + stride - 1):
+                bad.append(count)
+            count += 1
+            if slots:  # chunks the writer is ahead of what this reader has acked
+                ahead = max(ahead, reader.published() - (reader._next - 1))
+            if delay_s:
+                time.sleep(delay_s)
+    finally:
+        reader.close()
+    results.put((index if tag is None else tag, count, bad, ahead, outcome))
+
+
+def _read_then_hang(name: str, index: int, results, n: int) -> None:
+    reader = RingReader(name, index)
+    for _ in range(n):
+        reader.read()
+    results.put(("read", os.getpid()))
+    time.sleep(60)  # killed here, attached, never detaching
+
+
+def _write_then_hang(results, n: int) -> None:
+    writer = RingWriter(1, slots=4, slot_bytes=SLOT_BYTES)
+    results.put(writer.name)
+    for i in range(n):
+        writer.write(_message(i))
+    results.put("written")
+    time.sleep(60)  # killed here, without closing
+
+
+def _relay_node(hub: tuple[str, int], token: bytes, ring_name: str, readers: int, results) -> None:
+    """Another node's relay: its own ring, fed from node 0's hub."""
+    writer = RingWriter(readers, name=ring_name, slots=4, slot_bytes=SLOT_BYTES)
+    try:
+        results.put(("relay", NodeRelay(hub, 1, token, writer, connect_timeout=20).run()))
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        results.put(("relay", f"{type(err).__name__}: {err}"))
+
+
+def _start(target, *args) -> mp.Process:
+    proc = SPAWN.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def _join_all(procs) -> None:
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0, f"{p.name} exited {p.exitcode}"
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+def test_three_reader_processes_get_every_message_in_order():
+    n = 1000
+    results = SPAWN.Queue()
+    with RingWriter(3, slots=8, slot_bytes=SLOT_BYTES) as writer:
+        procs = [_start(_read_all, writer.name, r, results) for r in range(3)]
+        for i in range(n):
+            writer.write(_message(i))
+    seen = sorted(results.get(timeout=20) for _ in procs)
+    _join_all(procs)
+    assert [(idx, count, bad, outcome) for idx, count, bad, _, outcome in seen] == [
+        (r, n, [], "closed") for r in range(3)]
+
+
+def test_a_slow_reader_holds_the_writer_back_and_loses_nothing():
+    n, slots = 150, 4
+    results = SPAWN.Queue()
+    with RingWriter(2, slots=slots, slot_bytes=SLOT_BYTES) as writer:
+        procs = [_start(_read_all, writer.name, 0, results, 0.0, slots, 7),
+                 _start(_read_all, writer.name, 1, results, 0.002, slots, 7)]
+        started = time.monotonic()
+        for i in range(n):
+            writer.write(_message(i * 7 + 6))  # never a multiple of 7: one chunk each
+        write_s = time.monotonic() - started
+    seen = sorted(results.get(timeout=20) for _ in procs)
+    _join_all(procs)
+    for idx, count, bad, ahead, outcome in seen:
+        assert (count, bad, outcome) == (n, [], "closed"), idx
+        assert ahead <= slots, f"reader {idx} saw the writer {ahead} chunks ahead of it"
+    assert seen[1][3] >= slots - 1  # behind the slow reader, the writer ran as far ahead as the ring allows
+    assert write_s > (n - slots) * 0.002 * 0.9  # and was held to the slow reader's pace
+
+
+def test_the_writer_cannot_get_more_than_slots_ahead():
+    with RingWriter(1, slots=4, slot_bytes=64) as writer:
+        reader = RingReader(writer.name, 0)
+        for i in range(4):
+            writer.write(bytes([i]) * 10)
+        with pytest.raises(RingTimeout, match="reader 0") as err:
+            writer.write(b"five", timeout=0.2)
+        assert err.value.waiting_on == [0]
+        assert reader.read() == bytes([0]) * 10
+        writer.write(b"five", timeout=0.2)  # one slot freed: one more fits
+        with pytest.raises(RingTimeout):
+            writer.write(b"six", timeout=0.1)
+        assert [reader.read() for _ in range(4)] == [bytes([i]) * 10 for i in (1, 2, 3)] + [b"five"]
+        with pytest.raises(RingTimeout):
+            reader.read(timeout=0.05)
+        reader.close()
+
+
+def test_close_ends_every_reader_after_it_drains():
+    results = SPAWN.Queue()
+    writer = RingWriter(2, slots=4, slot_bytes=SLOT_BYTES)
+    name = writer.name
+    procs = [_start(_read_all, name, r, results) for r in range(2)]
+    for i in range(20):
+        writer.write(_message(i))
+    writer.close()  # at most 4 chunks ahead of the readers: they still have those to read
+    assert not os.path.exists(f"/dev/shm/{name}")  # unlinked at once; readers keep their mapping
+    seen = sorted(results.get(timeout=20) for _ in procs)
+    _join_all(procs)
+    assert [(idx, count, bad, outcome) for idx, count, bad, _, outcome in seen] == [
+        (0, 20, [], "closed"), (1, 20, [], "closed")]
+    with pytest.raises(RingError, match="closed"):
+        writer.write(b"late")
+
+
+def test_a_reader_killed_mid_stream_makes_the_writer_raise_naming_it():
+    # The victim gets a queue of its own: killed just after a put, it may still hold that queue's
+    # write lock, and a queue shared with the survivor would then never take the survivor's put.
+    results, victim_says = SPAWN.Queue(), SPAWN.Queue()
+    writer = RingWriter(2, slots=4, slot_bytes=SLOT_BYTES, labels=["rank 1", "rank 2"])
+    survivor = _start(_read_all, writer.name, 0, results)
+    victim = _start(_read_then_hang, writer.name, 1, victim_says, 10)
+    failure: list[BaseException] = []
+    failed_at: list[float] = []
+
+    def write_forever():
+        try:
+            i = 0
+            while True:
+                writer.write(_message(i))
+                i += 1
+        except BaseException as err:  # noqa: BLE001 - the test looks at it
+            failed_at.append(time.monotonic())
+            failure.append(err)
+            writer.abort(str(err))
+
+    thread = threading.Thread(target=write_forever, daemon=True)
+    thread.start()
+    assert victim_says.get(timeout=20) == ("read", victim.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(DEAD_WITHIN_S + 5)
+    assert failure, "the writer is still waiting for a dead reader"
+    err = failure[0]
+    assert isinstance(err, PeerDied) and err.peer == 1, err
+    assert "rank 2" in str(err) and str(victim.pid) in str(err)
+    assert failed_at[0] - killed_at < DEAD_WITHIN_S
+    idx, count, bad, _, outcome = results.get(timeout=20)  # the other reader: everything, then the abort
+    assert idx == 0 and count >= 10 and bad == [] and outcome.startswith("aborted: ") and "rank 2" in outcome
+    survivor.join(10)
+    victim.join(10)
+    assert survivor.exitcode == 0 and victim.exitcode == -signal.SIGKILL
+
+
+def test_the_writer_killed_mid_stream_makes_readers_raise():
+    results = SPAWN.Queue()
+    proc = _start(_write_then_hang, results, 50)
+    name = results.get(timeout=20)
+    reader = RingReader(name, 0)
+    try:
+        for i in range(50):
+            assert reader.read(timeout=20) == _message(i)
+        assert results.get(timeout=20) == "written"
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(PeerDied, match="writer") as err:
+            reader.read(timeout=DEAD_WITHIN_S + 5)
+        assert err.value.peer == "writer"
+        assert time.monotonic() - killed_at < DEAD_WITHIN_S
+    finally:
+        reader.close()
+        proc.join(10)
+        assert unlink_segment(name)  # a dead writer leaves its segment: this removes it
+    assert not unlink_segment(name)
+
+
+def test_a_message_larger_than_the_whole_ring_streams_through():
+    big = random.Random(1).randbytes(10 * 4 * 256 + 17)
+    with RingWriter(1, slots=4, slot_bytes=256) as writer:
+        reader = RingReader(writer.name, 0)
+        got = []
+        thread = threading.Thread(target=lambda: got.extend(reader), daemon=True)
+        thread.start()
+        writer.write(big)
+        writer.write(b"")
+        writer.write(b"after")
+    thread.join(10)
+    reader.close()
+    assert got == [big, b"", b"after"]
+
+
+def test_a_timed_out_chunked_write_delivers_nothing():
+    with RingWriter(1, slots=2, slot_bytes=4) as writer:
+        reader = RingReader(writer.name, 0)
+        with pytest.raises(RingTimeout):
+            writer.write(b"0123456789ab", timeout=0.05)  # 3 chunks, room for 2
+        assert writer.seq == 2
+        got = []
+        thread = threading.Thread(target=lambda: got.extend(reader), daemon=True)
+        thread.start()
+        writer.write(b"whole")
+    thread.join(10)
+    reader.close()
+    assert got == [b"whole"]
+
+
+def test_a_reader_that_fails_is_named_with_its_reason():
+    with pytest.raises(PeerDied, match="relay to node 1 failed: connection reset") as err:
+        with RingWriter(2, slots=2, slot_bytes=64, labels=["rank 1", "relay to node 1"]) as writer:
+            ok, relay = RingReader(writer.name, 0), RingReader(writer.name, 1)
+            relay.fail("connection reset")
+            for _ in range(3):
+                writer.write(b"x")
+                ok.read()
+    ok.close()
+    assert err.value.peer == 1
+
+
+def test_a_reader_that_never_attaches_is_reported():
+    writer = RingWriter(1, slots=2, slot_bytes=64, attach_timeout=0.3)
+    writer.write(b"1")
+    writer.write(b"2")
+    started = time.monotonic()
+    with pytest.raises(PeerDied, match="reader 0 never attached"):
+        writer.write(b"3")
+    assert time.monotonic() - started < DEAD_WITHIN_S
+    writer.close()
+
+
+def test_reader_indices_are_checked():
+    with RingWriter(2, slots=2, slot_bytes=64) as writer:
+        with pytest.raises(RingError, match="readers 0..1, not 2"):
+            RingReader(writer.name, 2)
+        first = RingReader(writer.name, 1)
+        with pytest.raises(RingError, match="reader 1 is taken"):
+            RingReader(writer.name, 1)
+        first.close()
+    with pytest.raises(RingTimeout, match="no ring named strata-ring-missing"):
+        RingReader("strata-ring-missing", 0, attach_timeout=0.1)
+
+
+# --- the relay to other nodes (strata/distributed/plan_relay.py), over loopback ----------------
+
+def _ring_name() -> str:
+    return f"strata-ring-test-{secrets.token_hex(4)}"
+
+
+def test_a_relay_carries_the_ring_to_another_node():
+    n, token, remote = 300, secrets.token_bytes(16), _ring_name()
+    results = SPAWN.Queue()
+    hub = PlanHub("127.0.0.1", token)
+    relay = _start(_relay_node, hub.address, token, remote, 2, results)
+    remote_readers = [_start(_read_all, remote, r, results, 0.0, 0, 1, f"node1/{r}") for r in range(2)]
+    conns = hub.accept([1], timeout=20)
+    hub.close()
+    with RingWriter(2, slots=8, slot_bytes=SLOT_BYTES, labels=["rank 1", "relay to node 1"]) as writer:
+        local = _start(_read_all, writer.name, 0, results, 0.0, 0, 1, "node0/0")
+        forwarder = Forwarder(writer.name, 1, conns[1], node=1)
+        thread = forwarder.start()
+        for i in range(n):
+            writer.write(_message(i))
+    thread.join(20)
+    seen = sorted((results.get(timeout=20) for _ in range(4)), key=str)
+    _join_all([relay, local, *remote_readers])
+    assert forwarder.forwarded == n
+    assert seen == sorted([("relay", n)] + [(tag, n, [], 0, "closed") for tag in ("node0/0", "node1/0", "node1/1")],
+                          key=str)
+
+
+@pytest.mark.parametrize("how", ["silence", "hang up"])
+def test_a_relay_that_loses_node_0_aborts_its_ring(how):
+    expected = "no word from node 0" if how == "silence" else "connection to node 0 lost"
+    token = secrets.token_bytes(16)
+    hub = PlanHub("127.0.0.1", token)
+    writer = RingWriter(1, name=_ring_name(), slots=4, slot_bytes=64)
+    relay = NodeRelay(hub.address, 1, token, writer, silence_s=0.5)
+    errors = []
+    thread = threading.Thread(target=lambda: _catch(relay.run, errors), daemon=True)
+    thread.start()
+    conn = hub.accept([1], timeout=10)[1]
+    hub.close()
+    reader = RingReader(writer.name, 0)
+    send_frame(conn, DATA, b"one")
+    send_frame(conn, DATA, b"two")
+    assert [reader.read(timeout=5), reader.read(timeout=5)] == [b"one", b"two"]
+    started = time.monotonic()  # node 0 is gone: without a word, or the connection closes
+    if how == "hang up":
+        conn.close()
+    with pytest.raises(RingAborted, match=expected):
+        reader.read(timeout=5)
+    assert time.monotonic() - started < DEAD_WITHIN_S
+    thread.join(5)
+    conn.close()
+    reader.close()
+    assert relay.relayed == 2 and expected in str(errors[0])
+
+
+def test_a_wrong_token_is_turned_away():
+    hub = PlanHub("127.0.0.1", b"right")
+    writer = RingWriter(1, name=_ring_name(), slots=2, slot_bytes=64)
+    relay = NodeRelay(hub.address, 1, b"wrong", writer, connect_timeout=1)
+    errors = []
+    thread = threading.Thread(target=lambda: _catch(relay.run, errors), daemon=True)
+    thread.start()
+    with pytest.raises(RelayError, match="no relay from node"):
+        hub.accept([1], timeout=1)
+    thread.join(5)
+    hub.close()
+    assert "refused" in str(errors[0])
+
+
+def test_a_dead_rank_on_another_node_is_named_on_node_0():
+    token = secrets.token_bytes(16)
+    results = SPAWN.Queue()
+    hub = PlanHub("127.0.0.1", token)
+    remote = RingWriter(1, name=_ring_name(), slots=2, slot_bytes=SLOT_BYTES, labels=["rank 3"])
+    relay = NodeRelay(hub.address, 1, token, remote)
+    relay_errors = []
+    relay_thread = threading.Thread(target=lambda: _catch(relay.run, relay_errors), daemon=True)
+    relay_thread.start()
+    conns = hub.accept([1], timeout=10)
+    hub.close()
+    victim = _start(_read_then_hang, remote.name, 0, results, 5)
+    writer = RingWriter(1, slots=2, slot_bytes=SLOT_BYTES, labels=["relay to node 1"])
+    forwarder_thread = Forwarder(writer.name, 0, conns[1], node=1).start()
+    errors = []
+
+    def write_forever():
+        i = 0
+        while True:
+            writer.write(_message(i))
+            i += 1
+
+    writer_thread = threading.Thread(target=lambda: _catch(write_forever, errors), daemon=True)
+    writer_thread.start()
+    assert results.get(timeout=20) == ("read", victim.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    writer_thread.join(DEAD_WITHIN_S + 5)
+    assert errors, "node 0's writer is still waiting"
+    assert time.monotonic() - killed_at < DEAD_WITHIN_S
+    err = errors[0]
+    assert isinstance(err, PeerDied) and err.peer == 0
+    assert "relay to node 1 failed: node 1:" in str(err) and "rank 3" in str(err), str(err)
+    writer.abort("test over")
+    forwarder_thread.join(5)
+    relay_thread.join(5)
+    victim.join(10)
+
+
+def _catch(fn, errors: list) -> None:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test looks at it
+        errors.append(err)
