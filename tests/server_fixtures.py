@@ -225,7 +225,8 @@ class FakeEngine:
         self.step_s = step_s
         self.counters = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "num_free_blocks": 10,
                          "num_blocks": 10, "prompt_tokens_total": 0, "generation_tokens_total": 0,
-                         "num_preemptions_total": 0, "expert_load": None, "last_step_seconds": 0.01}
+                         "num_preemptions_total": 0, "expert_load": None, "last_step_seconds": 0.01,
+                         "step_host_overhead": [(1.0, 0.0004), (2.0, 0.0006)]}
         self.requests: list[EngineRequest] = []
         self.running: set[str] = set()
         self.aborted: list[str] = []

@@ -195,9 +195,13 @@ def test_one_sequence_per_request_and_stats_keys() -> None:
     assert set(engine.stats()) == {
         "num_running", "num_waiting", "kv_cache_usage", "num_free_blocks", "num_blocks",
         "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total", "expert_load",
-        "last_step_seconds"}
-    run(engine)
+        "last_step_seconds", "step_host_overhead"}
+    steps = run(engine)
     assert engine.stats()["prompt_tokens_total"] == 5 and engine.stats()["generation_tokens_total"] == 16
+    overhead = engine.stats()["step_host_overhead"]  # (end time, host seconds) of the recent steps
+    assert len(overhead) == len(steps) == 16
+    assert all(0 < seconds < 0.5 for _, seconds in overhead)
+    assert [end for end, _ in overhead] == sorted(end for end, _ in overhead)
 
 
 def _per_step_bytes(length: int, block_size: int) -> list[tuple[int, int, bool]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from strata.distributed.step_plan import SamplerOptions
-from strata.model.sampler import Sampler, SequenceSamplingState
+from strata.model import sampling_noise
+from strata.model.sampler import Sampler, SamplingTensors, SequenceSamplingState
 
 V = 64
 
@@ -71,12 +74,21 @@ def test_different_seeds_differ() -> None:
     assert a != b and a == again
 
 
-def test_generator_made_on_logits_device_when_none_given() -> None:
-    lazy, eager = _state(seed=9), SequenceSamplingState(SamplerOptions(seed=9), [1], device="cpu")
-    assert lazy.generator is None and eager.generator is not None
-    logits = torch.zeros(1, V)
-    assert _draws(logits, [lazy], [0], 5) == _draws(logits, [eager], [0], 5)
-    assert lazy.generator is not None and _state().generator_on(logits.device) is None
+def test_resumed_sequence_continues_its_stream() -> None:
+    """No generator state: a state rebuilt from prompt + outputs so far (preemption, a fault, another
+    rank) draws exactly what the original would have drawn next, and an interruption does not
+    matter either."""
+    logits = torch.zeros(1, V)  # uniform: every draw depends on the noise alone
+    original = _state(seed=42, top_p=0.95)
+    full = _draws(logits, [original], [0], 12)[0]
+    resumed = _state(seed=42, top_p=0.95, output=full[:5])
+    assert resumed.position == 5
+    assert _draws(logits, [resumed], [0], 7)[0] == full[5:]
+    # Interrupted: the same state sits out steps in which other rows sample, then continues.
+    paused = _state(seed=42, top_p=0.95)
+    first = _draws(logits, [paused], [0], 4)[0]
+    _draws(_logits(3, seed=8), [_state(seed=42), _state(), _state(seed=1)], [0], 3)  # someone else's steps
+    assert first + _draws(logits, [paused], [0], 8)[0] == full
 
 
 def _reference(logits: list[float], temperature: float, top_k: int, top_p: float, min_p: float):
@@ -169,7 +181,7 @@ def test_penalties_match_loop_reference() -> None:
     torch.testing.assert_close(got, _penalised_reference(logits, states))
     # End to end: greedy picks the argmax of the penalised logits.
     for s in states:
-        s.options.temperature = 0.0
+        s.options = dataclasses.replace(s.options, temperature=0.0)  # options are read when assigned
     chosen = [t.token_id for t in Sampler().sample(logits, states)]
     assert chosen == _penalised_reference(logits, states).argmax(dim=-1).tolist()
 
@@ -216,9 +228,220 @@ def test_prompt_logprobs() -> None:
 
 
 def test_options_travel_as_plain_dict() -> None:
-    import dataclasses
-
     import msgpack
 
     opts = SamplerOptions(temperature=0.5, seed=3, stop_token_ids=[2], logprobs=1)
     assert SamplerOptions(**msgpack.unpackb(msgpack.packb(dataclasses.asdict(opts)))) == opts
+
+
+# -- counter-based seeded noise --------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+_G = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _reference_bits(seed: int, position: int, token: int) -> int:
+    """The module docstring's formula in Python's unbounded ints: token's 32-bit word."""
+    key = _mix64(_mix64(seed + _G) + (position + 1) * _G)
+    h = _mix64(key + (token // 2 + 1) * _G)
+    return h >> 32 if token % 2 == 0 else h & 0xFFFFFFFF
+
+
+def _noise(seeds: list[int], positions: list[int], vocab: int, kind: str = "uniform") -> torch.Tensor:
+    fn = getattr(sampling_noise, kind)
+    return fn(torch.tensor([sampling_noise.to_int64(s) for s in seeds]), torch.tensor(positions), vocab)
+
+
+def test_noise_matches_unsigned_reference() -> None:
+    """The int64 version (wrapping products, masked arithmetic shifts) equals uint64 arithmetic,
+    for seeds of any sign and size, including ones whose mixing crosses the sign bit."""
+    seeds = [0, 1, 2, -1, -7, 2**63 - 1, 2**63, 2**64 + 3, 12345678901234567890, -(2**70) + 11]
+    positions = [0, 1, 7, 0, 3, 100, 2**40, 5, 0, 9]
+    got = _noise(seeds, positions, 41)
+    q = _noise(seeds, positions, 41, "exponential")
+    for r, (seed, pos) in enumerate(zip(seeds, positions, strict=True)):
+        for v in range(41):
+            expected = min((_reference_bits(seed, pos, v) + 0.5) / 2**32, 1 - 2**-24)
+            assert got[r, v].item() == pytest.approx(expected, rel=2e-7), (seed, pos, v)
+            assert q[r, v].item() == pytest.approx(-math.log1p(-expected), rel=1e-5, abs=1e-12)
+    # Seeds are taken modulo 2**64; a token's noise does not depend on the vocabulary's size.
+    assert torch.equal(_noise([5], [3], 40), _noise([5 + 2**64], [3], 40))
+    assert torch.equal(_noise([-1], [3], 40), _noise([2**64 - 1], [3], 40))
+    assert torch.equal(_noise([5, 6], [3, 0], 41)[:, :40], _noise([5, 6], [3, 0], 40))
+
+
+def test_noise_is_uniform_and_independent() -> None:
+    """Deterministic (fixed seeds), so these checks cannot flake; the bounds are ~4 sigma."""
+    seeds = list(range(64))  # neighbouring seeds: what n > 1 completions get (seed + index)
+    u = _noise(seeds, [0] * 32 + list(range(32)), 4096).double()  # 262,144 draws
+    flat = u.flatten()
+    n = flat.numel()
+    assert 0.0 < flat.min().item() and flat.max().item() < 1.0
+    # Chi-square over 256 equal bins: df 255, mean 255, sd ~22.6.
+    counts = torch.bincount((flat * 256).long(), minlength=256).double()
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+    assert chi2 < 255 + 4.5 * 22.6, chi2
+    # Kolmogorov-Smirnov against U(0, 1): P(D > 1.95 / sqrt(n)) ~ 1e-3.
+    ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
+    d = (ecdf - flat.sort().values).abs().max().item()
+    assert d < 1.95 / math.sqrt(n), d
+    # Neighbours along every axis are uncorrelated: |r| < 4 / sqrt(count).
+    z = u - 0.5
+    for a, b in [(z[:, :-1], z[:, 1:]),  # token v vs v + 1
+                 (z[:31], z[1:32]),  # seed s vs s + 1, same position
+                 (z[32:-1], z[33:])]:  # seed s vs s + 1 at consecutive positions
+        r = ((a * b).mean() / (a.std() * b.std())).item()
+        assert abs(r) < 4 / math.sqrt(a.numel()), r
+    one_seed = _noise([9] * 64, list(range(64)), 4096) - 0.5  # one seed, positions 0..63
+    r = ((one_seed[:-1] * one_seed[1:]).mean() / one_seed.var()).item()
+    assert abs(r) < 4 / math.sqrt(63 * 4096), r
+    # Exponential draws: mean 1, variance 1, all positive and finite.
+    q = _noise(seeds, [0] * 64, 4096, "exponential").double()
+    assert 0.0 < q.min().item() and q.max().item() < 17.0
+    assert q.mean().item() == pytest.approx(1.0, abs=4 / math.sqrt(q.numel()))
+    assert q.var().item() == pytest.approx(1.0, abs=4 * math.sqrt(8 / q.numel()))
+
+
+def _chi2(tokens: list[int], expected: list[float]) -> float:
+    n = len(tokens)
+    chi2 = 0.0
+    for i, p in enumerate(expected):
+        c = tokens.count(i)
+        if p == 0.0:
+            assert c == 0, f"a truncated token was drawn: {i}"
+        else:
+            chi2 += (c - n * p) ** 2 / (n * p)
+    return chi2
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 3, 0.9, 0.0), (0.9, 0, 1.0, 0.2)],
+)
+def test_seeded_frequencies_match_the_distribution(temperature, top_k, top_p, min_p) -> None:
+    """Across seeds (one step each) and along one seed's positions, the draws follow softmax with
+    the truncation. Deterministic given the seeds; df 3, bound at p ~ 1e-3."""
+    toy = [2.0, 1.5, 0.5, -0.5]
+    expected = _reference(toy, temperature, top_k, top_p, min_p)
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    n = 10_000
+    states = [_state(seed=s, **opts) for s in range(n)]
+    across = [t.token_id for t in Sampler().sample(torch.tensor([toy]).repeat(n, 1), states)]
+    assert _chi2(across, expected) < 16.3
+    # 40 seeds over 60 positions each.
+    along = _draws(torch.tensor([toy]).repeat(40, 1), [_state(seed=10**6 + s, **opts) for s in range(40)],
+                   list(range(40)), 60)
+    assert _chi2([t for row in along for t in row], expected) < 16.3
+
+
+def _mixed_batch(seed: int) -> tuple[list[dict], torch.Tensor]:
+    """Row option sets of every kind (seeded with every knob, unseeded, greedy) and their logits."""
+    kinds = [
+        dict(seed=11), dict(seed=12, top_p=0.8), dict(seed=13, top_k=5, temperature=0.7),
+        dict(seed=14, min_p=0.05, repetition_penalty=1.2), dict(seed=15, frequency_penalty=0.5, top_k=7, top_p=0.9),
+        dict(seed=16, min_tokens=4, stop_token_ids=[0, 1]), dict(seed=2**64 + 17, presence_penalty=-0.3),
+        dict(), dict(top_p=0.7), dict(temperature=0.0), dict(top_k=1, temperature=0.5),
+        dict(temperature=0.0, repetition_penalty=1.5),
+    ]
+    return kinds, _logits(len(kinds), seed=seed)
+
+
+def test_seeded_rows_identical_alone_and_in_any_batch() -> None:
+    kinds, logits = _mixed_batch(seed=6)
+    seeded = [i for i, k in enumerate(kinds) if "seed" in k]
+    outputs = [[3, 3, 9], [1], [], [5, 5, 5, 5], [2, 8, 2], [], [40]]
+    alone = {}
+    for j, i in enumerate(seeded):
+        state = _state(output=outputs[j], **kinds[i])
+        alone[i] = _draws(logits[i: i + 1], [state], [0], 15)[0]
+    for perm_seed in range(3):
+        order = torch.randperm(len(kinds), generator=torch.Generator().manual_seed(perm_seed)).tolist()
+        torch.manual_seed(100 + perm_seed)  # the unseeded rows' draws differ each time
+        batch = [_state(output=outputs[seeded.index(i)] if i in seeded else [], **kinds[i]) for i in order]
+        got = _draws(logits[order], batch, list(range(len(order))), 15)
+        for row, i in enumerate(order):
+            if i in seeded:
+                assert got[row] == alone[i], (i, row)
+
+
+def test_greedy_rows_exact_in_a_mixed_batch() -> None:
+    kinds, logits = _mixed_batch(seed=7)
+    logits[9, [4, 20]] = logits[9].max() + 1.0  # a tie: the lower id wins
+    states = [_state(**k) for k in kinds]
+    greedy = [i for i, s in enumerate(states) if s.is_greedy]
+    assert greedy == [9, 10, 11]
+    torch.manual_seed(0)
+    out = Sampler().sample(logits, states)
+    expected = _penalised_reference(logits, states).argmax(dim=-1)
+    assert [out[i].token_id for i in greedy] == expected[greedy].tolist()
+    assert out[9].token_id == 4
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_calls_do_not_grow_with_the_batch() -> None:
+    """No per-row torch work: the same mix of rows at 2x and 8x the size dispatches the same ops."""
+    kinds, _ = _mixed_batch(seed=0)
+    counts = []
+    for reps in (2, 8):
+        states = [_state(output=[1, 2, 3], logprobs=2, **k) for k in kinds * reps]
+        logits = _logits(len(states), seed=reps)
+        with _CountOps() as mode:
+            Sampler().sample(logits, states)
+        counts.append(mode.ops)
+    assert counts[0] == counts[1]
+
+
+def test_parameters_reach_the_device_as_tensors() -> None:
+    states = [_state(temperature=0.5, top_p=0.9, top_k=3, min_p=0.1, seed=-3, output=[1, 2]),
+              _state(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=-0.1),
+              _state(top_k=V + 5, min_tokens=2, stop_token_ids=[4, V + 9])]
+    t = SamplingTensors(states, V, torch.device("cpu"))
+    torch.testing.assert_close(t.temperature, torch.tensor([0.5, 0.0, 1.0]))
+    torch.testing.assert_close(t.top_p, torch.tensor([0.9, 2.0, 2.0]))  # 2.0: off
+    assert t.top_k.tolist() == [3, V, V]  # V: off
+    torch.testing.assert_close(t.min_p, torch.tensor([0.1, 0.0, 0.0]))
+    torch.testing.assert_close(t.repetition_penalty, torch.tensor([1.0, 1.3, 1.0]))
+    torch.testing.assert_close(t.frequency_penalty, torch.tensor([0.0, 0.2, 0.0]))
+    torch.testing.assert_close(t.presence_penalty, torch.tensor([0.0, -0.1, 0.0]))
+    assert t.seed.tolist() == [-3, 0, 0] and t.position.tolist() == [2, 0, 0]
+    assert t.random_rows == [0, 2] and t.random_index.tolist() == [0, 2]
+    assert t.any_seeded and not t.all_seeded and t.seeded_index.tolist() == [0]
+    assert t.min_tokens_index.tolist() == [2 * V + 4]  # out-of-vocab stop ids are ignored
+    assert t.top_k_max == 3 and t.any_top_p and t.any_min_p and t.any_repetition and t.any_frequency
+
+
+@pytest.mark.gpu
+def test_cuda_noise_and_seeded_draws_match_cpu() -> None:
+    """The fused CUDA kernel gives the eager path's bits; seeded draws agree across devices and
+    batches."""
+    dev = torch.device("cuda")
+    seeds = torch.tensor([sampling_noise.to_int64(s) for s in [0, 1, -1, 2**63, 7]])
+    positions = torch.tensor([0, 1, 2, 3, 2**40])
+    for vocab in (152064, 151937, 7, 1):
+        fast = sampling_noise.exponential(seeds.to(dev), positions.to(dev), vocab)
+        assert torch.equal(fast, sampling_noise.exponential_eager(seeds.to(dev), positions.to(dev), vocab))
+        torch.testing.assert_close(fast.cpu(), sampling_noise.exponential_eager(seeds, positions, vocab),
+                                   rtol=2.5e-7, atol=0)  # log1p may differ by an ulp across back ends
+    kinds, logits = _mixed_batch(seed=9)
+    seeded = [i for i, k in enumerate(kinds) if "seed" in k]
+    on_cpu = _draws(logits, [_state(**k) for k in kinds], seeded, 10)
+    on_gpu = _draws(logits.to(dev), [_state(**k) for k in kinds], seeded, 10)
+    alone = [_draws(logits[i: i + 1].to(dev), [_state(**kinds[i])], [0], 10)[0] for i in seeded]
+    assert on_gpu == alone
+    assert sum(a == b for a, b in zip(on_cpu, on_gpu, strict=True)) >= len(seeded) - 1  # float paths may differ rarely

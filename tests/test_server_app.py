@@ -347,6 +347,10 @@ async def test_metrics_and_version():
     assert next(s.value for s in families["strata:generation_tokens"].samples if s.name.endswith("_total")) == 3
     steps = [s for s in families["strata:step_duration_seconds"].samples if s.name.endswith("_count")]
     assert steps[0].labels["rank"] == "0" and steps[0].value == 2
+    # The engine's host overhead per step, each sampled step observed once however often it is polled.
+    host = {s.name: s.value for s in families["strata:step_host_overhead_seconds"].samples}
+    assert host["strata:step_host_overhead_seconds_count"] == 2
+    assert host["strata:step_host_overhead_seconds_sum"] == pytest.approx(0.001)
 
 
 def test_the_serve_app_binds_its_engine_factory():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from typing import Protocol
 
 from strata.actors.engine.block_manager import BlockManager
@@ -30,6 +31,8 @@ from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, c
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
+
+HOST_SAMPLES = 64  # recent steps' host overhead kept for /metrics (a sample when steps outpace polls)
 
 
 class Executor(Protocol):
@@ -60,6 +63,9 @@ class EngineCore:
         self.num_generation_tokens = 0
         self.num_preemptions = 0
         self.last_step_seconds = 0.0
+        # Host overhead: a step's wall time less the executor's (schedule + plan + outputs), as
+        # (perf_counter at the step's end, seconds) for the most recent steps, for /metrics.
+        self.host_overhead: collections.deque[tuple[float, float]] = collections.deque(maxlen=HOST_SAMPLES)
         # Micro-batches in flight: one per pipeline stage keeps every stage busy.
         self.pipeline_depth = config.pipeline_parallel_size
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepPlan, StepResult | None]] = (
@@ -114,22 +120,35 @@ class EngineCore:
     def step(self) -> list[RequestDelta]:
         """One engine step: fill the pipeline with up to `pipeline_depth` micro-batches, then
         finish the oldest; returns a delta per request that changed."""
+        started = time.perf_counter()
+        executor_s = 0.0  # rank 0's own share of the step runs inside submit (tp/pp rank 0)
         while len(self._in_flight) < self.pipeline_depth:
             scheduled = self.scheduler.schedule(self._micro_batch_cap())  # skips those in flight
             self.num_preemptions += len(scheduled.preempted)
             if scheduled.is_empty:
                 break
             plan = self._build_plan(scheduled)
+            t = time.perf_counter()
             self._in_flight.append((scheduled, plan, self.executor.submit(plan)))
+            executor_s += time.perf_counter() - t
         if not self._in_flight:
             return []
         scheduled, plan, result = self._in_flight.popleft()
         if result is None:
+            t = time.perf_counter()
             result = self.executor.collect(plan)
+            executor_s += time.perf_counter() - t
         self.last_step_seconds = result.step_seconds
         self.expert_load.add(result.expert_load)
         self.scheduler.update(scheduled, {sid: r.token_id for sid, r in result.sampled.items()})
-        return self._process(scheduled, result)
+        deltas = self._process(scheduled, result)
+        ended = time.perf_counter()
+        host_s = ended - started - executor_s
+        self.host_overhead.append((ended, host_s))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d: %d sequences, %d tokens; host %.3f ms, executor %.3f ms", plan.step_id,
+                         len(scheduled.chunks), scheduled.num_tokens, host_s * 1e3, executor_s * 1e3)
+        return deltas
 
     def _micro_batch_cap(self) -> int | None:
         """With pipeline stages, an equal share of the sequences per micro-batch: one batch of
@@ -215,6 +234,7 @@ class EngineCore:
             "num_preemptions_total": self.num_preemptions,
             "expert_load": self.expert_load.summary() if self.is_moe else None,
             "last_step_seconds": self.last_step_seconds,
+            "step_host_overhead": list(self.host_overhead),
         }
 
 

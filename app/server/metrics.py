@@ -18,6 +18,7 @@ from strata.app.output.processor import CompletionUpdate
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
+_HOST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 
 
@@ -46,7 +47,12 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.step = Histogram("strata:step_duration_seconds", "Wall time of one engine step, per rank.",
                               [*m, "rank"], buckets=_STEP_BUCKETS, registry=r)
+        self.host_overhead = Histogram(
+            "strata:step_host_overhead_seconds",
+            "Engine host time per step (schedule, plan, outputs: the step's wall time less the ranks'), "
+            "sampled from recent steps.", m, buckets=_HOST_BUCKETS, registry=r)
         self._totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self._last_host_sample = 0.0
         self._last_step_start: dict[int, float] = {}
 
     def update_stats(self, stats: dict[str, Any]) -> None:
@@ -63,6 +69,10 @@ class ServerMetrics:
             if delta > 0:
                 counter.labels(name).inc(delta)
             self._totals[key] = stats[key]
+        for ended, seconds in stats.get("step_host_overhead") or []:
+            if ended > self._last_host_sample:
+                self.host_overhead.labels(name).observe(seconds)
+                self._last_host_sample = ended
 
     def update_step_times(self, per_rank: list[list[tuple[float, float]]]) -> None:
         """Observes the steps each rank finished since the last call (ranks keep recent ones)."""
