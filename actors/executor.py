@@ -23,7 +23,8 @@ from strata.config import EngineConfig
 from strata.distributed.channel import PendingSends, isend_bytes, recv_bytes
 from strata.distributed.rank_layout import ranks_of_node, sampler_rank, stage_leader
 from strata.distributed.sockets import HOST_IP_ENV
-from strata.distributed.step_plan import StepPlan, StepResult
+from strata.distributed.step_plan import StepPlan
+from strata.distributed.step_result import StepResult
 
 logger = logging.getLogger("strata")
 

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from strata.actors.engine.engine_core import EngineCore  # noqa: E402
 from strata.actors.worker.persistent_batch import PersistentBatch  # noqa: E402
 from strata.config import EngineConfig  # noqa: E402
-from strata.distributed.step_plan import SampledResult, StepPlan, StepResult  # noqa: E402
+from strata.distributed.step_plan import StepPlan  # noqa: E402
+from strata.distributed.step_result import SampledResult, StepResult  # noqa: E402
 from strata.engine_protocol import EngineRequest  # noqa: E402
 from strata.sampling_params import SamplingParams  # noqa: E402
 

@@ -19,43 +19,26 @@ Contract (vLLM's semantics):
 - `sample` does not append the chosen token to `output_token_ids`; the caller does.
 
 Everything is vectorised over the batch: the rows' parameters travel to the device as one packed
-buffer per step (SamplingTensors), seeded and unseeded noise is drawn for all rows at once, and no
-torch call is made per row. The host work per step is list building over the rows (their cached
-parameter records, lengths, stop ids). The only device-to-host reads are the final results'.
+buffer per step (SamplingTensors, model/sampling_tensors.py), min_tokens masking and the penalties
+edit all rows at once (model/penalties.py), seeded and unseeded noise is drawn for all rows at
+once, and no torch call is made per row. The host work per step is list building over the rows
+(their cached parameter records, lengths, stop ids). The only device-to-host reads are the final
+results'.
 This module imports torch only (never app/), so it can run on a rank that knows no users.
 """
 
 from __future__ import annotations
 
-import struct
 from array import array
 from dataclasses import dataclass
-from functools import reduce
-from operator import or_
 
 import torch
 
-from strata.distributed.step_plan import SamplerOptions
+from strata.distributed.sampler_options import SamplerOptions
 from strata.model import sampling_noise
+from strata.model.penalties import apply_penalties, mask_min_tokens
+from strata.model.sampling_tensors import MIN_P, TEMPERATURE, TOP_P, SamplingTensors, pack_row, row_flags, to_device
 from strata.sampling_params import GREEDY_EPS
-
-# A row's static parameters as sent to the device: six float32 (temperature, top_p with 2.0 for
-# "off", min_p, repetition, frequency, presence penalty), then two int64 (top_k as given, seed as
-# int64 bits). 40 bytes, a multiple of 8, so the int64 columns stay aligned in the packed buffer.
-_RECORD = struct.Struct("<6f2q")
-_FLOAT_BYTES = 24
-_TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _FREQUENCY, _PRESENCE = range(6)
-_TOP_K, _SEED = range(2)
-_F32_MAX = float(torch.finfo(torch.float32).max)
-# A row's needs as bits, so a batch's are one OR over its rows.
-_F_GREEDY, _F_SEEDED, _F_TOP_P, _F_TOP_K, _F_MIN_P, _F_REPETITION, _F_FREQUENCY, _F_MIN_TOKENS = (
-    1 << i for i in range(8)
-)
-
-
-def _f32(value: float) -> float:
-    # struct's "f" refuses values beyond float32; a temperature of 1e39 is as good as its max.
-    return min(max(float(value), -_F32_MAX), _F32_MAX)
 
 
 class SequenceSamplingState:
@@ -94,22 +77,12 @@ class SequenceSamplingState:
         self._options = o = options
         self.is_greedy = o.temperature < GREEDY_EPS or o.top_k == 1  # top_k 1: argmax fixes ties
         self.is_seeded = o.seed is not None
-        self._record = _RECORD.pack(
-            *map(_f32, (o.temperature, o.top_p if o.top_p < 1.0 else 2.0, o.min_p, o.repetition_penalty,
-                        o.frequency_penalty, o.presence_penalty)),
-            o.top_k if 0 < o.top_k < 1 << 62 else 0,  # 0: off (as is any k >= vocab, on the device)
-            sampling_noise.to_int64(o.seed) if o.seed is not None else 0,
-        )
+        self._record = pack_row(o)
         self._top_k = o.top_k
         self._min_tokens = o.min_tokens
         self._stop_ids = tuple(o.stop_token_ids)
         self._logprobs = o.logprobs or 0
-        self._flags = (
-            _F_GREEDY * self.is_greedy | _F_SEEDED * self.is_seeded | _F_TOP_P * (o.top_p < 1.0)
-            | _F_TOP_K * (o.top_k > 0) | _F_MIN_P * (o.min_p > 0.0) | _F_REPETITION * (o.repetition_penalty != 1.0)
-            | _F_FREQUENCY * (o.frequency_penalty != 0.0 or o.presence_penalty != 0.0)
-            | _F_MIN_TOKENS * (o.min_tokens > 0 and bool(o.stop_token_ids))
-        )
+        self._flags = row_flags(o, self.is_greedy)
 
     @property
     def position(self) -> int:
@@ -141,146 +114,8 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]]
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without a stream sync (pageable H2D copies would sync)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=dtype), device)
-
-
-class SamplingTensors:
-    """One step's per-row sampling parameters on the device, and the host facts that decide which
-    processing steps run at all (no device value is ever read back to decide).
-
-    Built from the rows' cached records in one packed host-to-device copy (none at all when no
-    row samples, and none needs penalties or min_tokens masking: then the tensors below are None).
-    Per-row device tensors ([R], row i = states[i]): temperature, top_p (2.0 where off), min_p,
-    repetition_penalty, frequency_penalty, presence_penalty, top_k (vocab where off), seed (int64
-    bits, 0 where unseeded), position (tokens generated so far). `random_index` (which rows sample,
-    None when all do), `seeded_index` (which of the sampling rows are seeded, None when all or none
-    are) and `min_tokens_index` (flat row * V + token ids to mask, None when none) are int64 device
-    tensors from the same copy.
-    """
-
-    def __init__(self, states: list[SequenceSamplingState], vocab: int, device: torch.device) -> None:
-        n = len(states)
-        self.vocab = vocab
-        flags = [s._flags for s in states]
-        batch = reduce(or_, flags, 0)
-        self.any_greedy = bool(batch & _F_GREEDY)
-        if self.any_greedy:
-            self.random_rows = [i for i, f in enumerate(flags) if not f & _F_GREEDY]
-            rnd = [states[i] for i in self.random_rows]
-            rnd_flags = [flags[i] for i in self.random_rows]
-        else:
-            self.random_rows, rnd, rnd_flags = list(range(n)), states, flags
-        self.all_random = not self.any_greedy
-        # Truncation facts over the sampling rows only (a greedy row's knobs cannot matter).
-        sampling = reduce(or_, rnd_flags, 0)
-        seeded = [j for j, f in enumerate(rnd_flags) if f & _F_SEEDED] if sampling & _F_SEEDED else []
-        self.any_seeded, self.all_seeded = bool(seeded), len(seeded) == len(rnd)
-        self.any_top_p = bool(sampling & _F_TOP_P)
-        self.any_min_p = bool(sampling & _F_MIN_P)
-        ks = [s._top_k for s in rnd if 0 < s._top_k < vocab] if sampling & _F_TOP_K else []
-        self.top_k_max = max(ks) if ks else 0  # 0: no sampling row truncates by top-k
-        self.any_repetition = bool(batch & _F_REPETITION)
-        self.any_frequency = bool(batch & _F_FREQUENCY)
-        positions = [len(s.output_token_ids) for s in states]
-        min_tokens_flat = [
-            i * vocab + t
-            for i, s in enumerate(states) if positions[i] < s._min_tokens
-            for t in s._stop_ids if 0 <= t < vocab
-        ] if batch & _F_MIN_TOKENS else []
-
-        self.floats = self.seed = self.position = None
-        self.random_index = self.seeded_index = self.min_tokens_index = None
-        self._raw_top_k = self._top_k = None
-        if self.random_rows or self.any_repetition or self.any_frequency or min_tokens_flat:
-            self._upload(states, positions, seeded, min_tokens_flat, device)
-
-    def _upload(self, states, positions, seeded, min_tokens_flat, device) -> None:
-        """One copy: the rows' records, then positions and the index lists as int64."""
-        n = len(states)
-        sizes = [n, 0 if self.all_random else len(self.random_rows), 0 if self.all_seeded else len(seeded),
-                 len(min_tokens_flat)]
-        dynamic = array("q", positions)
-        if not self.all_random:
-            dynamic.extend(self.random_rows)
-        if not self.all_seeded:
-            dynamic.extend(seeded)
-        dynamic.extend(min_tokens_flat)
-        packed = bytearray(b"".join([s._record for s in states]))
-        packed += dynamic.tobytes()
-        host = torch.frombuffer(packed, dtype=torch.uint8)
-        buf = _to_device(host, device) if device.type == "cuda" else host.clone()
-        records = buf[: n * _RECORD.size].view(n, _RECORD.size)
-        self.floats = records[:, :_FLOAT_BYTES].view(torch.float32)  # [R, 6]
-        ints = records[:, _FLOAT_BYTES:].view(torch.int64)  # [R, 2]
-        position, random_index, seeded_index, min_tokens_index = buf[n * _RECORD.size:].view(torch.int64).split(sizes)
-        self.position = position
-        self.random_index = None if self.all_random else random_index
-        self.seeded_index = None if self.all_seeded or not seeded else seeded_index
-        self.min_tokens_index = min_tokens_index if min_tokens_flat else None
-        self._raw_top_k = ints[:, _TOP_K]
-        self.seed = ints[:, _SEED]
-
-    @property
-    def top_k(self) -> torch.Tensor:
-        """[R] int64, vocab where off (made on first use: only top-k truncation needs it)."""
-        if self._top_k is None:
-            k = self._raw_top_k
-            self._top_k = torch.where((k > 0) & (k < self.vocab), k, self.vocab)
-        return self._top_k
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.floats[:, _TEMPERATURE]
-
-    @property
-    def top_p(self) -> torch.Tensor:
-        return self.floats[:, _TOP_P]
-
-    @property
-    def min_p(self) -> torch.Tensor:
-        return self.floats[:, _MIN_P]
-
-    @property
-    def repetition_penalty(self) -> torch.Tensor:
-        return self.floats[:, _REPETITION]
-
-    @property
-    def frequency_penalty(self) -> torch.Tensor:
-        return self.floats[:, _FREQUENCY]
-
-    @property
-    def presence_penalty(self) -> torch.Tensor:
-        return self.floats[:, _PRESENCE]
-
-
-def _token_counts(rows: list[list[array]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[R, V] float counts of each token id per row; row r counts the tokens of all of `rows[r]`."""
-    flat = array("q")
-    lengths = []
-    for parts in rows:
-        for part in parts:
-            flat.extend(part)  # array-to-array extend: a memcpy
-        lengths.append(sum(len(part) for part in parts))
-    counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)
-    if flat:
-        ids = torch.frombuffer(flat, dtype=torch.long)
-        lens = torch.tensor(lengths)
-        if device.type == "cuda":
-            ids, lens = ids.pin_memory(), lens.pin_memory()
-        ids, lens = ids.to(device, non_blocking=True), lens.to(device, non_blocking=True)
-        # Row offsets on the device (output_size given: no sync); on the host this was the hot spot.
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lens, output_size=len(flat))
-        ids = ids.clamp(0, vocab - 1) + row_of * vocab
-        counts.index_add_(0, ids, torch.ones(len(flat), dtype=torch.float32, device=device))
-    return counts.view(len(rows), vocab)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -326,8 +161,8 @@ class Sampler:
         # A processed copy when something edits in place; `raw` stays untouched for logprobs.
         edited = t.min_tokens_index is not None or t.any_repetition or t.any_frequency
         x = raw.clone() if edited else raw
-        self._mask_min_tokens(x, states, t)
-        self._apply_penalties(x, states, t)
+        mask_min_tokens(x, states, t)
+        apply_penalties(x, states, t)
 
         token_ids = x.argmax(dim=-1) if t.any_greedy else None
         if t.random_rows:
@@ -359,36 +194,6 @@ class Sampler:
         lps, ranks, tops, _ = _logprob_report(logits.float(), targets, min(k, logits.shape[1]))
         return list(zip(lps, ranks, tops, strict=True))
 
-    # -- processing steps, in order; each edits `x` in place ---------------------------------------
-
-    @staticmethod
-    def _mask_min_tokens(
-        x: torch.Tensor, states: list[SequenceSamplingState], t: SamplingTensors | None = None
-    ) -> None:
-        t = t or SamplingTensors(states, x.shape[1], x.device)
-        if t.min_tokens_index is not None:  # one index_fill_ (x[rows, cols] = v would sync)
-            x.view(-1).index_fill_(0, t.min_tokens_index, float("-inf"))
-
-    @staticmethod
-    def _apply_penalties(
-        x: torch.Tensor, states: list[SequenceSamplingState], t: SamplingTensors | None = None
-    ) -> None:
-        """Over the whole batch at once; a row without a penalty gets zero counts (and factors 1
-        and 0), which leaves it bit-for-bit untouched."""
-        t = t or SamplingTensors(states, x.shape[1], x.device)
-        vocab, dev = x.shape[1], x.device
-        if t.any_repetition:
-            seen = _token_counts(
-                [[s.prompt_ids(), s.output_ids()] if s._flags & _F_REPETITION else [] for s in states], vocab, dev
-            ) > 0
-            p = t.repetition_penalty.unsqueeze(1)
-            # Push seen tokens toward "less likely" whatever their sign.
-            penalised = torch.where(x > 0, x / p, x * p)
-            x.copy_(torch.where(seen, penalised, x))
-        if t.any_frequency:
-            counts = _token_counts([[s.output_ids()] if s._flags & _F_FREQUENCY else [] for s in states], vocab, dev)
-            x.sub_(t.frequency_penalty.unsqueeze(1) * counts + t.presence_penalty.unsqueeze(1) * (counts > 0))
-
     @staticmethod
     def _sample_random(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """Temperature, top-k, top-p, min_p, then one draw per row. `x` is [R, V], the sampling rows
@@ -400,7 +205,7 @@ class Sampler:
             idx = t.random_index
             floats, seed, position = floats[idx], seed[idx], position[idx]
             top_k = top_k[idx] if use_k else None
-        x = x / floats[:, _TEMPERATURE].unsqueeze(1)
+        x = x / floats[:, TEMPERATURE].unsqueeze(1)
 
         if t.any_top_p:
             # One sort serves both. Top-k keeps logits >= the k-th largest (ties at it survive, as
@@ -412,7 +217,7 @@ class Sampler:
             probs = sorted_x.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs
             # Rows with top_p off carry 2.0, a threshold above any cumulative sum rounding can reach.
-            drop = mass_before >= floats[:, _TOP_P].unsqueeze(1)
+            drop = mass_before >= floats[:, TOP_P].unsqueeze(1)
             drop[:, 0] = False  # the best token always survives
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.empty_like(x).scatter_(1, order, sorted_x)
@@ -426,7 +231,7 @@ class Sampler:
         if t.any_min_p:
             # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed, and
             # the ratio does not depend on renormalisation after top-k/top-p. min_p 0 gives -inf.
-            floor = x.max(dim=-1, keepdim=True).values + floats[:, _MIN_P].log().unsqueeze(1)
+            floor = x.max(dim=-1, keepdim=True).values + floats[:, MIN_P].log().unsqueeze(1)
             x = x.masked_fill(x < floor, float("-inf"))
 
         probs = x.softmax(dim=-1)

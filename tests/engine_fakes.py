@@ -8,9 +8,11 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from strata.actors.engine.engine_core import EngineCore
-from strata.actors.worker.persistent_batch import PersistentBatch, StepInputs
+from strata.actors.worker.persistent_batch import PersistentBatch
+from strata.actors.worker.step_inputs import StepInputs
 from strata.config import EngineConfig
-from strata.distributed.step_plan import PromptLogprobs, SampledResult, StepPlan, StepResult
+from strata.distributed.step_plan import StepPlan
+from strata.distributed.step_result import PromptLogprobs, SampledResult, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta
 from strata.sampling_params import SamplingParams
 

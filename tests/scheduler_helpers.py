@@ -4,7 +4,8 @@ shows)."""
 
 from __future__ import annotations
 
-from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from strata.actors.engine.scheduler import Scheduler
+from strata.actors.engine.scheduler_records import SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence
 from strata.sampling_params import SamplingParams
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from strata.actors.worker.input_buffers import InputBuffers
-from strata.actors.worker.persistent_batch import StepInputs
+from strata.actors.worker.step_inputs import StepInputs
 from strata.actors.worker.step_timing import StepTimer
 from strata.distributed.process_groups import single_rank_group
 from strata.model.architectures.intermediate import IntermediateTensors

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from strata.actors.engine.scheduler import SchedulerOutput
-from strata.actors.worker.persistent_batch import PersistentBatch, StepInputs
+from strata.actors.engine.scheduler_records import SchedulerOutput
+from strata.actors.worker.persistent_batch import PersistentBatch
+from strata.actors.worker.step_inputs import StepInputs
 from strata.distributed.step_plan import PlanBuilder, StepPlan
 from strata.engine_protocol import EngineRequest
 from strata.sampling_params import SamplingParams

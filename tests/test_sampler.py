@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.utils._python_dispatch
 
-from strata.distributed.step_plan import SamplerOptions
+from strata.distributed.sampler_options import SamplerOptions
 from strata.model import sampling_noise
-from strata.model.sampler import Sampler, SamplingTensors, SequenceSamplingState
+from strata.model.penalties import apply_penalties
+from strata.model.sampler import Sampler, SequenceSamplingState
+from strata.model.sampling_tensors import SamplingTensors
 
 V = 64
 
@@ -177,7 +179,7 @@ def test_penalties_match_loop_reference() -> None:
         _state(prompt=[1], output=[2]),  # no penalties: untouched
     ]
     got = logits.clone()
-    Sampler._apply_penalties(got, states)
+    apply_penalties(got, states)
     torch.testing.assert_close(got, _penalised_reference(logits, states))
     # End to end: greedy picks the argmax of the penalised logits.
     for s in states:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from strata.distributed.step_plan import SamplerOptions
+from strata.distributed.sampler_options import SamplerOptions
 from strata.sampling_params import SamplingParams
 
 

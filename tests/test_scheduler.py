@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strata.actors.engine.scheduler import SchedulerConfig
+from strata.actors.engine.scheduler_records import SchedulerConfig
 from strata.actors.engine.sequence import SequenceStatus
 from tests.scheduler_helpers import add_seqs, fake_token_at, make_scheduler, make_seq, plan, sampled_for, step
 

@@ -8,7 +8,8 @@ from collections import deque
 
 import pytest
 
-from strata.actors.engine.scheduler import Scheduler, SchedulerOutput
+from strata.actors.engine.scheduler import Scheduler
+from strata.actors.engine.scheduler_records import SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
 from tests.scheduler_helpers import fake_token_at, make_scheduler, make_seq, sampled_for
 

@@ -1,5 +1,6 @@
-"""The shared-memory broadcast ring (strata/distributed/shm_ring.py), with readers and writers in
-real processes (spawn): order and bytes, back-pressure, shutdown, and peers that die mid-stream."""
+"""The shared-memory broadcast ring (strata/distributed/shm_ring.py and its ring_* modules), with
+readers and writers in real processes (spawn): order and bytes, back-pressure, shutdown, and peers
+that die mid-stream."""
 
 from __future__ import annotations
 
@@ -13,17 +14,14 @@ import time
 
 import pytest
 
-from strata.distributed.plan_relay import DATA, Forwarder, NodeRelay, PlanHub, RelayError, send_frame
-from strata.distributed.shm_ring import (
-    PeerDied,
-    RingAborted,
-    RingClosed,
-    RingError,
-    RingReader,
-    RingTimeout,
-    RingWriter,
-    unlink_segment,
-)
+from strata.distributed import plan_relay, shm_ring
+from strata.distributed.relay_hub import Forwarder, PlanHub
+from strata.distributed.relay_node import NodeRelay
+from strata.distributed.relay_wire import DATA, RelayError, send_frame
+from strata.distributed.ring_errors import PeerDied, RingAborted, RingClosed, RingError, RingTimeout
+from strata.distributed.ring_reader import RingReader
+from strata.distributed.ring_segment import unlink_segment
+from strata.distributed.ring_writer import RingWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -312,7 +310,7 @@ def test_reader_indices_are_checked():
         RingReader("strata-ring-missing", 0, attach_timeout=0.1)
 
 
-# --- the relay to other nodes (strata/distributed/plan_relay.py), over loopback ----------------
+# --- the relay to other nodes (strata/distributed/plan_relay.py and relay_*), over loopback ------
 
 def _ring_name() -> str:
     return f"strata-ring-test-{secrets.token_hex(4)}"
@@ -426,3 +424,15 @@ def _catch(fn, errors: list) -> None:
         fn()
     except Exception as err:  # noqa: BLE001 - the test looks at it
         errors.append(err)
+
+
+def test_the_overview_modules_still_export_the_public_names():
+    """shm_ring and plan_relay name the whole; their public names are the homes' own objects."""
+    for name in ("RingWriter", "RingReader", "RingError", "RingClosed", "RingAborted", "PeerDied",
+                 "RingTimeout", "Poll", "unlink_segment", "DEFAULT_SLOTS", "DEFAULT_SLOT_BYTES"):
+        assert name in shm_ring.__all__ and hasattr(shm_ring, name), name
+    assert (shm_ring.RingWriter, shm_ring.RingReader, shm_ring.PeerDied) == (RingWriter, RingReader, PeerDied)
+    for name in ("PlanHub", "Forwarder", "NodeRelay", "RelayError", "send_frame", "recv_frame", "DATA",
+                 "MAX_FRAME"):
+        assert name in plan_relay.__all__ and hasattr(plan_relay, name), name
+    assert (plan_relay.NodeRelay, plan_relay.RelayError) == (NodeRelay, RelayError)

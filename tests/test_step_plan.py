@@ -1,6 +1,6 @@
-"""The wire types between ranks (strata/distributed/step_plan.py): what goes out as msgpack comes
-back equal, with int arrays as packed bytes, sequence ids as int map keys, prompt logprobs
-entries as tuples, and no pickle."""
+"""The wire types between ranks (strata/distributed/step_plan.py, step_result.py,
+sampler_options.py): what goes out as msgpack comes back equal, with int arrays as packed bytes,
+sequence ids as int map keys, prompt logprobs entries as tuples, and no pickle."""
 
 from __future__ import annotations
 
@@ -12,15 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from strata.distributed.step_plan import (
-    NewSequence,
-    PlanBuilder,
-    PromptLogprobs,
-    SampledResult,
-    SamplerOptions,
-    StepPlan,
-    StepResult,
-)
+from strata.distributed.sampler_options import SamplerOptions
+from strata.distributed.step_plan import NewSequence, PlanBuilder, StepPlan
+from strata.distributed.step_result import PromptLogprobs, SampledResult, StepResult
 from strata.sampling_params import SamplingParams
 
 BIG_SEQ_ID = 2**40 + 7  # sequence ids are counters: they outgrow 32 bits on a long-running server

@@ -23,10 +23,13 @@ from typing import Protocol
 
 from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.expert_load import ExpertLoad
-from strata.actors.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from strata.actors.engine.scheduler import Scheduler
+from strata.actors.engine.scheduler_records import SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
 from strata.config import EngineConfig
-from strata.distributed.step_plan import PlanBuilder, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.distributed.sampler_options import SamplerOptions
+from strata.distributed.step_plan import PlanBuilder, StepPlan
+from strata.distributed.step_result import SampledResult, StepResult
 from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, check_prompt
 from strata.sampling_params import SamplingParams
 

@@ -29,7 +29,7 @@ import torch
 from strata.model.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
-    from strata.actors.worker.persistent_batch import StepInputs
+    from strata.actors.worker.step_inputs import StepInputs
 
 
 class InputBuffers:

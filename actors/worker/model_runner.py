@@ -15,11 +15,14 @@ import time
 import torch
 
 from strata.actors.worker.input_buffers import InputBuffers
-from strata.actors.worker.persistent_batch import PersistentBatch, StepInputs
+from strata.actors.worker.persistent_batch import PersistentBatch
+from strata.actors.worker.step_inputs import StepInputs
 from strata.actors.worker.step_timing import StepTimer
 from strata.distributed.channel import PendingSends
 from strata.distributed.process_groups import RankGroups
-from strata.distributed.step_plan import PromptLogprobs, SampledResult, SamplerOptions, StepPlan, StepResult
+from strata.distributed.sampler_options import SamplerOptions
+from strata.distributed.step_plan import StepPlan
+from strata.distributed.step_result import PromptLogprobs, SampledResult, StepResult
 from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.layers.attention import AttentionMetadata
 from strata.model.sampler import Sampler, SequenceSamplingState

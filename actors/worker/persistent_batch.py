@@ -18,73 +18,19 @@ restarts at position 0, and the tokens it computes are the ones the rank already
 arrays grow (doubling) when a row, a table or a token list does not fit, so the sizes given are
 hints; a grown array is a new one, so readers take ``block_table_tensor`` afresh each step.
 
-``apply`` returns the step's ``StepInputs``: the scheduled sequences in plan order, as numpy.
+``apply`` returns the step's ``StepInputs`` (strata.actors.worker.step_inputs): the scheduled
+sequences in plan order, as numpy.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from strata.actors.worker.step_inputs import StepInputs, ranges
 from strata.distributed.step_plan import StepPlan
-
-
-@dataclass
-class StepInputs:
-    """One step's batch in the order the plan lists its sequences (numpy, host side)."""
-
-    rows: np.ndarray  # int32 [B]: each scheduled sequence's row in the persistent batch
-    seq_ids: np.ndarray  # int64 [B]
-    start_positions: np.ndarray  # int32 [B]: tokens already in the cache (the chunk's first position)
-    query_lens: np.ndarray  # int32 [B]: tokens computed this step
-    token_ids: np.ndarray  # int64 [T = query_lens.sum()]: the tokens to feed
-    block_tables: np.ndarray  # int32 [B, W]: the rows' block tables (W = widest needed this step), padded with 0
-    samples: np.ndarray  # bool [B]: the chunk reaches the last known token, so it samples the next
-    prompt_logprobs: list[int | None]  # per sequence: top-k for prompt logprobs, or None
-    max_query_len: int
-    max_seq_len: int  # max(start + query): computed on the host, so attention needs no .max() sync
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def seq_lens(self) -> np.ndarray:
-        """int32 [B]: context length of each sequence after this step (cached + new)."""
-        return self.start_positions + self.query_lens
-
-    def query_start_loc(self) -> np.ndarray:
-        """int32 [B + 1]: where each sequence's tokens start in the flat [T] batch."""
-        out = np.zeros(self.num_seqs + 1, dtype=np.int32)
-        np.cumsum(self.query_lens, out=out[1:])
-        return out
-
-    def positions(self) -> np.ndarray:
-        """int64 [T]: each token's position in its sequence."""
-        return _ranges(self.start_positions, self.query_lens).astype(np.int64)
-
-    @classmethod
-    def empty(cls) -> StepInputs:
-        i32 = np.zeros(0, dtype=np.int32)
-        return cls(rows=i32, seq_ids=np.zeros(0, dtype=np.int64), start_positions=i32, query_lens=i32,
-                   token_ids=np.zeros(0, dtype=np.int64), block_tables=np.zeros((0, 0), dtype=np.int32),
-                   samples=np.zeros(0, dtype=bool), prompt_logprobs=[], max_query_len=0, max_seq_len=0)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The concatenation of arange(starts[i], starts[i] + counts[i]) (int64; counts >= 0)."""
-    total = int(counts.sum())
-    if total == len(counts) and counts.min(initial=1) == 1:  # every count is 1: decode steps
-        return starts.astype(np.int64)
-    first = np.cumsum(counts, dtype=np.int64) - counts  # where each range begins in the output
-    return np.arange(total, dtype=np.int64) + np.repeat(starts.astype(np.int64) - first, counts)
 
 
 class PersistentBatch:
@@ -203,7 +149,7 @@ class PersistentBatch:
         if num_tokens == num:  # decodes (and one-token chunks): one fancy index
             token_ids = self._token_ids[rows, starts].astype(np.int64)
         else:
-            token_ids = self._token_ids[np.repeat(rows, query_lens), _ranges(starts, query_lens)].astype(np.int64)
+            token_ids = self._token_ids[np.repeat(rows, query_lens), ranges(starts, query_lens)].astype(np.int64)
         width = int(num_blocks.max())
         prompt_logprobs: list[int | None] = [None] * num
         pairs = plan.prompt_logprobs.tolist()
@@ -279,7 +225,7 @@ class PersistentBatch:
         need = int((lens + counts).max())
         if need > store.shape[1]:
             store = _widen(store, need)
-        store[np.repeat(rows, counts), _ranges(lens, counts)] = values
+        store[np.repeat(rows, counts), ranges(lens, counts)] = values
         lengths[rows] += counts.astype(lengths.dtype)
         return store
 

@@ -1,0 +1,54 @@
+"""SamplerOptions: what the sampling rank needs of a request's SamplingParams, in plain types.
+
+The driver derives it once per request; it travels to the ranks inside the step plan's
+announcement of a sequence (strata.distributed.step_plan.NewSequence) as a plain dict, and the
+sampling rank's sampler (strata.model.sampler) reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from strata.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOptions:
+    """What the sampler needs of a request's SamplingParams.
+
+    Plain ints, floats and lists so it travels as msgpack: `dataclasses.asdict(opts)` out,
+    `SamplerOptions(**d)` in. `top_k` 0 means off. `stop_token_ids` already includes eos unless the
+    request ignores eos; they are only masked here (while output is shorter than `min_tokens`),
+    stopping is the driver's job.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    @classmethod
+    def from_params(cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...]) -> SamplerOptions:
+        """The subset of a request's SamplingParams the sampling rank needs, in plain types."""
+        return cls(
+            temperature=0.0 if params.is_greedy else float(params.temperature),
+            top_p=float(params.top_p),
+            top_k=max(params.top_k, 0),  # -1 and 0 both mean off; the sampler knows only 0
+            min_p=float(params.min_p),
+            seed=params.seed,
+            presence_penalty=float(params.presence_penalty),
+            frequency_penalty=float(params.frequency_penalty),
+            repetition_penalty=float(params.repetition_penalty),
+            min_tokens=params.min_tokens,
+            stop_token_ids=params.all_stop_token_ids(list(eos_token_ids)),
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+        )
