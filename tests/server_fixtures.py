@@ -310,3 +310,14 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+def sync(fn):
+    """Runs an async test on a fresh event loop (no pytest-asyncio needed)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return run

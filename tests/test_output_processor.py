@@ -1,21 +1,15 @@
 """The output processor (caller side): hand-made engine deltas -> text, stop strings, logprobs and
-RequestOutputs, on the bundled SmolLM2 tokenizer; and the offline LLM driving it over a fake
-engine (no model, no Ray)."""
+RequestOutputs, on the bundled SmolLM2 tokenizer."""
 
 from __future__ import annotations
-
-import asyncio
 
 import pytest
 from transformers import AutoTokenizer
 
 from strata.app.output.processor import CompletionUpdate, OutputProcessor, RequestProcessor
-from strata.app.request_check import check_request
-from strata.engine_protocol import EngineInfo, EngineRequest, RequestDelta, TokenLogprobs
+from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs
 from strata.sampling_params import SamplingParams
-
-EOS = 2  # <|im_end|>
-TEXT = "Hello world! The quick brown fox jumps over the lazy dog."
+from tests.tokenizer_helpers import EOS, TEXT, _ids
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +20,6 @@ def tok(smollm2_dir):
 @pytest.fixture(scope="module")
 def processor(tok) -> OutputProcessor:
     return OutputProcessor(tok)
-
-
-def _ids(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False)
 
 
 def _start(processor: OutputProcessor, tok, **params) -> RequestProcessor:
@@ -348,164 +338,3 @@ def test_without_tokenizer(tok) -> None:
     (position,) = rp2.output().outputs[0].logprobs
     assert list(position) == [ids[0], 7]
     assert all(lp.decoded_token is None for lp in position.values())  # ... and no decoded tokens
-
-
-# ---- check_request ----
-
-INFO = EngineInfo(max_model_len=8, num_blocks=4, block_size=16, max_num_seqs=4, max_logprobs=5, vocab_size=100)
-
-
-@pytest.mark.parametrize(
-    "ids, params, has_tokenizer, message",
-    [
-        ([], SamplingParams(), True, "The prompt is empty; it needs at least one token."),
-        (list(range(9)), SamplingParams(), True, "The prompt has 9 tokens, more than max_model_len=8."),
-        ([1, 100, -1], SamplingParams(), True, "Token ids [100, -1] are outside the vocabulary [0, 100)."),
-        ([1], SamplingParams(logprobs=6), True, "logprobs must be at most max_logprobs=5, got 6."),
-        ([1], SamplingParams(prompt_logprobs=9), True, "prompt_logprobs must be at most max_logprobs=5, got 9."),
-        ([1], SamplingParams(stop=["x"]), False, "stop strings need a tokenizer; this engine runs with "
-                                                 "skip_tokenizer_init=True"),
-    ],
-)
-def test_check_request(ids, params, has_tokenizer, message) -> None:
-    with pytest.raises(ValueError) as err:
-        check_request(ids, params, INFO, has_tokenizer)
-    assert str(err.value).startswith(message)
-
-
-def test_check_request_accepts() -> None:
-    check_request(list(range(8)), SamplingParams(logprobs=5, stop=["x"]), INFO, True)
-    check_request([99], SamplingParams(), INFO, False)
-
-
-# ---- the offline LLM over a fake engine ----
-
-
-class FakeEngine:
-    """The Engine protocol on CPU: every request generates SCRIPT's ids one per step, to its
-    max_tokens ("length"), or to eos ("stop")."""
-
-    def __init__(self, script: list[int]) -> None:
-        self.script = script
-        self.info = EngineInfo(max_model_len=64, num_blocks=8, block_size=16, max_num_seqs=8,
-                               max_logprobs=20, vocab_size=49152, ranks=[{"rank": 0, "device": "cpu"}])
-        self.batches: list[list[EngineRequest]] = []
-        self.aborted: list[str] = []
-        self.closed = False
-        self.shut_down = 0
-
-    async def generate_batch(self, requests):
-        self.batches.append(requests)
-        pos = {r.request_id: 0 for r in requests}
-        limits = {r.request_id: r.params.max_tokens or 10**9 for r in requests}
-        try:
-            while pos:
-                step = []
-                for rid in list(pos):
-                    if rid in self.aborted:
-                        step.append(RequestDelta(rid, finish_reason="abort"))
-                        del pos[rid]
-                        continue
-                    tok = self.script[pos[rid]]
-                    pos[rid] += 1
-                    delta = RequestDelta(rid, token_ids=[tok])
-                    if tok == EOS:
-                        delta.finish_reason = "stop"
-                    elif pos[rid] >= limits[rid] or pos[rid] >= len(self.script):
-                        delta.finish_reason = "length"
-                    if delta.finished:
-                        del pos[rid]
-                    step.append(delta)
-                yield step
-                await asyncio.sleep(0)
-        finally:
-            self.closed = True
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    async def stats(self) -> dict:
-        return {"num_running": 0}
-
-    async def step_times(self):
-        return [[(0.0, 1.0)]]
-
-    def shutdown(self) -> None:
-        self.shut_down += 1
-
-
-@pytest.fixture
-def fake_llm(monkeypatch, smollm2_dir, tok):
-    import strata.app.llm as llm_module
-
-    engine = FakeEngine(_ids(tok, TEXT) + [EOS])
-    monkeypatch.setattr(llm_module, "start_engine", lambda config, facts: engine)
-    llm = llm_module.LLM(smollm2_dir)
-    yield llm, engine
-    llm.shutdown()
-
-
-def test_llm_over_the_engine_protocol(fake_llm, tok) -> None:
-    llm, engine = fake_llm
-    assert llm.max_model_len == 64 and llm.rank_facts() == [{"rank": 0, "device": "cpu"}]
-    outs = llm.generate(["Once upon a time", {"prompt_token_ids": [1, 2, 3]}, [4, 5]],
-                        [SamplingParams(max_tokens=4), SamplingParams(max_tokens=50, stop=["fox"]),
-                         SamplingParams(n=2, seed=3, max_tokens=50)], use_tqdm=False)
-    (requests,) = engine.batches
-    assert requests[0].prompt_token_ids == tok.encode("Once upon a time")  # tokenized here
-    assert [r.params.seed for r in requests[2:]] == [3, 4]
-    assert outs[0].prompt == "Once upon a time" and outs[0].outputs[0].text == "Hello world! The"
-    assert outs[0].outputs[0].finish_reason == "length"
-    assert outs[1].outputs[0].text == "Hello world! The quick brown "
-    assert outs[1].outputs[0].stop_reason == "fox"
-    assert engine.aborted == [requests[1].request_id]  # the stop string ended it: the engine heard
-    assert [c.text for c in outs[2].outputs] == [TEXT, TEXT] and outs[2].outputs[0].finish_reason == "stop"
-    assert all(o.finished for o in outs) and engine.closed
-    assert llm.stats() == {"num_running": 0} and llm.step_times() == [[(0.0, 1.0)]]
-
-
-def test_llm_validates_every_prompt_first(fake_llm) -> None:
-    llm, engine = fake_llm
-    with pytest.raises(ValueError, match=r"^prompt 1: The prompt has 65 tokens, more than max_model_len=64"):
-        llm.generate([[1, 2], list(range(65))], use_tqdm=False)
-    with pytest.raises(ValueError, match=r"^prompt 0: Token ids \[49152\]"):
-        llm.generate([[49152]], use_tqdm=False)
-    assert engine.batches == []  # nothing was queued
-    assert llm.generate([], use_tqdm=False) == []
-
-
-def test_llm_chat_applies_the_template_here(fake_llm, tok) -> None:
-    llm, engine = fake_llm
-    conv = [{"role": "user", "content": "hi"}]
-    (out,) = llm.chat(conv, SamplingParams(max_tokens=2), use_tqdm=False)
-    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    assert out.prompt == text
-    assert engine.batches[0][0].prompt_token_ids == tok.encode(text, add_special_tokens=False)
-    assert out.outputs[0].text == "Hello world"
-    assert llm.get_tokenizer() is llm.get_tokenizer()
-
-
-def test_llm_works_under_a_running_loop(fake_llm) -> None:
-    llm, _ = fake_llm
-
-    async def inside() -> str:
-        return llm.generate([[1]], SamplingParams(max_tokens=1), use_tqdm=False)[0].outputs[0].text
-
-    assert asyncio.run(inside()) == "Hello"
-
-
-def test_llm_shutdown_is_idempotent(fake_llm) -> None:
-    llm, engine = fake_llm
-    with llm:
-        pass
-    llm.shutdown()
-    assert engine.shut_down == 1
-    with pytest.raises(RuntimeError, match="shut down"):
-        llm.stats()
-
-
-def test_llm_progress_bar(fake_llm, capsys) -> None:
-    llm, _ = fake_llm
-    outs = llm.generate([[1], [2]], SamplingParams(max_tokens=1))
-    assert [o.outputs[0].text for o in outs] == ["Hello", "Hello"]
-    assert "Processed prompts" in capsys.readouterr().err

@@ -4,10 +4,8 @@ that die mid-stream."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -15,75 +13,28 @@ import time
 import pytest
 
 from strata.distributed import plan_relay, shm_ring
-from strata.distributed.relay_hub import Forwarder, PlanHub
 from strata.distributed.relay_node import NodeRelay
-from strata.distributed.relay_wire import DATA, RelayError, send_frame
-from strata.distributed.ring_errors import PeerDied, RingAborted, RingClosed, RingError, RingTimeout
+from strata.distributed.relay_wire import RelayError
+from strata.distributed.ring_errors import PeerDied, RingError, RingTimeout
 from strata.distributed.ring_reader import RingReader
 from strata.distributed.ring_segment import unlink_segment
 from strata.distributed.ring_writer import RingWriter
+from tests.ring_helpers import (  # noqa: F401 - no_leaked_segments: the autouse check, active here
+    DEAD_WITHIN_S,
+    SLOT_BYTES,
+    SPAWN,
+    _join_all,
+    _message,
+    _read_all,
+    _read_then_hang,
+    _start,
+    no_leaked_segments,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-SPAWN = mp.get_context("spawn")
-SLOT_BYTES = 8 << 10
-DEAD_WITHIN_S = 3.0  # how soon a dead peer must be reported
-
-
-def _message(i: int) -> bytes:
-    """Message i: mostly within a slot, every 7th spans up to three slots, some empty."""
-    rng = random.Random(i)
-    size = rng.randrange(3 * SLOT_BYTES) if i % 7 == 0 else rng.choice((0, 1, rng.randrange(SLOT_BYTES + 1)))
-    return rng.randbytes(size)
-
-
-def _shm_rings() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("strata-ring-")} if os.path.isdir("/dev/shm") else set()
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_segments():
-    before = _shm_rings()
-    yield
-    assert _shm_rings() - before == set()
-
 
 # --- child processes --------------------------------------------------------------------------
-
-def _read_all(name: str, index: int, results, delay_s: float = 0.0, slots: int = 0, stride: int = 1,
-              tag=None) -> None:
-    """Reads to the end, checking message i against _message(i * stride + stride - 1); reports
-    what it saw."""
-    bad, count, ahead, outcome = [], 0, 0, "closed"
-    reader = RingReader(name, index)
-    try:
-        while True:
-            try:
-                msg = reader.read()
-            except RingClosed:
-                break
-            except RingAborted as err:
-                outcome = f"aborted: {err.reason}"
-                break
-            if msg != _message(count * stride + stride - 1):
-                bad.append(count)
-            count += 1
-            if slots:  # chunks the writer is ahead of what this reader has acked
-                ahead = max(ahead, reader.published() - (reader._next - 1))
-            if delay_s:
-                time.sleep(delay_s)
-    finally:
-        reader.close()
-    results.put((index if tag is None else tag, count, bad, ahead, outcome))
-
-
-def _read_then_hang(name: str, index: int, results, n: int) -> None:
-    reader = RingReader(name, index)
-    for _ in range(n):
-        reader.read()
-    results.put(("read", os.getpid()))
-    time.sleep(60)  # killed here, attached, never detaching
-
 
 def _write_then_hang(results, n: int) -> None:
     writer = RingWriter(1, slots=4, slot_bytes=SLOT_BYTES)
@@ -92,27 +43,6 @@ def _write_then_hang(results, n: int) -> None:
         writer.write(_message(i))
     results.put("written")
     time.sleep(60)  # killed here, without closing
-
-
-def _relay_node(hub: tuple[str, int], token: bytes, ring_name: str, readers: int, results) -> None:
-    """Another node's relay: its own ring, fed from node 0's hub."""
-    writer = RingWriter(readers, name=ring_name, slots=4, slot_bytes=SLOT_BYTES)
-    try:
-        results.put(("relay", NodeRelay(hub, 1, token, writer, connect_timeout=20).run()))
-    except Exception as err:  # noqa: BLE001 - reported to the test
-        results.put(("relay", f"{type(err).__name__}: {err}"))
-
-
-def _start(target, *args) -> mp.Process:
-    proc = SPAWN.Process(target=target, args=args, daemon=True)
-    proc.start()
-    return proc
-
-
-def _join_all(procs) -> None:
-    for p in procs:
-        p.join(10)
-        assert p.exitcode == 0, f"{p.name} exited {p.exitcode}"
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -308,122 +238,6 @@ def test_reader_indices_are_checked():
         first.close()
     with pytest.raises(RingTimeout, match="no ring named strata-ring-missing"):
         RingReader("strata-ring-missing", 0, attach_timeout=0.1)
-
-
-# --- the relay to other nodes (strata/distributed/plan_relay.py and relay_*), over loopback ------
-
-def _ring_name() -> str:
-    return f"strata-ring-test-{secrets.token_hex(4)}"
-
-
-def test_a_relay_carries_the_ring_to_another_node():
-    n, token, remote = 300, secrets.token_bytes(16), _ring_name()
-    results = SPAWN.Queue()
-    hub = PlanHub("127.0.0.1", token)
-    relay = _start(_relay_node, hub.address, token, remote, 2, results)
-    remote_readers = [_start(_read_all, remote, r, results, 0.0, 0, 1, f"node1/{r}") for r in range(2)]
-    conns = hub.accept([1], timeout=20)
-    hub.close()
-    with RingWriter(2, slots=8, slot_bytes=SLOT_BYTES, labels=["rank 1", "relay to node 1"]) as writer:
-        local = _start(_read_all, writer.name, 0, results, 0.0, 0, 1, "node0/0")
-        forwarder = Forwarder(writer.name, 1, conns[1], node=1)
-        thread = forwarder.start()
-        for i in range(n):
-            writer.write(_message(i))
-    thread.join(20)
-    seen = sorted((results.get(timeout=20) for _ in range(4)), key=str)
-    _join_all([relay, local, *remote_readers])
-    assert forwarder.forwarded == n
-    assert seen == sorted([("relay", n)] + [(tag, n, [], 0, "closed") for tag in ("node0/0", "node1/0", "node1/1")],
-                          key=str)
-
-
-@pytest.mark.parametrize("how", ["silence", "hang up"])
-def test_a_relay_that_loses_node_0_aborts_its_ring(how):
-    expected = "no word from node 0" if how == "silence" else "connection to node 0 lost"
-    token = secrets.token_bytes(16)
-    hub = PlanHub("127.0.0.1", token)
-    writer = RingWriter(1, name=_ring_name(), slots=4, slot_bytes=64)
-    relay = NodeRelay(hub.address, 1, token, writer, silence_s=0.5)
-    errors = []
-    thread = threading.Thread(target=lambda: _catch(relay.run, errors), daemon=True)
-    thread.start()
-    conn = hub.accept([1], timeout=10)[1]
-    hub.close()
-    reader = RingReader(writer.name, 0)
-    send_frame(conn, DATA, b"one")
-    send_frame(conn, DATA, b"two")
-    assert [reader.read(timeout=5), reader.read(timeout=5)] == [b"one", b"two"]
-    started = time.monotonic()  # node 0 is gone: without a word, or the connection closes
-    if how == "hang up":
-        conn.close()
-    with pytest.raises(RingAborted, match=expected):
-        reader.read(timeout=5)
-    assert time.monotonic() - started < DEAD_WITHIN_S
-    thread.join(5)
-    conn.close()
-    reader.close()
-    assert relay.relayed == 2 and expected in str(errors[0])
-
-
-def test_a_wrong_token_is_turned_away():
-    hub = PlanHub("127.0.0.1", b"right")
-    writer = RingWriter(1, name=_ring_name(), slots=2, slot_bytes=64)
-    relay = NodeRelay(hub.address, 1, b"wrong", writer, connect_timeout=1)
-    errors = []
-    thread = threading.Thread(target=lambda: _catch(relay.run, errors), daemon=True)
-    thread.start()
-    with pytest.raises(RelayError, match="no relay from node"):
-        hub.accept([1], timeout=1)
-    thread.join(5)
-    hub.close()
-    assert "refused" in str(errors[0])
-
-
-def test_a_dead_rank_on_another_node_is_named_on_node_0():
-    token = secrets.token_bytes(16)
-    results = SPAWN.Queue()
-    hub = PlanHub("127.0.0.1", token)
-    remote = RingWriter(1, name=_ring_name(), slots=2, slot_bytes=SLOT_BYTES, labels=["rank 3"])
-    relay = NodeRelay(hub.address, 1, token, remote)
-    relay_errors = []
-    relay_thread = threading.Thread(target=lambda: _catch(relay.run, relay_errors), daemon=True)
-    relay_thread.start()
-    conns = hub.accept([1], timeout=10)
-    hub.close()
-    victim = _start(_read_then_hang, remote.name, 0, results, 5)
-    writer = RingWriter(1, slots=2, slot_bytes=SLOT_BYTES, labels=["relay to node 1"])
-    forwarder_thread = Forwarder(writer.name, 0, conns[1], node=1).start()
-    errors = []
-
-    def write_forever():
-        i = 0
-        while True:
-            writer.write(_message(i))
-            i += 1
-
-    writer_thread = threading.Thread(target=lambda: _catch(write_forever, errors), daemon=True)
-    writer_thread.start()
-    assert results.get(timeout=20) == ("read", victim.pid)
-    os.kill(victim.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    writer_thread.join(DEAD_WITHIN_S + 5)
-    assert errors, "node 0's writer is still waiting"
-    assert time.monotonic() - killed_at < DEAD_WITHIN_S
-    err = errors[0]
-    assert isinstance(err, PeerDied) and err.peer == 0
-    assert "relay to node 1 failed: node 1:" in str(err) and "rank 3" in str(err), str(err)
-    writer.abort("test over")
-    forwarder_thread.join(5)
-    relay_thread.join(5)
-    victim.join(10)
-
-
-def _catch(fn, errors: list) -> None:
-    try:
-        fn()
-    except Exception as err:  # noqa: BLE001 - the test looks at it
-        errors.append(err)
 
 
 def test_the_overview_modules_still_export_the_public_names():

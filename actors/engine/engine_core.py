@@ -195,7 +195,7 @@ class EngineCore:
                     deltas.append(take(seq, sampled[seq.seq_id], RequestDelta(seq.request_id)))
                 continue
             delta = RequestDelta(seq.request_id)
-            delta.prompt_logprobs = [_entry(lp, rank, top) for lp, rank, top in plp.entries]
+            delta.prompt_logprobs = [TokenLogprobs(lp, rank, top) for lp, rank, top in plp.entries]
             if ch.samples:
                 take(seq, sampled[seq.seq_id], delta)
             deltas.append(delta)
@@ -208,7 +208,7 @@ class EngineCore:
         self.num_generation_tokens += 1
         delta.token_ids.append(tok)
         if p.logprobs is not None:
-            delta.logprobs = [_entry(sampled.logprob, sampled.rank, sampled.top_logprobs)]
+            delta.logprobs = [TokenLogprobs(sampled.logprob, sampled.rank, sampled.top_logprobs)]
         num_out = len(seq.output_token_ids)
         if num_out >= p.min_tokens and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self._eos)):
             delta.finish_reason = "stop"
@@ -239,8 +239,3 @@ class EngineCore:
             "last_step_seconds": self.last_step_seconds,
             "step_host_overhead": list(self.host_overhead),
         }
-
-
-def _entry(logprob: float, rank: int, top) -> TokenLogprobs:
-    """One position's logprobs; `top` may arrive from msgpack as lists, so pairs become tuples."""
-    return TokenLogprobs(float(logprob), int(rank), [(int(t), float(lp)) for t, lp in top])

@@ -124,8 +124,9 @@ class EngineLoop:
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestDelta]:
         """The request's deltas as steps finish, the last with finish_reason set. Raises
         ValueError (before any delta) for a request the engine refuses; aborts the request if the
-        consumer stops listening first (a client that went away frees its KV blocks)."""
-        self.engine.validate(request.prompt_token_ids, request.params)
+        consumer stops listening first (a client that went away frees its KV blocks). The engine
+        thread checks the request as it queues it (EngineCore.add_request); a refusal comes back
+        as this stream's first item."""
         inbox = self._queue([request])
         done = False  # the engine holds nothing more of it
         try:

@@ -2,23 +2,20 @@
 
 The engine is a RayEngine or LocalEngine (strata.app.engines), or any object implementing the
 protocol, which is how tests run the app against a fake engine on CPU. On top of it the server
-needs three things: the backpressure estimate (the engine's last stats plus what was admitted
-since), an abort whenever a request's stream is closed before its last delta (a client that went
-away, a stop string found here), and a health check that gives up after a timeout.
+needs two things: the backpressure estimate (the engine's last stats plus what was admitted
+since) and a health check that gives up after a timeout. Aborts are the engine's: closing a
+request's stream before its last delta (a client that went away, a stop string found here)
+aborts it, by the protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 from strata.engine_protocol import Engine, EngineInfo, EngineRequest, RequestDelta
-
-logger = logging.getLogger("strata.server")
 
 
 class EngineClient:
@@ -27,7 +24,6 @@ class EngineClient:
         self.info: EngineInfo = engine.info
         self.last_stats: dict[str, Any] | None = None
         self._admitted_since_stats = 0  # engine requests submitted since last_stats was taken
-        self._aborts: set[asyncio.Task] = set()
 
     @property
     def max_model_len(self) -> int:
@@ -36,36 +32,11 @@ class EngineClient:
     # ---- requests ----
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestDelta]:
-        """The request's deltas, the last with `finished` set. Raises the engine's ValueError for
-        a request it refuses (before any delta). Leaving before the last delta aborts it."""
+        """The engine's stream for the request, counted for the backpressure estimate."""
         self._admitted_since_stats += 1
-        finished = False
-        try:
-            async with aclosing(self.engine.generate(request)) as deltas:
-                async for delta in deltas:
-                    finished = delta.finished
-                    yield delta
-        finally:
-            if not finished:
-                self._abort_soon(request.request_id)
-
-    async def abort(self, request_id: str) -> None:
-        try:
-            await self.engine.abort(request_id)
-        except Exception:  # noqa: BLE001 - the engine may be gone; nothing left to free then
-            logger.warning("abort of %s failed", request_id, exc_info=True)
-
-    def _abort_soon(self, request_id: str) -> None:
-        # Called from a `finally` that may be unwinding a cancellation: schedule, do not await.
-        # The task runs in an empty context: under Ray Serve the cancelled request's context
-        # would make Ray cancel this call too, as a child of the cancelled request.
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop any more (interpreter shutdown)
-            return
-        task = contextvars.Context().run(loop.create_task, self.abort(request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        async with aclosing(self.engine.generate(request)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     # ---- load and health ----
 
