@@ -2,15 +2,22 @@
 
     python benchmarks/profile_decode.py --shape llama-3.1-8b
 
-Prints torch.profiler tables over 16 batch-1 decode steps (after a warm-up): by CPU self time
-(kernel launches, copies) and by GPU time (which kernels), then 200 prompts x (1024 in, 128 out).
-The gap between a step's wall time and the CPU time inside torch ops is Python between the ops.
+Prints, over 16 batch-1 decode steps after a warm-up:
+  1. the wall time of a step through the engine, against the model's forward alone (the last
+     step's inputs replayed in a loop, nothing else running) and, when it captures, the same forward
+     in a CUDA graph: engine minus forward is the step path's share;
+  2. cProfile of the engine thread (the Python functions a step spends its time in);
+  3. torch.profiler tables by CPU self time (launches, copies) and by GPU time (which kernels);
+then 200 prompts x (1024 in, 128 out).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -21,34 +28,99 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.shapes import SHAPES, write_shape  # noqa: E402
 from strata import LLM, SamplingParams  # noqa: E402
+from strata.actors.engine.engine_core import EngineCore  # noqa: E402
+
+
+def _time_cuda(fn, iters: int = 20) -> float:
+    """Seconds per call of `fn`, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / iters
+
+
+def forward_alone(runner, args) -> None:
+    """The model's forward on a captured step's inputs: eager, then in a CUDA graph."""
+    model = runner.model
+    with torch.inference_mode():
+        eager = _time_cuda(lambda: model(*args))
+        print(f"forward alone, eager: {eager * 1000:.2f} ms")
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                model(*args)
+            print(f"forward alone, CUDA graph: {_time_cuda(graph.replay) * 1000:.2f} ms")
+        except Exception as err:  # noqa: BLE001 - a diagnosis: say why it does not capture
+            print(f"forward does not capture in a CUDA graph: {type(err).__name__}: {err}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--num-prompts", type=int, default=200)
+    ap.add_argument("--attention-backend", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
         llm = LLM(write_shape(args.shape, tmp), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  distributed_executor_backend="mp", max_model_len=2048, max_num_batched_tokens=8192)
+                  distributed_executor_backend="mp", max_model_len=2048, max_num_batched_tokens=8192, **extra)
+        runner = llm._engine.driver.worker.runner  # a diagnosis reaches inside on purpose
+        captured: dict = {}
+        forward = runner.model.forward
+
+        def capture(*call_args):  # keeps the last step's inputs for `forward_alone`
+            captured["args"] = call_args
+            return forward(*call_args)
+
+        runner.model.forward = capture
         prompt = [{"prompt_token_ids": list(range(100, 228))}]
-        decode = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        decode = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
         llm.generate(prompt, decode, use_tqdm=False)  # warm-up
+        started = time.perf_counter()
+        llm.generate(prompt, decode, use_tqdm=False)
+        wall = time.perf_counter() - started
+        print(f"engine: one prefill + 16 decode steps in {wall * 1000:.1f} ms ({wall * 1000 / 17:.2f} ms/step)")
+        del runner.model.forward
+        forward_alone(runner, captured["args"])
+
+        profile = cProfile.Profile()
+        step = EngineCore.step
+
+        def profiled_step(self):
+            profile.enable()
+            try:
+                return step(self)
+            finally:
+                profile.disable()
+
+        EngineCore.step = profiled_step
+        llm.generate(prompt, decode, use_tqdm=False)
+        EngineCore.step = step
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
+        print("cProfile of the engine thread over 17 steps, by own time:\n" + out.getvalue())
+
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            started = time.perf_counter()
             llm.generate(prompt, decode, use_tqdm=False)
-            wall = time.perf_counter() - started
-        print(f"16 decode steps (and one prefill) took {wall * 1000:.1f} ms of wall time")
         for key in ("self_cpu_time_total", "self_cuda_time_total"):
-            print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=50))
-        prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 30000 for j in range(1024)]}
-                   for i in range(args.num_prompts)]
-        started = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
-        seconds = time.perf_counter() - started
-        print(f"throughput: {args.num_prompts} prompts x (1024 in, 128 out) in {seconds:.1f} s: "
-              f"{args.num_prompts * 1152 / seconds:.0f} total tok/s")
+            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50))
+        if args.num_prompts:
+            prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 30000 for j in range(1024)]}
+                       for i in range(args.num_prompts)]
+            started = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
+            seconds = time.perf_counter() - started
+            print(f"throughput: {args.num_prompts} prompts x (1024 in, 128 out) in {seconds:.1f} s: "
+                  f"{args.num_prompts * 1152 / seconds:.0f} total tok/s")
         llm.shutdown()
 
 

@@ -41,6 +41,7 @@ DEFAULT_BACKEND = "reference"
 # name -> "module:Class", imported on first use (so registering costs no import).
 _REGISTRY: dict[str, str] = {
     "reference": "strata.model.layers.reference_attention:ReferenceBackend",
+    "triton": "strata.model.layers.triton_attention:TritonBackend",
 }
 _INSTANCES: dict[str, AttentionBackend] = {}
 

@@ -1,0 +1,1 @@
+"""`strata bench latency | throughput | serve`: vLLM's benchmark commands, over Strata."""
