@@ -1,4 +1,5 @@
-"""The lines the engine prints at start: where every rank went and how big the KV cache is."""
+"""The lines the engine prints at start: where every rank went, how big the KV cache is, which
+attention kernels run and which CUDA graphs were captured."""
 
 from __future__ import annotations
 
@@ -28,3 +29,21 @@ def log_startup(config: EngineConfig, rank_facts: list[dict], num_blocks: int, m
     logger.info("KV cache size: %s tokens", f"{tokens:,}")
     logger.info("Maximum concurrency for %s tokens per request: %.2fx", f"{max_model_len:,}",
                 tokens / max_model_len)
+    first = rank_facts[0]
+    logger.info("attention backend: %s", first.get("attention_backend", "?"))
+    sizes = first.get("cuda_graphs") or []
+    if sizes:
+        slowest = max(f.get("graph_seconds", 0.0) for f in rank_facts)
+        memory = max(f.get("graph_bytes", 0) for f in rank_facts)
+        logger.info("CUDA graphs: captured %d (decode batch sizes %s) in %.1f s, %.0f MiB per rank",
+                    len(sizes), _ranges(sizes), slowest, memory / 2**20)
+    else:
+        why = "--enforce-eager" if config.enforce_eager else "not on this device / attention backend"
+        logger.info("CUDA graphs: none (%s); every step runs eagerly", why)
+
+
+def _ranges(sizes: list[int]) -> str:
+    """1, 2, 4, 8, 16, 24, 32, 48, ..., 256 -> '1, 2, 4, 8, 16, 24, 32, 48..256'."""
+    if len(sizes) <= 8:
+        return ", ".join(map(str, sizes))
+    return ", ".join(map(str, sizes[:7])) + f", {sizes[7]}..{sizes[-1]}"

@@ -91,7 +91,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
     eng.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
     eng.add_argument("--enforce-eager", action="store_true",
-                     help="run without graphs (Strata always runs eagerly today, so this changes nothing)")
+                     help="run every step eagerly: no CUDA graphs for decode")
+    eng.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                     help="decode batch sizes to capture CUDA graphs for (default: 1 2 4 8 16 24 32, then every 16 "
+                          "up to --max-num-seqs)")
+    eng.add_argument("--attention-backend", choices=["triton", "reference"], default=None,
+                     help="attention kernels (default: triton on a GPU, reference on CPU)")
 
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1",
@@ -164,7 +169,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_logprobs=args.max_logprobs,
-            enforce_eager=args.enforce_eager, ray_address=args.address, driver_node=args.driver_node,
+            enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
+            attention_backend=args.attention_backend, ray_address=args.address, driver_node=args.driver_node,
             nnodes=args.nnodes or 1, node_rank=args.node_rank or 0, master_addr=args.master_addr,
             dist_init_timeout_s=args.dist_init_timeout,
             **({"master_port": args.master_port} if args.master_port is not None else {}),

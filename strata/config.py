@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ExecutorBackend = Literal["auto", "ray", "mp"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 LoadFormat = Literal["auto", "safetensors", "dummy"]
+AttentionBackendName = Literal["triton", "reference"]
 
 
 class EngineConfig(BaseModel):
@@ -66,7 +67,14 @@ class EngineConfig(BaseModel):
     max_logprobs: int = Field(20, ge=0)
     """Largest logprobs / prompt_logprobs a request may ask for."""
     enforce_eager: bool = False
-    """Accepted for vLLM compatibility; Strata always runs eagerly today."""
+    """Run every step eagerly: no CUDA graphs (as vLLM's flag). Graphs need a GPU and an
+    attention backend that can be captured (triton); on CPU every step is eager anyway."""
+    cuda_graph_sizes: list[int] | None = None
+    """Decode batch sizes to capture a CUDA graph for (a batch runs in the smallest that holds
+    it); None: 1, 2, 4, 8, 16, 24, 32, then every 16 up to max_num_seqs."""
+    attention_backend: AttentionBackendName | None = None
+    """Attention kernels: "triton" (paged attention in Triton, the GPU default) or "reference"
+    (gather + SDPA: exact, slow, the CPU default); None picks by device."""
 
     placement_timeout_s: float = Field(30.0, gt=0)
     """How long to wait for the placement group before failing with what the cluster has."""
@@ -92,6 +100,13 @@ class EngineConfig(BaseModel):
     def _block_size_power_of_two(cls, v: int) -> int:
         if v & (v - 1):
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {v}")
+        return v
+
+    @field_validator("cuda_graph_sizes")
+    @classmethod
+    def _graph_sizes_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes >= 1, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -127,14 +127,25 @@ class InputBuffers:
             )
         return num_tokens
 
-    def prepare(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, step: StepInputs, pad_to: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Fills the buffers for `step`; returns (input_ids [T], positions [T], attention metadata),
-        all views of the persistent buffers. Also fills the logits rows (`logits_indices`)."""
+        all views of the persistent buffers. Also fills the logits rows (`logits_indices`).
+
+        `pad_to` (a decode step, one token per sequence, for a CUDA graph of that many rows): rows
+        B .. pad_to-1 become padding that attention skips: slot -1 (no cache write), sequence
+        length 0, one query token each. They must be rewritten every step: a larger step before
+        left real slots there, and a replay would write into another sequence's cache."""
         q = np.asarray(step.query_lens, dtype=np.int64)
         start = np.asarray(step.start_positions, dtype=np.int64)
         tables = np.asarray(step.block_tables, dtype=np.int32)
         num_tokens = self._check(step, q, start, tables)
         num_seqs, width, bs = q.shape[0], tables.shape[1], self.block_size
+        pad_to = num_seqs if pad_to is None else pad_to
+        if pad_to != num_seqs and (num_tokens != num_seqs or not num_seqs < pad_to <= self.max_num_seqs):
+            raise ValueError(f"pad_to={pad_to} needs a decode step of fewer sequences (got {num_seqs} sequences, "
+                             f"{num_tokens} tokens; the buffers hold {self.max_num_seqs})")
         if self._copies_pending:
             self._copied.synchronize()  # the previous step's copies out of the staging are done
 
@@ -155,13 +166,20 @@ class InputBuffers:
         rows = self.logits_rows(step)
         self._li[: rows.shape[0]] = rows
         self._num_logits, self._logits_rows = rows.shape[0], rows
+        if pad_to > num_seqs:  # decode: token i is row i
+            self._ids[num_seqs:pad_to] = 0
+            self._pos[num_seqs:pad_to] = 0
+            self._slot[num_seqs:pad_to] = -1
+            self._seq[num_seqs:pad_to] = 0
+            self._qsl[num_seqs + 1: pad_to + 1] = np.arange(num_seqs + 1, pad_to + 1)
 
         if self._staged:
-            self._copy(self.input_ids, self._ids_host, num_tokens)
-            self._copy(self.positions, self._pos_host, num_tokens)
-            self._copy(self.slot_mapping, self._slot_host, num_tokens)
-            self._copy(self.query_start_loc, self._qsl_host, num_seqs + 1)
-            self._copy(self.seq_lens, self._seq_host, num_seqs)
+            padded_tokens = num_tokens + pad_to - num_seqs
+            self._copy(self.input_ids, self._ids_host, padded_tokens)
+            self._copy(self.positions, self._pos_host, padded_tokens)
+            self._copy(self.slot_mapping, self._slot_host, padded_tokens)
+            self._copy(self.query_start_loc, self._qsl_host, pad_to + 1)
+            self._copy(self.seq_lens, self._seq_host, pad_to)
             if width:  # into the [:B, :W] corner of the buffer (its row stride stays max_blocks_per_seq)
                 self.block_tables[:num_seqs, :width].copy_(
                     self._bt_host[: num_seqs * width].view(num_seqs, width), non_blocking=True
@@ -179,6 +197,33 @@ class InputBuffers:
             max_seq_len=int(step.max_seq_len),
         )
         return self.input_ids[:num_tokens], self.positions[:num_tokens], attn
+
+    def reset_decode_padding(self, num_seqs: int) -> None:
+        """Makes rows 0..num_seqs-1 all padding, on the device (before capturing decode graphs:
+        their warm-up runs must not write into the cache)."""
+        self.input_ids[:num_seqs].zero_()
+        self.positions[:num_seqs].zero_()
+        self.slot_mapping[:num_seqs].fill_(-1)
+        self.seq_lens[:num_seqs].zero_()
+        self.query_start_loc[: num_seqs + 1].copy_(torch.arange(num_seqs + 1, dtype=torch.int32))
+
+    def decode_views(self, num_seqs: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """What a CUDA graph of `num_seqs` decode rows is captured over: (input_ids, positions,
+        metadata) as views at fixed addresses, block tables at their full width, and
+        `max_seq_len` an upper bound (the model length), so the kernels' grids never change.
+        A replay then reads whatever `prepare(step, pad_to=num_seqs)` wrote there."""
+        if not 1 <= num_seqs <= self.max_num_seqs:
+            raise ValueError(f"a decode graph of {num_seqs} rows; the buffers hold 1..{self.max_num_seqs}")
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_seqs],
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs],
+            block_tables=self.block_tables[:num_seqs],
+            block_size=self.block_size,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+        return self.input_ids[:num_seqs], self.positions[:num_seqs], attn
 
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, n: int) -> None:

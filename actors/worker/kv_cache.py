@@ -33,8 +33,10 @@ def allocate_kv_caches(model, num_blocks: int, block_size: int, dtype, device) -
 
 @torch.inference_mode()
 def profile_num_blocks(model, config: EngineConfig, hidden_size: int, is_first_stage: bool,
-                       dtype: torch.dtype, device: torch.device) -> int:
-    """How many KV blocks this rank can hold after its weights and peak activations."""
+                       dtype: torch.dtype, device: torch.device, graph_tokens: int = 0) -> int:
+    """How many KV blocks this rank can hold after its weights, peak activations and (when
+    `graph_tokens` > 0) the CUDA graphs' memory pool, measured as the activations of one decode
+    forward of `graph_tokens` sequences (the largest graph; the smaller ones share its pool)."""
     per_block = max(1, bytes_per_block(model, config.block_size, dtype))
     if config.num_kv_blocks_override is not None:
         return config.num_kv_blocks_override
@@ -42,25 +44,33 @@ def profile_num_blocks(model, config: EngineConfig, hidden_size: int, is_first_s
         return int(config.cpu_kv_cache_space_gib * 2**30) // per_block
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    _profile_forward(model, config, hidden_size, is_first_stage, dtype, device)
+    num_tokens = config.max_num_batched_tokens
+    _profile_forward(model, num_tokens, min(config.max_num_seqs, num_tokens), config.block_size, hidden_size,
+                     is_first_stage, dtype, device)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
     outside_torch = max(0, total - free - torch.cuda.memory_reserved(device))
-    budget = int(config.gpu_memory_utilization * total) - peak - outside_torch
+    graphs = 0
+    if graph_tokens:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _profile_forward(model, graph_tokens, graph_tokens, config.block_size, hidden_size, is_first_stage,
+                         dtype, device)
+        graphs = torch.cuda.max_memory_allocated(device) - base
+    budget = int(config.gpu_memory_utilization * total) - peak - outside_torch - graphs
     logger.info(
-        "memory profile: total %.1f GiB, peak torch %.2f GiB, outside torch %.2f GiB, KV budget %.2f GiB",
-        total / 2**30, peak / 2**30, outside_torch / 2**30, budget / 2**30,
+        "memory profile: total %.1f GiB, peak torch %.2f GiB, outside torch %.2f GiB, CUDA graphs %.0f MiB, "
+        "KV budget %.2f GiB", total / 2**30, peak / 2**30, outside_torch / 2**30, graphs / 2**20, budget / 2**30,
     )
     torch.cuda.empty_cache()
     return max(0, budget // per_block)
 
 
-def _profile_forward(model, config: EngineConfig, hidden_size: int, is_first_stage: bool, dtype, device) -> None:
-    """A forward over max_num_batched_tokens tokens with a throwaway cache just big enough."""
-    block_size = config.block_size
-    num_tokens = config.max_num_batched_tokens
-    num_seqs = max(1, min(config.max_num_seqs, num_tokens))
+def _profile_forward(model, num_tokens: int, num_seqs: int, block_size: int, hidden_size: int,
+                     is_first_stage: bool, dtype, device) -> None:
+    """A forward over `num_tokens` tokens of `num_seqs` sequences with a throwaway cache just big enough."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
     lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
     blocks_per_seq = [math.ceil(n / block_size) for n in lens]
     caches = allocate_kv_caches(model, sum(blocks_per_seq), block_size, dtype, device)

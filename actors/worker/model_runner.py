@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from strata.actors.worker.cuda_graphs import CaptureReport, DecodeGraphs
 from strata.actors.worker.input_buffers import InputBuffers
 from strata.actors.worker.persistent_batch import PersistentBatch
 from strata.actors.worker.step_inputs import StepInputs
@@ -24,14 +25,16 @@ from strata.distributed.sampler_options import SamplerOptions
 from strata.distributed.step_plan import StepPlan
 from strata.distributed.step_result import PromptLogprobs, SampledResult, StepResult
 from strata.model.architectures.intermediate import IntermediateTensors
-from strata.model.layers.attention import AttentionMetadata
 from strata.model.sampler import Sampler, SequenceSamplingState
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], groups: RankGroups, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device, max_num_seqs: int = 256,
-                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048):
+                 max_model_len: int = 2048, max_num_batched_tokens: int = 2048,
+                 graph_sizes: list[int] | None = None):
+        """`graph_sizes`: decode batch sizes to capture CUDA graphs for (`capture_graphs`); None: every
+        step runs eagerly."""
         self.model = model
         self.kv_caches = kv_caches
         self.groups = groups
@@ -54,6 +57,13 @@ class ModelRunner:
         self.timer = StepTimer(device)
         self.pending = PendingSends()
         self.is_moe = hasattr(model, "expert_load")
+        self.graphs: DecodeGraphs | None = None
+        if graph_sizes:
+            self.graphs = DecodeGraphs(model, kv_caches, self.input_buffers, graph_sizes, max_model_len,
+                                       hidden_size, dtype, self.coords.is_first_stage)
+
+    def capture_graphs(self) -> CaptureReport | None:
+        return self.graphs.capture() if self.graphs is not None else None
 
     def _update_sampling_states(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids.tolist():
@@ -77,13 +87,19 @@ class ModelRunner:
         inputs = self.batch.apply(plan)
         if inputs.num_seqs == 0:
             return StepResult(plan.step_id) if self.coords.is_sampler else None
-        attn, positions, input_ids = self._tensors(inputs)
+        bucket = self.graphs.bucket_for(inputs.num_seqs, inputs.num_tokens) if self.graphs else None
+        input_ids, positions, attn = self.input_buffers.prepare(inputs, pad_to=bucket)
         intermediate = None
         if not self.coords.is_first_stage:
-            intermediate = self._recv_intermediate(inputs.num_tokens)
+            into = self.graphs.intermediate_inputs(inputs.num_tokens) if bucket else None
+            intermediate = self._recv_intermediate(inputs.num_tokens, into)
             started = time.time()  # waiting for the previous stage is not this stage's work
             self.timer.start()
-        out = self.model(input_ids, positions, self.kv_caches, attn, intermediate)
+        if bucket:
+            out = self.graphs.replay(bucket, inputs.num_seqs)
+        else:
+            out = self.model(input_ids if self.coords.is_first_stage else None, positions, self.kv_caches,
+                             attn, intermediate)
         if not self.coords.is_last_stage:
             self.timer.end()
             self._send_intermediate(out)
@@ -93,13 +109,6 @@ class ModelRunner:
         if result is not None:
             result.step_seconds = time.time() - started
         return result
-
-    def _tensors(self, inputs: StepInputs) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor | None]:
-        """This step's attention metadata, positions [T] and (first stage) input ids [T], from
-        the persistent batch's StepInputs: views of the persistent device input buffers, filled by
-        one non-blocking copy each (the logits rows too: `input_buffers.logits_indices()`)."""
-        input_ids, positions, attn = self.input_buffers.prepare(inputs)
-        return attn, positions, input_ids if self.coords.is_first_stage else None
 
     def _logits_and_sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor):
         # Rows whose logits are needed: every position of a chunk that wants prompt logprobs,
@@ -157,11 +166,14 @@ class ModelRunner:
         """(start, end) wall-clock seconds of recent steps (the device's finished ones), oldest first."""
         return self.timer.times()
 
-    def _recv_intermediate(self, num_tokens: int) -> IntermediateTensors:
+    def _recv_intermediate(self, num_tokens: int, into: IntermediateTensors | None = None) -> IntermediateTensors:
+        """The previous stage's hidden states and residual: into `into` (a graph's static input
+        buffers) when given, else into new tensors."""
         pp = self.groups.pp
         tensors = {}
         for name in IntermediateTensors.FIELDS:
-            buf = torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            buf = getattr(into, name) if into is not None else torch.empty(
+                num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             tensors[name] = pp.recv(buf, pp.rank - 1)
         return IntermediateTensors(**tensors)
 

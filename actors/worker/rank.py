@@ -10,6 +10,7 @@ Lifecycle, the same under Ray and multiprocessing:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from strata.actors.nodes.node_address import node_ip, set_socket_ifname_for
+from strata.actors.worker.cuda_graphs import graph_batch_sizes
 from strata.actors.worker.host_memory import PeakAnonMemory
 from strata.actors.worker.kv_cache import allocate_kv_caches, profile_num_blocks
 from strata.actors.worker.model_runner import ModelRunner
@@ -87,13 +89,15 @@ class RankWorker:
         layer_range = layer_range_for_stage(list(self.facts.layer_partition), self.coords.pp_rank)
         ctx = ModelContext(tp=self.groups.tp, pp_rank=self.coords.pp_rank, pp_size=self.coords.pp_size,
                            layer_range=layer_range, dtype=dtype, device=self.device,
-                           enable_expert_parallel=cfg.enable_expert_parallel)
+                           enable_expert_parallel=cfg.enable_expert_parallel,
+                           attention_backend=cfg.attention_backend)
         load_started = time.time()
         with PeakAnonMemory() as load_memory:
             model = load_model(self.facts.model_dir, hf_config, ctx, cfg.load_format, seed=cfg.seed)
         load_seconds = time.time() - load_started
+        graph_sizes = self._graph_sizes(model)
         capacity = profile_num_blocks(model, cfg, hf_config.hidden_size, self.coords.is_first_stage,
-                                      dtype, self.device)
+                                      dtype, self.device, graph_tokens=max(graph_sizes, default=0))
         self.num_blocks = all_reduce_min(capacity, self.groups.control)
         caches = allocate_kv_caches(model, self.num_blocks, cfg.block_size, dtype, self.device)
         # The longest sequence a step can hold: the asked (or the model's) length, within the cache.
@@ -101,7 +105,9 @@ class RankWorker:
         self.runner = ModelRunner(model, caches, self.groups, cfg.block_size, hf_config.hidden_size,
                                   dtype, self.device, max_num_seqs=cfg.max_num_seqs,
                                   max_model_len=max(1, max_model_len),
-                                  max_num_batched_tokens=cfg.max_num_batched_tokens)
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                  graph_sizes=graph_sizes)
+        graphs = self.runner.capture_graphs()
         if self.runner.is_moe:
             model.expert_load()  # the profiling forward routed dummy tokens: do not report them
         facts = {
@@ -112,8 +118,21 @@ class RankWorker:
             "param_bytes": model.param_bytes(), "load_peak_bytes": load_memory.growth,
             "load_seconds": round(load_seconds, 2), "kv_blocks_capacity": capacity,
             "num_blocks": self.num_blocks, "moe": self.runner.is_moe,
+            "attention_backend": model.attention_backend.name,
+            "cuda_graphs": graphs.sizes if graphs else [],
+            "graph_seconds": round(graphs.seconds, 2) if graphs else 0.0,
+            "graph_bytes": graphs.memory_bytes if graphs else 0,
         }
         return all_gather_msgpack(facts, self.groups.control, self.coords.world_size)
+
+    def _graph_sizes(self, model) -> list[int]:
+        """The decode batch sizes this rank captures CUDA graphs for; [] runs every step eagerly
+        (on CPU, with --enforce-eager, or with an attention backend that cannot be captured)."""
+        cfg = self.config
+        if self.device.type != "cuda" or cfg.enforce_eager or not model.attention_backend.supports_cuda_graphs:
+            return []
+        # Not more rows than a step may hold tokens: a decode step of B sequences has B tokens.
+        return graph_batch_sizes(min(cfg.max_num_seqs, cfg.max_num_batched_tokens), cfg.cuda_graph_sizes)
 
     def execute(self, plan: StepPlan):
         return self.runner.execute(plan)
@@ -142,6 +161,12 @@ class RankWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        # The mp driver's rank 0 lives in the caller's process: give its GPU memory back, so a
+        # second engine there (or the caller's own work) can size itself on a free card.
+        self.runner = None
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def _log_network(rank: int, ip: str, ifname: str | None) -> None:

@@ -19,10 +19,9 @@ A backend is two things:
 `layer` is the `PagedAttention` module (num_heads, num_kv_heads, head_dim, scale, sliding_window).
 
 Backends register by name. "reference" (gather + SDPA, `strata.model.layers.reference_attention`)
-is exact on CPU and GPU and is the default everywhere today: it is the CPU oracle the parity tests
-hold to Hugging Face. GPU kernels (Triton) register beside it, e.g.
-`register_attention_backend("triton", "strata.model.layers.triton_attention:TritonBackend")`, and
-are chosen through `ModelContext.attention_backend`.
+is exact on CPU and GPU and the default on CPU: it is the oracle the parity tests hold to Hugging
+Face. "triton" (`strata.model.layers.triton_attention`, paged attention kernels) is the default on
+a GPU. A model picks one through `ModelContext.attention_backend` (EngineConfig.attention_backend).
 """
 
 from __future__ import annotations
@@ -54,6 +53,9 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    # Whether a decode step through this backend can be captured in a CUDA graph: its grids must
+    # not depend on the step's sizes beyond the metadata's host ints (see actors/worker/cuda_graphs.py).
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend runs on `device` (the reference runs everywhere)."""
@@ -90,8 +92,12 @@ def available_attention_backends() -> list[str]:
 
 
 def default_attention_backend(device: torch.device | str) -> str:
-    """The backend used when none is named: the reference on CPU (the oracle) and, until a GPU
-    kernel lands, on GPU too."""
+    """The backend used when none is named: Triton's paged attention on a GPU (when Triton is
+    installed), the reference elsewhere (on CPU it is the oracle)."""
+    from strata.model.kernels import triton_available
+
+    if torch.device(device).type == "cuda" and triton_available():
+        return "triton"
     return DEFAULT_BACKEND
 
 
