@@ -54,7 +54,7 @@ class Driver(EngineLoop):
         num_blocks = self.worker.num_blocks
         self.max_model_len = facts.max_model_len(config, num_blocks)
         log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
-        self.executor = DriverExecutor(self.worker)
+        self.executor = DriverExecutor(self.worker, self.rank_facts)
         engine = EngineCore(config, self.executor, facts.vocab_size, facts.eos_token_ids,
                             self.max_model_len, num_blocks, is_moe=self.rank_facts[0]["moe"])
         self._info = EngineInfo(

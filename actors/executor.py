@@ -3,8 +3,8 @@
 The driver process hosts rank 0 itself. `RayRankLauncher` puts ranks 1..N-1 into their placement
 bundles as Ray actors; `MpRankLauncher` starts them as processes on this node. Either way every
 rank then runs the same `RankWorker.bring_up`, and all but rank 0 enter `run_loop`.
-`DriverExecutor.execute` broadcasts a plan, runs rank 0's share, and returns the sampling rank's
-result.
+`DriverExecutor.submit` publishes a plan on the plan channel (actors/worker/plan_channel.py),
+runs rank 0's share, and returns the sampling rank's result (or `collect` gets it later).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import msgpack
 import torch
 
 from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST
+from strata.actors.worker.plan_channel import PlanPublisher
 from strata.actors.worker.rank import RankWorker
 from strata.config import EngineConfig
-from strata.distributed.channel import PendingSends, isend_bytes, recv_bytes
+from strata.distributed.channel import recv_bytes
 from strata.distributed.rank_layout import ranks_of_node, sampler_rank, stage_leader
 from strata.distributed.sockets import HOST_IP_ENV
 from strata.distributed.step_plan import StepPlan
@@ -47,23 +48,24 @@ def rank_env() -> dict[str, str]:
 
 
 class DriverExecutor:
-    """Rank 0's side of a step: send the plan to every rank, run the local shard, and (with
+    """Rank 0's side of a step: publish the plan to every rank, run the local shard, and (with
     pipeline stages) collect the sampling rank's result later.
 
-    Plans go point to point rather than by broadcast: a broadcast would wait for every rank,
-    including a later stage still busy with the previous micro-batch."""
+    Plans go through shared-memory rings, not a collective broadcast: a broadcast would wait for
+    every rank, including a later stage still busy with the previous micro-batch, where a ring
+    only waits when a reader is a whole ring of plans behind."""
 
-    def __init__(self, worker: RankWorker):
+    def __init__(self, worker: RankWorker, rank_facts: list[dict]):
         self.worker = worker
         self.coords = worker.coords
         self.sampler_rank = sampler_rank(self.coords.tp_size, self.coords.pp_size)
-        self.pending = PendingSends()
         self._local_loads: dict[int, dict] = {}  # stage 0's MoE counts by step, until collected
+        # Plans reach the other ranks through the plan channel (actors/worker/plan_channel.py).
+        self.plans = PlanPublisher(rank_facts, worker.groups.control) if self.coords.world_size > 1 else None
 
     def _send_plan(self, plan: StepPlan) -> None:
-        data = plan.encode()
-        for rank in range(1, self.coords.world_size):
-            isend_bytes(data, rank, self.worker.groups.control, self.pending)
+        if self.plans is not None:
+            self.plans.publish(plan.encode())
 
     def submit(self, plan: StepPlan) -> StepResult | None:
         """Starts the step everywhere and runs rank 0's share; returns the result when rank 0
@@ -95,9 +97,12 @@ class DriverExecutor:
         result.expert_load = loads
 
     def shutdown(self) -> None:
-        if self.coords.world_size > 1 and self.worker.groups is not None:
-            self._send_plan(StepPlan(step_id=-1, kind="shutdown"))
-            self.pending.wait_all()
+        if self.plans is not None:
+            plans, self.plans = self.plans, None
+            try:
+                plans.publish(StepPlan(step_id=-1, kind="shutdown").encode())
+            finally:
+                plans.close()
 
 
 class RayRankLauncher:

@@ -67,9 +67,11 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--num-prompts", type=int, default=200)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
+        extra["enforce_eager"] = args.enforce_eager
         llm = LLM(write_shape(args.shape, tmp), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   distributed_executor_backend="mp", max_model_len=2048, max_num_batched_tokens=8192, **extra)
         runner = llm._engine.driver.worker.runner  # a diagnosis reaches inside on purpose
@@ -83,13 +85,18 @@ def main() -> None:
         runner.model.forward = capture
         prompt = [{"prompt_token_ids": list(range(100, 228))}]
         decode = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
-        llm.generate(prompt, decode, use_tqdm=False)  # warm-up
-        started = time.perf_counter()
-        llm.generate(prompt, decode, use_tqdm=False)
-        wall = time.perf_counter() - started
-        print(f"engine: one prefill + 16 decode steps in {wall * 1000:.1f} ms ({wall * 1000 / 17:.2f} ms/step)")
+        for batch in (32, 1):  # batch 1 last: its inputs are the ones `forward_alone` replays
+            prompts = [{"prompt_token_ids": list(range(100 + i, 228 + i))} for i in range(batch)]
+            llm.generate(prompts, decode, use_tqdm=False)  # warm-up
+            walls = {}
+            for n in (1, 17):
+                started = time.perf_counter()
+                llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+                walls[n] = time.perf_counter() - started
+            print(f"engine, batch {batch}: {(walls[17] - walls[1]) * 1000 / 16:.2f} ms per decode step")
         del runner.model.forward
-        forward_alone(runner, captured["args"])
+        if args.enforce_eager:  # with graphs, decode steps replay and never call forward
+            forward_alone(runner, captured["args"])
 
         profile = cProfile.Profile()
         step = EngineCore.step
@@ -105,8 +112,10 @@ def main() -> None:
         llm.generate(prompt, decode, use_tqdm=False)
         EngineCore.step = step
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
-        print("cProfile of the engine thread over 17 steps, by own time:\n" + out.getvalue())
+        stats = pstats.Stats(profile, stream=out)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(45)
+        print("cProfile of the engine thread over 17 steps, by own time, then cumulative:\n" + out.getvalue())
 
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:

@@ -3,8 +3,8 @@
 Lifecycle, the same under Ray and multiprocessing:
   1. `bring_up`: join the process groups, load this rank's slice of the weights, size the KV
      cache (minimum over all ranks), allocate it, and share start-up facts with every rank.
-  2. rank 0 (the driver) calls `execute` per step itself, after broadcasting the plan; every
-     other rank sits in `run_loop`, receiving plans until a shutdown plan arrives. One Ray call
+  2. rank 0 (the driver) calls `execute` per step itself, after publishing the plan; every
+     other rank sits in `run_loop`, reading plans from the plan channel until a shutdown plan. One Ray call
      starts the loop; per-step Ray calls would be too slow for decode.
 """
 
@@ -25,8 +25,9 @@ from strata.actors.worker.cuda_graphs import graph_batch_sizes
 from strata.actors.worker.host_memory import PeakAnonMemory
 from strata.actors.worker.kv_cache import allocate_kv_caches, profile_num_blocks
 from strata.actors.worker.model_runner import ModelRunner
+from strata.actors.worker.plan_channel import PlanSubscriber
 from strata.config import EngineConfig
-from strata.distributed.channel import all_gather_msgpack, all_reduce_min, isend_bytes, recv_bytes
+from strata.distributed.channel import all_gather_msgpack, all_reduce_min, isend_bytes
 from strata.distributed.process_groups import init_rank_groups
 from strata.distributed.rank_layout import rank_coords
 from strata.distributed.step_plan import StepPlan
@@ -138,12 +139,15 @@ class RankWorker:
         return self.runner.execute(plan)
 
     def run_loop(self) -> int:
-        """Non-driver ranks: receive and run plans until shutdown. Returns the steps run."""
+        """Non-driver ranks: read and run plans from the plan channel until shutdown. Returns the
+        steps run."""
         steps = 0
+        plans = PlanSubscriber(self.groups.control)
         while True:
-            plan = StepPlan.decode(recv_bytes(0, self.groups.control))
+            plan = StepPlan.decode(plans.next())
             if plan.kind == "shutdown":
                 self.runner.pending.wait_all()
+                plans.close()
                 return steps
             result = self.runner.execute(plan)
             if result is not None:  # the sampling rank of a pipeline: results go to the driver
