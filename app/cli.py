@@ -1,5 +1,5 @@
-"""The `strata` command line: `strata serve` (the OpenAI API), `strata demo` (offline chat) and
-`strata doctor` (checks the nodes of a multi-node setup)."""
+"""The `strata` command line: `strata serve` (the OpenAI API), `strata demo` (offline chat),
+`strata doctor` (checks the nodes of a multi-node setup) and `strata bench` (vLLM's benchmarks)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from strata.app.doctor import add_doctor_parser
 
     add_doctor_parser(sub)
+    from strata.app.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -30,18 +30,13 @@ def _partition(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 8,8,7,7, got {text!r}") from None
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "serve", help="serve the OpenAI-compatible HTTP API",
-        description="Serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, ...), "
-                    "split across GPUs and nodes on Ray. Flags follow `vllm serve`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face model directory or hub id (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--model", default=None, help="the same as MODEL, as a flag")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that starts an engine (`strata serve`, `strata bench latency |
+    throughput`): --model, --tokenizer, and the parallelism and engine groups."""
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model directory or hub id (serve: the same as MODEL; default: the bundled "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or id (default: the model's)")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="names the API accepts in `model`; the first is the one it reports (default: MODEL)")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -62,19 +57,6 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     par.add_argument("--driver-node", default=None, metavar="IP",
                      help="ray backend: the node (its Ray address) for the driver, stage 0 and the API ingress "
                           "(default: the head node, when it has room for a stage)")
-    mn = p.add_argument_group("mp backend across nodes",
-                              "Run the same command on every node: node 0 serves the API, the others add "
-                              "--headless. Node k runs ranks k*W/N .. (k+1)*W/N-1 (W = tp x pp).")
-    mn.add_argument("--nnodes", type=int, default=None, help="number of nodes the ranks span")
-    mn.add_argument("--node-rank", type=int, default=None, help="this node's index, 0 .. nnodes-1")
-    mn.add_argument("--master-addr", default=None,
-                    help="node 0's private address; node 0 listens there for the other nodes")
-    mn.add_argument("--master-port", type=int, default=None, help="node 0's rendezvous port (default: 29500)")
-    mn.add_argument("--headless", action="store_true",
-                    help="run this node's ranks only, no API server (every node but node 0)")
-    mn.add_argument("--dist-init-timeout", type=float, default=120.0,
-                    help="seconds a node waits for the others before failing, naming those that did not join")
-
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                      help="weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU")
@@ -95,8 +77,37 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     eng.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                      help="decode batch sizes to capture CUDA graphs for (default: 1 2 4 8 16 24 32, then every 16 "
                           "up to --max-num-seqs)")
+    eng.add_argument("--skip-tokenizer-init", action="store_true",
+                     help="run without a tokenizer: prompts must be token ids, outputs carry no text "
+                          "(config-only model directories, as for dummy-weight benchmarks)")
     eng.add_argument("--attention-backend", choices=["triton", "reference"], default=None,
                      help="attention kernels (default: triton on a GPU, reference on CPU)")
+
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API",
+        description="Serve a model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, ...), "
+                    "split across GPUs and nodes on Ray. Flags follow `vllm serve`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model directory or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names the API accepts in `model`; the first is the one it reports (default: MODEL)")
+    add_engine_args(p)
+    mn = p.add_argument_group("mp backend across nodes",
+                              "Run the same command on every node: node 0 serves the API, the others add "
+                              "--headless. Node k runs ranks k*W/N .. (k+1)*W/N-1 (W = tp x pp).")
+    mn.add_argument("--nnodes", type=int, default=None, help="number of nodes the ranks span")
+    mn.add_argument("--node-rank", type=int, default=None, help="this node's index, 0 .. nnodes-1")
+    mn.add_argument("--master-addr", default=None,
+                    help="node 0's private address; node 0 listens there for the other nodes")
+    mn.add_argument("--master-port", type=int, default=None, help="node 0's rendezvous port (default: 29500)")
+    mn.add_argument("--headless", action="store_true",
+                    help="run this node's ranks only, no API server (every node but node 0)")
+    mn.add_argument("--dist-init-timeout", type=float, default=120.0,
+                    help="seconds a node waits for the others before failing, naming those that did not join")
 
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1",
@@ -155,22 +166,30 @@ def check_flags(args: argparse.Namespace, backend: str) -> None:
         raise FlagError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one")
 
 
+def engine_config_from_args(args: argparse.Namespace, backend: str, **fields: Any) -> EngineConfig:
+    """The EngineConfig of `add_engine_args`' flags (plus `fields`, the caller's own); raises
+    pydantic's ValidationError (see `describe_flags`)."""
+    return EngineConfig(**{
+        "model": args.model, "tokenizer": args.tokenizer, "skip_tokenizer_init": args.skip_tokenizer_init,
+        "tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
+        "pp_layer_partition": args.pp_layer_partition, "enable_expert_parallel": args.enable_expert_parallel,
+        "distributed_executor_backend": backend, "dtype": args.dtype, "load_format": args.load_format,
+        "seed": args.seed, "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "max_logprobs": args.max_logprobs,
+        "enforce_eager": args.enforce_eager, "cuda_graph_sizes": args.cuda_graph_sizes,
+        "attention_backend": args.attention_backend, "ray_address": args.address, "driver_node": args.driver_node,
+        **fields,
+    })
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
     backend = pick_backend(args)
     check_flags(args, backend)
     names = args.served_model_name
     try:
-        config = EngineConfig(
-            model=args.model or args.model_tag, tokenizer=args.tokenizer,
-            served_model_name=names[0] if names else None,
-            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-            pp_layer_partition=args.pp_layer_partition, enable_expert_parallel=args.enable_expert_parallel,
-            distributed_executor_backend=backend, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_logprobs=args.max_logprobs,
-            enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
-            attention_backend=args.attention_backend, ray_address=args.address, driver_node=args.driver_node,
+        config = engine_config_from_args(
+            args, backend, model=args.model or args.model_tag, served_model_name=names[0] if names else None,
             nnodes=args.nnodes or 1, node_rank=args.node_rank or 0, master_addr=args.master_addr,
             dist_init_timeout_s=args.dist_init_timeout,
             **({"master_port": args.master_port} if args.master_port is not None else {}),
@@ -182,7 +201,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             uvicorn_log_level=args.uvicorn_log_level, **extra,
         )
     except ValidationError as err:
-        raise FlagError(_describe_flags(err)) from None
+        raise FlagError(describe_flags(err)) from None
     return config, settings
 
 
@@ -190,7 +209,7 @@ _FLAG_OF = {"drain_timeout_s": "--drain-timeout", "ray_address": "--address", "m
             "dist_init_timeout_s": "--dist-init-timeout"}
 
 
-def _describe_flags(err: ValidationError) -> str:
+def describe_flags(err: ValidationError) -> str:
     """'--flag: what is wrong (got value)', one per bad flag."""
     problems = []
     for e in err.errors():

@@ -5,7 +5,9 @@
 
 Every number is printed beside its baseline measured in the same run: the memory-bandwidth
 roofline of a decode step (bytes of this GPU's weights and KV read per step / HBM bandwidth
-measured here), so `x roofline` says how far from the hardware limit a step is.
+measured here), so `x roofline` says how far from the hardware limit a step is. The measuring is
+`strata bench`'s (strata.app.bench: its random dataset, batch latency and throughput), greedy so
+the numbers stay comparable with RESULTS.md; this script adds the shapes and the roofline.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -22,26 +23,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import decode_step_floor_s, measure_hbm_bandwidth  # noqa: E402
 from benchmarks.shapes import SHAPES, write_shape  # noqa: E402
-from strata import LLM, SamplingParams  # noqa: E402
+from strata import LLM  # noqa: E402
+from strata.app.bench.datasets import random_requests  # noqa: E402
+from strata.app.bench.latency import measure_latency, time_batch  # noqa: E402
+from strata.app.bench.throughput import measure_throughput  # noqa: E402
 
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(length)]} for _ in range(n)]
-
-
-def timed_generate(llm: LLM, prompts, max_tokens: int) -> float:
-    started = time.perf_counter()
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-    return time.perf_counter() - started
+GREEDY = 0.0  # as the earlier runs in RESULTS.md (`strata bench` samples at temperature 1, as vLLM)
 
 
 def decode_ms_per_token(llm: LLM, batch: int, vocab: int, prompt_len: int = 128, steps: int = 64) -> float:
     """(time of prefill + `steps` decodes - time of prefill alone) / steps."""
-    prompts = random_prompts(batch, prompt_len, vocab, seed=batch)
-    timed_generate(llm, prompts, 4)  # warm-up
-    prefill_only = min(timed_generate(llm, prompts, 1) for _ in range(2))
-    full = timed_generate(llm, prompts, steps + 1)
+    prompts = [r.prompt_token_ids for r in random_requests(batch, prompt_len, 1, vocab, seed=batch)]
+    time_batch(llm, prompts, 4, GREEDY)  # warm-up: prefill and a few decodes
+    prefill_only = min(measure_latency(llm, prompts, 1, num_iters_warmup=0, num_iters=2, temperature=GREEDY))
+    [full] = measure_latency(llm, prompts, steps + 1, num_iters_warmup=0, num_iters=1, temperature=GREEDY)
     return (full - prefill_only) / steps * 1000
 
 
@@ -84,14 +79,13 @@ def main() -> None:
             print(f"decode batch {batch}: {ms:.2f} ms/token, roofline {floor:.2f} ms -> {ms / floor:.2f}x roofline",
                   flush=True)
         if args.num_prompts:
-            prompts = random_prompts(args.num_prompts, args.input_len, shape["vocab_size"])
-            seconds = timed_generate(llm, prompts, args.output_len)
-            out_tokens = args.num_prompts * args.output_len
-            record.update(throughput_s=round(seconds, 1),
-                          output_tok_s=round(out_tokens / seconds, 1),
-                          total_tok_s=round(args.num_prompts * (args.input_len + args.output_len) / seconds, 1))
-            print(f"throughput: {args.num_prompts} prompts in {seconds:.1f} s: {out_tokens / seconds:.0f} output "
-                  f"tok/s, {record['total_tok_s']:.0f} total tok/s", flush=True)
+            requests = random_requests(args.num_prompts, args.input_len, args.output_len, shape["vocab_size"])
+            result = measure_throughput(llm, requests, temperature=GREEDY)
+            record.update(throughput_s=round(result.elapsed_s, 1), output_tok_s=round(result.output_tokens_per_s, 1),
+                          total_tok_s=round(result.total_tokens_per_s, 1))
+            print(f"throughput: {args.num_prompts} prompts in {result.elapsed_s:.1f} s: "
+                  f"{result.output_tokens_per_s:.0f} output tok/s, {result.total_tokens_per_s:.0f} total tok/s",
+                  flush=True)
         llm.shutdown()
     print("RESULT " + json.dumps(record), flush=True)
     if args.json_out:
