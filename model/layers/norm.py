@@ -8,11 +8,16 @@ import torch
 from torch import nn
 
 from strata.model.context import ModelContext
+from strata.model.kernels import triton_available
 from strata.model.layers.linear import default_weight_loader
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / rms(x), computed in float32 like Hugging Face, cast back before the weight."""
+    """y = w * x / rms(x), computed in float32 like Hugging Face, cast back before the weight.
+
+    On CUDA one Triton kernel (`strata.model.kernels.rms_norm`) does the add and the norm, with the
+    same roundings; the torch code below is its reference and the path everywhere else.
+    """
 
     def __init__(self, hidden_size: int, eps: float, ctx: ModelContext):
         super().__init__()
@@ -36,6 +41,18 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        if x.is_cuda and triton_available():
+            from strata.model.kernels.rms_norm import add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`forward` in torch ops: the kernel's reference, and the path off CUDA."""
         if residual is None:
             return self._norm(x)
         x = x + residual

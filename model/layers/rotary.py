@@ -18,6 +18,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from strata.model.kernels import triton_available
+
 
 def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     """The rope settings of either config layout: transformers>=5 `rope_parameters`, or the older
@@ -81,4 +83,17 @@ class RotaryEmbedding(nn.Module):
     def apply(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, head_dim], k [T, kv_heads, head_dim] rotated by `cos_sin`'s cos, sin. On CUDA
+        one Triton kernel (`strata.model.kernels.rotary`) does both, with the same roundings."""
+        if q.is_cuda and triton_available():
+            from strata.model.kernels.rotary import apply_rotary
+
+            return apply_rotary(q, k, cos, sin)
+        return RotaryEmbedding.apply_torch(q, k, cos, sin)
+
+    @staticmethod
+    def apply_torch(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`apply` in torch ops: the kernel's reference, and the path off CUDA."""
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
