@@ -18,9 +18,10 @@ import msgpack
 import torch
 
 from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST
+from strata.actors.worker.pending_step import PendingStep
 from strata.actors.worker.plan_channel import PlanPublisher
 from strata.actors.worker.rank import RankWorker
-from strata.config import EngineConfig
+from strata.config import EngineConfig, async_steps
 from strata.distributed.channel import recv_bytes
 from strata.distributed.rank_layout import ranks_of_node, sampler_rank, stage_leader
 from strata.distributed.sockets import HOST_IP_ENV
@@ -62,21 +63,24 @@ class DriverExecutor:
         self._local_loads: dict[int, dict] = {}  # stage 0's MoE counts by step, until collected
         # Plans reach the other ranks through the plan channel (actors/worker/plan_channel.py).
         self.plans = PlanPublisher(rank_facts, worker.groups.control) if self.coords.world_size > 1 else None
+        # Async scheduling (one rank): submit returns a PendingStep as soon as the step is launched.
+        self.defer = async_steps(worker.config)
 
     def _send_plan(self, plan: StepPlan) -> None:
         if self.plans is not None:
             self.plans.publish(plan.encode())
 
-    def submit(self, plan: StepPlan) -> StepResult | None:
+    def submit(self, plan: StepPlan) -> StepResult | PendingStep | None:
         """Starts the step everywhere and runs rank 0's share; returns the result when rank 0
-        samples (no pipeline), else None: `collect` gets it once the last stage is done."""
+        samples (no pipeline; a PendingStep with async scheduling), else None: `collect` gets it
+        once the last stage is done."""
         self._send_plan(plan)
-        result = self.worker.execute(plan)
+        result = self.worker.execute(plan, self.defer)
         local_load = self.worker.runner.expert_load(plan)
         if local_load is not None:
             self._local_loads[plan.step_id] = local_load
         if result is not None:
-            self._attach_remote_loads(plan, result)
+            self._attach_remote_loads(plan, result.base if isinstance(result, PendingStep) else result)
         return result
 
     def collect(self, plan: StepPlan) -> StepResult:

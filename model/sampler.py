@@ -65,6 +65,9 @@ class SequenceSamplingState:
         self._prompt_ids = array("q", prompt_token_ids)
         self._output_ids = array("q", self.output_token_ids)
         self._mirrored = self.output_token_ids
+        # Tokens sampled for it so far, counted when a draw is launched: with async scheduling
+        # the next draw starts before this one's token reaches `output_token_ids`.
+        self.num_sampled = len(self.output_token_ids)
 
     @property
     def options(self) -> SamplerOptions:
@@ -86,8 +89,9 @@ class SequenceSamplingState:
 
     @property
     def position(self) -> int:
-        """The number of tokens generated so far: where the seeded stream stands."""
-        return len(self.output_token_ids)
+        """The number of tokens drawn so far (the ones still on their way to `output_token_ids`
+        included): where the seeded stream stands."""
+        return self.num_sampled
 
     def prompt_ids(self) -> array:
         return self._prompt_ids
@@ -118,34 +122,58 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Device tensors -> host with one wait: async copies (into pinned memory), then one sync."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.cpu() for t in tensors]
-    host = [t.to("cpu", non_blocking=True) for t in tensors]
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return host
+class LogprobReport:
+    """Raw logprob and rank of the chosen ids per row, the top-k of each row, and the ids
+    themselves: computed on the device, copied to the host without waiting (`launch`), read with
+    one wait (`read`) when the caller needs them, which may be a step later."""
+
+    def __init__(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int):
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        chosen = logits.gather(1, token_ids.view(-1, 1))
+        # Strictly higher logit <=> strictly higher logprob (same shift per row).
+        ranks = (logits > chosen).sum(dim=-1) + 1
+        parts = [token_ids, (chosen - lse).squeeze(1), ranks]
+        if k > 0:
+            top_vals, top_ids = logits.topk(k, dim=-1)
+            parts += [top_vals - lse, top_ids]
+        self.k = k
+        self.token_ids = token_ids  # on the device: a later step can feed them as inputs
+        self._event: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._host = [t.to("cpu", non_blocking=True) for t in parts]  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = parts
+
+    def read(self) -> tuple[list[float], list[int], list[list[tuple[int, float]]], list[int]]:
+        """(logprobs, ranks, top-k pairs, ids), waiting for the copies if they are not done."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = [t.tolist() for t in self._host]
+        if self.k > 0:
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(host[4], host[3], strict=True)]
+        else:
+            tops = [[] for _ in host[0]]
+        return host[1], host[2], tops, host[0]
 
 
-def _logprob_report(
-    logits: torch.Tensor, token_ids: torch.Tensor, k: int
-) -> tuple[list[float], list[int], list[list[tuple[int, float]]], list[int]]:
-    """Raw logprob and rank of `token_ids` per row, plus the top-k of each row, and the ids
-    themselves, read back with one wait for the device."""
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    chosen = logits.gather(1, token_ids.view(-1, 1))
-    # Strictly higher logit <=> strictly higher logprob (same shift per row).
-    ranks = (logits > chosen).sum(dim=-1) + 1
-    parts = [token_ids, (chosen - lse).squeeze(1), ranks]
-    if k > 0:
-        top_vals, top_ids = logits.topk(k, dim=-1)
-        parts += [top_vals - lse, top_ids]
-    host = [t.tolist() for t in _to_host(parts)]
-    if k > 0:
-        tops = [list(zip(i, v, strict=True)) for i, v in zip(host[4], host[3], strict=True)]
-    else:
-        tops = [[] for _ in host[0]]
-    return host[1], host[2], tops, host[0]
+class PendingSample:
+    """One step's draws, launched: `token_ids` on the device now, `tokens()` when they are read."""
+
+    def __init__(self, report: LogprobReport | None, states: list[SequenceSamplingState]):
+        self.report = report
+        self.states = states
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        return self.report.token_ids if self.report is not None else None
+
+    def tokens(self) -> list[SampledToken]:
+        if self.report is None:
+            return []
+        lps, ranks, tops, ids = self.report.read()
+        return [SampledToken(ids[i], lps[i], ranks[i], tops[i][: s._logprobs]) for i, s in enumerate(self.states)]
 
 
 class Sampler:
@@ -153,9 +181,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, states: list[SequenceSamplingState]) -> list[SampledToken]:
         """Choose one token per row of `logits` [S, V] (float32), row i belonging to `states[i]`."""
+        return self.launch(logits, states).tokens()
+
+    def launch(self, logits: torch.Tensor, states: list[SequenceSamplingState]) -> PendingSample:
+        """`sample` without waiting for the device: the chosen ids stay on it, their report is on
+        its way to the host. Each state's position advances now (`num_sampled`); the caller appends
+        the token to `output_token_ids` once read."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), "one logits row per state"
         if not states:
-            return []
+            return PendingSample(None, states)
         raw = logits.float()
         t = SamplingTensors(states, raw.shape[1], raw.device)
         # A processed copy when something edits in place; `raw` stays untouched for logprobs.
@@ -173,11 +207,9 @@ class Sampler:
                 token_ids.index_copy_(0, rows, self._sample_random(x[rows], t))
 
         k = min(max(s._logprobs for s in states), raw.shape[1])
-        lps, ranks, tops, ids = _logprob_report(raw, token_ids, k)
-        return [
-            SampledToken(ids[i], lps[i], ranks[i], tops[i][: s._logprobs])
-            for i, s in enumerate(states)
-        ]
+        for s in states:
+            s.num_sampled += 1
+        return PendingSample(LogprobReport(raw, token_ids, k), states)
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_ids: list[int], k: int
@@ -191,7 +223,7 @@ class Sampler:
         if not target_ids:
             return []
         targets = _tensor(target_ids, torch.long, logits.device)
-        lps, ranks, tops, _ = _logprob_report(logits.float(), targets, min(k, logits.shape[1]))
+        lps, ranks, tops, _ = LogprobReport(logits.float(), targets, min(k, logits.shape[1])).read()
         return list(zip(lps, ranks, tops, strict=True))
 
     @staticmethod

@@ -107,7 +107,7 @@ class SamplingTensors:
         self.top_k_max = max(ks) if ks else 0  # 0: no sampling row truncates by top-k
         self.any_repetition = bool(batch & F_REPETITION)
         self.any_frequency = bool(batch & F_FREQUENCY)
-        positions = [len(s.output_token_ids) for s in states]
+        positions = [s.num_sampled for s in states]  # where each seeded stream stands
         min_tokens_flat = [
             i * vocab + t
             for i, s in enumerate(states) if positions[i] < s._min_tokens

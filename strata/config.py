@@ -69,6 +69,10 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     """Run every step eagerly: no CUDA graphs (as vLLM's flag). Graphs need a GPU and an
     attention backend that can be captured (triton); on CPU every step is eager anyway."""
+    async_scheduling: bool = True
+    """Schedule step N+1 while step N runs on the device (vLLM's --async-scheduling): the
+    engine's host work hides behind the GPU's. One rank (tp = pp = 1) only today; with more the
+    engine steps synchronously (pipeline stages keep micro-batches in flight instead)."""
     cuda_graph_sizes: list[int] | None = None
     """Decode batch sizes to capture a CUDA graph for (a batch runs in the smallest that holds
     it); None: 1, 2, 4, 8, 16, 24, 32, then every 16 up to max_num_seqs."""
@@ -128,6 +132,11 @@ class EngineConfig(BaseModel):
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def async_steps(config: EngineConfig) -> bool:
+    """Whether the engine schedules a step while the previous one runs (see async_scheduling)."""
+    return config.async_scheduling and config.world_size == 1
 
 
 def describe_validation_error(err: Exception) -> str:

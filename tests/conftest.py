@@ -12,6 +12,10 @@ import torch
 # Ray's dashboard and usage reporting only cost time in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Without a GPU the Triton kernels run in Triton's interpreter (on CPU tensors). Triton reads this
+# when a kernel is defined, so it is set for the whole session, before any kernel module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 

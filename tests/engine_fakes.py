@@ -93,6 +93,7 @@ class FakeExecutor:
 def make_engine(executor: FakeExecutor | None = None, *, max_model_len: int = 64, num_blocks: int = 64,
                 block_size: int = 4, **config) -> EngineCore:
     config.setdefault("max_num_batched_tokens", 64)
+    config.setdefault("async_scheduling", False)  # these tests step synchronously; see test_async_scheduling.py
     cfg = EngineConfig(block_size=block_size, **config)
     executor = executor or FakeExecutor()
     executor.block_size = block_size

@@ -26,7 +26,7 @@ from strata.actors.engine.expert_load import ExpertLoad
 from strata.actors.engine.scheduler import Scheduler
 from strata.actors.engine.scheduler_records import SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
-from strata.config import EngineConfig
+from strata.config import EngineConfig, async_steps
 from strata.distributed.sampler_options import SamplerOptions
 from strata.distributed.step_plan import PlanBuilder, StepPlan
 from strata.distributed.step_result import SampledResult, StepResult
@@ -38,8 +38,14 @@ logger = logging.getLogger("strata")
 HOST_SAMPLES = 64  # recent steps' host overhead kept for /metrics (a sample when steps outpace polls)
 
 
+class StepFuture(Protocol):
+    """A step launched but not read (async scheduling): `result()` waits for it if need be."""
+
+    def result(self) -> StepResult: ...
+
+
 class Executor(Protocol):
-    def submit(self, plan: StepPlan) -> StepResult | None: ...
+    def submit(self, plan: StepPlan) -> StepResult | StepFuture | None: ...
     def collect(self, plan: StepPlan) -> StepResult: ...
 
 
@@ -69,9 +75,12 @@ class EngineCore:
         # Host overhead: a step's wall time less the executor's (schedule + plan + outputs), as
         # (perf_counter at the step's end, seconds) for the most recent steps, for /metrics.
         self.host_overhead: collections.deque[tuple[float, float]] = collections.deque(maxlen=HOST_SAMPLES)
-        # Micro-batches in flight: one per pipeline stage keeps every stage busy.
-        self.pipeline_depth = config.pipeline_parallel_size
-        self._in_flight: collections.deque[tuple[SchedulerOutput, StepPlan, StepResult | None]] = (
+        # Steps in flight: with pipeline stages one micro-batch per stage keeps every stage busy;
+        # with async scheduling (one rank) step N+1 is scheduled while step N runs. Results are
+        # read in the order the steps were submitted, whenever each future completes.
+        self.async_steps = async_steps(config)
+        self.pipeline_depth = 2 if self.async_steps else config.pipeline_parallel_size
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepPlan, StepResult | StepFuture | None]] = (
             collections.deque())
         self.expert_load = ExpertLoad()
         self.is_moe = is_moe
@@ -126,7 +135,8 @@ class EngineCore:
         started = time.perf_counter()
         executor_s = 0.0  # rank 0's own share of the step runs inside submit (tp/pp rank 0)
         while len(self._in_flight) < self.pipeline_depth:
-            scheduled = self.scheduler.schedule(self._micro_batch_cap())  # skips those in flight
+            # Skips those in flight, but with async scheduling continues the decoding ones.
+            scheduled = self.scheduler.schedule(self._micro_batch_cap(), continue_in_flight=self.async_steps)
             self.num_preemptions += len(scheduled.preempted)
             if scheduled.is_empty:
                 break
@@ -136,11 +146,15 @@ class EngineCore:
             executor_s += time.perf_counter() - t
         if not self._in_flight:
             return []
-        scheduled, plan, result = self._in_flight.popleft()
-        if result is None:
-            t = time.perf_counter()
+        scheduled, plan, submitted = self._in_flight.popleft()
+        t = time.perf_counter()
+        if submitted is None:
             result = self.executor.collect(plan)
-            executor_s += time.perf_counter() - t
+        elif isinstance(submitted, StepResult):
+            result = submitted
+        else:
+            result = submitted.result()  # waits for the device, if it still runs the step
+        executor_s += time.perf_counter() - t
         self.last_step_seconds = result.step_seconds
         self.expert_load.add(result.expert_load)
         self.scheduler.update(scheduled, {sid: r.token_id for sid, r in result.sampled.items()})
@@ -156,7 +170,7 @@ class EngineCore:
     def _micro_batch_cap(self) -> int | None:
         """With pipeline stages, an equal share of the sequences per micro-batch: one batch of
         everything would leave the other stages idle."""
-        if self.pipeline_depth == 1:
+        if self.config.pipeline_parallel_size == 1:
             return None
         total = self.scheduler.num_running + self.scheduler.num_waiting
         return max(1, -(-total // self.pipeline_depth))

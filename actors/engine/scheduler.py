@@ -20,6 +20,7 @@ from collections import deque
 from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.scheduler_records import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from strata.actors.engine.sequence import Sequence, SequenceStatus
+from strata.distributed.step_plan import PENDING_TOKEN
 
 
 class Scheduler:
@@ -42,8 +43,13 @@ class Scheduler:
 
     Sequences with ``in_flight`` set (a chunk scheduled, its result not yet passed to ``update``)
     are skipped, so the engine may call ``schedule()`` again before ``update()`` of an earlier
-    output and keep several batches in flight (pipeline parallelism). In-flight sequences are
-    never preempted. ``finish()`` may free an in-flight sequence's blocks; that is safe as long as
+    output and keep several batches in flight (pipeline parallelism). With
+    ``continue_in_flight`` (async scheduling) a sequence whose one in-flight chunk samples is
+    scheduled again, for one token: the one that chunk samples, still unknown (a pending chunk,
+    whose token the sampling rank feeds on its device). Not when that token is sure to end it
+    (max_tokens, max_model_len); a stop token found later makes the pending chunk wasted work,
+    whose result is dropped. In-flight sequences are never preempted: a pending chunk that
+    finds no block sits the step out. ``finish()`` may free an in-flight sequence's blocks; that is safe as long as
     the ranks run batches in the order they were scheduled (a later batch that reuses a block
     writes it after the earlier one did).
 
@@ -115,11 +121,13 @@ class Scheduler:
         if seq.announced:
             self._finished_ids.append(seq.seq_id)
 
-    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None, continue_in_flight: bool = False) -> SchedulerOutput:
         """Plan the next step (see the class docstring). Marks every scheduled sequence in flight.
 
         ``max_seqs`` caps this step's sequences: with pipeline parallelism the engine splits the
-        running sequences over several micro-batches, so that every stage has one to work on."""
+        running sequences over several micro-batches, so that every stage has one to work on.
+        ``continue_in_flight``: async scheduling (one step in flight): decoding sequences in it
+        get a pending chunk each."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         short_of_blocks = False
@@ -134,6 +142,12 @@ class Scheduler:
         while i < len(running) and budget > 0 and len(chunks) < cap:
             seq = running[i]
             if seq.in_flight:
+                if continue_in_flight and seq.in_flight == 1 and seq.pending_sample and self._continues(seq):
+                    if allocate(seq, seq.num_in_flight_tokens + 1):
+                        chunks.append(self._pending_chunk(seq))
+                        budget -= 1
+                    else:
+                        short_of_blocks = True
                 i += 1
                 continue
             num_new = len(seq.prompt_token_ids) + len(seq.output_token_ids) - seq.num_computed_tokens
@@ -175,7 +189,10 @@ class Scheduler:
         """
         for chunk in output.chunks:
             seq = chunk.seq
-            seq.in_flight = False
+            seq.in_flight -= 1
+            seq.num_in_flight_tokens -= chunk.num_tokens
+            if not seq.in_flight:
+                seq.pending_sample = False
             if seq.status._finished:  # SequenceStatus.is_finished, without the property call
                 continue
             assert seq.num_computed_tokens == chunk.start_pos, f"out-of-order update for {seq}"
@@ -190,9 +207,11 @@ class Scheduler:
         start = seq.num_computed_tokens
         end = start + num_new
         assert end <= self.config.max_model_len, f"{seq} would pass max_model_len; the engine must finish it"
-        seq.in_flight = True
         num_prompt = len(seq.prompt_token_ids)
         num_tokens = num_prompt + len(seq.output_token_ids)
+        seq.in_flight += 1
+        seq.num_in_flight_tokens += num_new
+        seq.pending_sample = end == num_tokens
         # What the ranks have not been told yet (see ScheduledChunk).
         is_new = resumed = False
         if not seq.announced:
@@ -211,6 +230,34 @@ class Scheduler:
             new_blocks = seq.block_ids[seq.num_blocks_sent:]
             seq.num_blocks_sent = num_blocks
         return ScheduledChunk(seq, start, num_new, end == num_tokens, is_new, resumed, new_blocks, new_tokens)
+
+    def _continues(self, seq: Sequence) -> bool:
+        """Whether `seq` may run on before its pending token is known: its sampler needs no output
+        token values (no penalties), and the token its in-flight chunk samples may not be its
+        last: neither max_tokens nor max_model_len ends it there (a stop token may, found later)."""
+        p = seq.params
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            return False  # its sampling reads its output tokens: it waits for the pending one
+        outputs = len(seq.output_token_ids) + 1
+        max_tokens = p.max_tokens
+        return (max_tokens is None or outputs < max_tokens) and (
+            len(seq.prompt_token_ids) + outputs < self.config.max_model_len)
+
+    def _pending_chunk(self, seq: Sequence) -> ScheduledChunk:
+        """One token of `seq` after its in-flight chunk: the token that chunk samples. The ranks
+        are told a placeholder (PENDING_TOKEN) in its place; the sampling rank feeds the real one
+        on its device, so `num_tokens_sent` counts it already."""
+        start = seq.num_computed_tokens + seq.num_in_flight_tokens
+        seq.in_flight += 1
+        seq.num_in_flight_tokens += 1
+        seq.pending_sample = True
+        seq.num_tokens_sent = len(seq.prompt_token_ids) + len(seq.output_token_ids) + 1
+        new_blocks = ()
+        if seq.num_blocks_sent < len(seq.block_ids):
+            new_blocks = seq.block_ids[seq.num_blocks_sent:]
+            seq.num_blocks_sent = len(seq.block_ids)
+        return ScheduledChunk(seq, start, 1, True, new_block_ids=new_blocks, new_token_ids=(PENDING_TOKEN,),
+                              pending=True)
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for ``num_new`` more tokens of running ``seq``, preempting newer

@@ -43,6 +43,9 @@ class ScheduledChunk:
     ``samples``: the chunk reaches the end of the sequence's known tokens, so the last position's
     logits are sampled and one token comes back for ``seq``.
 
+    ``pending``: async scheduling's continuation: the chunk's one token is the one the sequence's
+    in-flight chunk samples, not known yet; ``new_token_ids`` is then ``(PENDING_TOKEN,)``.
+
     What the ranks learn with it: ``is_new``, the sequence's first chunk (announce its prompt);
     ``new_token_ids``, tokens sampled since they were last told; ``new_block_ids``, block ids
     appended to its table since; ``resumed``, its first chunk after a preemption: the table was
@@ -57,6 +60,7 @@ class ScheduledChunk:
     resumed: bool = False
     new_block_ids: Ints[int] = ()
     new_token_ids: Ints[int] = ()
+    pending: bool = False
 
     @property
     def token_ids(self) -> list[int]:

@@ -64,8 +64,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     # Set by Scheduler.add; preemption picks the running sequence with the largest one.
     arrival_order: int = -1
-    # A scheduled chunk whose result has not come back yet; schedule() skips such sequences.
-    in_flight: bool = False
+    # Chunks scheduled whose results have not come back yet (0, 1, or 2 with async scheduling),
+    # the tokens they compute, and whether the newest of them samples (then the sequence's next
+    # token is pending: known only when that result comes back).
+    in_flight: int = 0
+    num_in_flight_tokens: int = 0
+    pending_sample: bool = False
     num_preemptions: int = 0
     # What the ranks know (each rank keeps the sequence in its persistent batch from its first
     # plan on, across preemption, until a plan says it finished), so that a plan carries only

@@ -66,6 +66,9 @@ class InputBuffers:
         # Staged flat: a step's [B, W] tables are its first B * W entries, one contiguous copy.
         self._bt_host = torch.zeros(b * w, dtype=torch.int32, pin_memory=True) if self._staged else None
         self.logits_indices_buffer, self._li_host, self._li = self._alloc((t,), torch.int64)
+        # Async scheduling: which input rows take which of the previous step's draws.
+        self._feed_dst, self._feed_dst_host, self._feed_dst_np = self._alloc((t,), torch.int64)
+        self._feed_src, self._feed_src_host, self._feed_src_np = self._alloc((t,), torch.int64)
         self._copied = torch.cuda.Event() if self._staged else None
         self._copies_pending = False
         self._num_logits = 0
@@ -197,6 +200,19 @@ class InputBuffers:
             max_seq_len=int(step.max_seq_len),
         )
         return self.input_ids[:num_tokens], self.positions[:num_tokens], attn
+
+    def feed_sampled(self, rows: np.ndarray, draws: np.ndarray, sampled: torch.Tensor) -> None:
+        """After `prepare`: input id `rows[i]` becomes `sampled[draws[i]]`, on the device (the
+        previous step's draws, which the host has not read). Queued behind the copies `prepare`
+        made, so it overwrites the placeholders they carried."""
+        n = len(rows)
+        self._feed_dst_np[:n] = rows
+        self._feed_src_np[:n] = draws
+        if self._staged:
+            self._copy(self._feed_dst, self._feed_dst_host, n)
+            self._copy(self._feed_src, self._feed_src_host, n)
+            self._copied.record()  # the next prepare waits for these copies too
+        self.input_ids.index_copy_(0, self._feed_dst[:n], sampled.index_select(0, self._feed_src[:n]))
 
     def reset_decode_padding(self, num_seqs: int) -> None:
         """Makes rows 0..num_seqs-1 all padding, on the device (before capturing decode graphs:

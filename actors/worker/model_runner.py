@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from strata.actors.worker.cuda_graphs import CaptureReport, DecodeGraphs
 from strata.actors.worker.input_buffers import InputBuffers
+from strata.actors.worker.pending_step import PendingStep
 from strata.actors.worker.persistent_batch import PersistentBatch
 from strata.actors.worker.step_inputs import StepInputs
 from strata.actors.worker.step_timing import StepTimer
 from strata.distributed.channel import PendingSends
 from strata.distributed.process_groups import RankGroups
 from strata.distributed.sampler_options import SamplerOptions
-from strata.distributed.step_plan import StepPlan
-from strata.distributed.step_result import PromptLogprobs, SampledResult, StepResult
+from strata.distributed.step_plan import PENDING_TOKEN, StepPlan
+from strata.distributed.step_result import PromptLogprobs, StepResult
 from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.sampler import Sampler, SequenceSamplingState
 
@@ -57,6 +59,8 @@ class ModelRunner:
         self.timer = StepTimer(device)
         self.pending = PendingSends()
         self.is_moe = hasattr(model, "expert_load")
+        # The last step's draws on the device, by sequence: what PENDING_TOKEN rows feed.
+        self._last_sampled: tuple[dict[int, int], torch.Tensor] | None = None
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:
             self.graphs = DecodeGraphs(model, kv_caches, self.input_buffers, graph_sizes, max_model_len,
@@ -79,8 +83,10 @@ class ModelRunner:
                 )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Runs the plan; returns the result on the sampling rank, None elsewhere."""
+    def execute(self, plan: StepPlan, defer: bool = False) -> StepResult | PendingStep | None:
+        """Runs the plan; returns the result on the sampling rank, None elsewhere. With `defer`
+        (async scheduling, one rank) the sampling rank returns a PendingStep as soon as the step
+        is launched: its `result()` reads the tokens."""
         started = time.time()
         self.timer.start()
         self._update_sampling_states(plan)
@@ -89,6 +95,8 @@ class ModelRunner:
             return StepResult(plan.step_id) if self.coords.is_sampler else None
         bucket = self.graphs.bucket_for(inputs.num_seqs, inputs.num_tokens) if self.graphs else None
         input_ids, positions, attn = self.input_buffers.prepare(inputs, pad_to=bucket)
+        if self.coords.is_first_stage:
+            self._feed_pending(inputs)
         intermediate = None
         if not self.coords.is_first_stage:
             into = self.graphs.intermediate_inputs(inputs.num_tokens) if bucket else None
@@ -104,13 +112,31 @@ class ModelRunner:
             self.timer.end()
             self._send_intermediate(out)
             return None
-        result = self._logits_and_sample(plan, inputs, out)
+        pending = self._logits_and_sample(plan, inputs, out, started)
         self.timer.end()
-        if result is not None:
-            result.step_seconds = time.time() - started
-        return result
+        if pending is None or defer:
+            return pending
+        return pending.result()
 
-    def _logits_and_sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor):
+    def _feed_pending(self, inputs: StepInputs) -> None:
+        """Async scheduling: rows whose token is PENDING_TOKEN take the token the previous step
+        sampled for their sequence, from the device (the host has not read it yet)."""
+        flat = np.flatnonzero(inputs.token_ids == PENDING_TOKEN)
+        if not len(flat):
+            return
+        if self._last_sampled is None:
+            raise RuntimeError("a plan feeds pending tokens, but the previous step sampled none here")
+        index_of, sampled = self._last_sampled
+        seqs = inputs.seq_ids[np.searchsorted(inputs.query_start_loc(), flat, side="right") - 1].tolist()
+        try:
+            src = np.fromiter((index_of[s] for s in seqs), dtype=np.int64, count=len(seqs))
+        except KeyError as err:
+            raise RuntimeError(f"sequence {err.args[0]} feeds a pending token its previous step did not "
+                               "sample") from None
+        self.input_buffers.feed_sampled(flat, src, sampled)
+
+    def _logits_and_sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor,
+                           started: float) -> PendingStep | None:
         # Rows whose logits are needed: every position of a chunk that wants prompt logprobs,
         # else only the last position of a chunk that samples.
         rows: list[int] = []
@@ -129,19 +155,25 @@ class ModelRunner:
                 rows.append(offset + n - 1)
             offset += n
         if not rows:
-            return StepResult(plan.step_id) if self.coords.is_sampler else None
+            return PendingStep(StepResult(plan.step_id), started) if self.coords.is_sampler else None
         logits = self.model.compute_logits(hidden[self.input_buffers.logits_indices()[0]])  # == rows
         if not self.coords.is_sampler:
             return None
         logits = logits.float()
         result = StepResult(plan.step_id)
+        pending = PendingStep(result, started)
         if sample_rows:
-            states = [self.sampling_states[seq_id] for seq_id, _ in sample_rows]
-            picked = logits[torch.tensor([r for _, r in sample_rows], device=logits.device)]
-            for (seq_id, _), state, tok in zip(sample_rows, states, self.sampler.sample(picked, states),
-                                               strict=True):
-                state.output_token_ids.append(tok.token_id)
-                result.sampled[seq_id] = SampledResult(tok.token_id, tok.logprob, tok.rank, tok.top_logprobs)
+            sampled_ids = [seq_id for seq_id, _ in sample_rows]
+            states = [self.sampling_states[seq_id] for seq_id in sampled_ids]
+            if len(sample_rows) == logits.shape[0]:  # decode steps: every logits row samples
+                picked = logits
+            else:
+                index = torch.tensor([r for _, r in sample_rows])
+                picked = logits[index.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else index]
+            draws = self.sampler.launch(picked, states)
+            self._last_sampled = ({seq_id: i for i, seq_id in enumerate(sampled_ids)}, draws.token_ids)
+            ends = inputs.seq_lens[inputs.samples].tolist()  # where each drawn token sits: after its chunk
+            pending = PendingStep(result, started, draws, sampled_ids, ends, self.batch)
         for i, first, count in plp_rows:
             seq_id, start = seq_ids[i], int(inputs.start_positions[i])
             prompt = self.sampling_states[seq_id].prompt_token_ids
@@ -152,7 +184,7 @@ class ModelRunner:
             targets = prompt[start + 1: start + 1 + usable]
             entries = self.sampler.prompt_logprobs(logits[first: first + usable], targets, inputs.prompt_logprobs[i])
             result.prompt_logprobs[seq_id] = PromptLogprobs(start, entries)
-        return result
+        return pending
 
     def expert_load(self, plan: StepPlan) -> dict | None:
         """This stage's routing counts since the last report, when the plan asks and this rank

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from strata.actors.worker.step_inputs import StepInputs, ranges
-from strata.distributed.step_plan import StepPlan
+from strata.distributed.step_plan import PENDING_TOKEN, StepPlan
 
 
 class PersistentBatch:
@@ -163,6 +163,22 @@ class PersistentBatch:
         )
         self._num_computed[rows] = ends
         return inputs
+
+    def fill_pending(self, seq_ids: list[int], positions: list[int], tokens: list[int]) -> None:
+        """Sampled tokens, written over the PENDING_TOKEN placeholders a later plan put at their
+        positions (async scheduling). A token whose place holds no placeholder (the sequence was
+        not continued, or has finished) is skipped: a plan will tell it, or nobody needs it."""
+        if not seq_ids:
+            return
+        rows = np.fromiter((self._row_of.get(s, -1) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        pos = np.asarray(positions, dtype=np.int64)
+        toks = np.asarray(tokens, dtype=np.int32)
+        keep = rows >= 0
+        rows, pos, toks = rows[keep], pos[keep], toks[keep]
+        keep = pos < self._num_tokens[rows]
+        rows, pos, toks = rows[keep], pos[keep], toks[keep]
+        keep = self._token_ids[rows, pos] == PENDING_TOKEN
+        self._token_ids[rows[keep], pos[keep]] = toks[keep]
 
     def _misfit(self, plan: StepPlan, rows: np.ndarray, starts: np.ndarray, query_lens: np.ndarray) -> str:
         for i, row in enumerate(rows.tolist()):

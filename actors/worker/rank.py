@@ -135,8 +135,8 @@ class RankWorker:
         # Not more rows than a step may hold tokens: a decode step of B sequences has B tokens.
         return graph_batch_sizes(min(cfg.max_num_seqs, cfg.max_num_batched_tokens), cfg.cuda_graph_sizes)
 
-    def execute(self, plan: StepPlan):
-        return self.runner.execute(plan)
+    def execute(self, plan: StepPlan, defer: bool = False):
+        return self.runner.execute(plan, defer)
 
     def run_loop(self) -> int:
         """Non-driver ranks: read and run plans from the plan channel until shutdown. Returns the

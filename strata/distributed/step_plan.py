@@ -17,7 +17,8 @@ context length:
   ``num_scheduled`` (tokens computed this step; they start where the rank's count of computed
   tokens stands), ``num_new_blocks``/``new_block_ids`` (block ids appended to its table),
   ``num_new_tokens``/``new_token_ids`` (tokens sampled since the ranks were last told, appended
-  to the tokens they know; the prompt was announced). ``resumed``: batch indices of sequences
+  to the tokens they know; the prompt was announced; PENDING_TOKEN for the one the previous
+  step samples, with async scheduling). ``resumed``: batch indices of sequences
   readmitted after a preemption: their table is replaced by this step's block ids and their
   computed count restarts at 0. ``prompt_logprobs``: (batch index, top-k) pairs of the chunks
   that compute prompt logprobs.
@@ -38,6 +39,9 @@ import msgpack
 import numpy as np
 
 PlanKind = Literal["step", "shutdown"]
+# In new_token_ids: the token the sequence's previous step samples, not known when the plan was
+# made (async scheduling). Only the sampling rank can feed it, so plans hold it with one rank only.
+PENDING_TOKEN = -1
 
 I32 = np.dtype("<i4")
 I64 = np.dtype("<i8")
