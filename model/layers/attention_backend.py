@@ -48,8 +48,9 @@ _INSTANCES: dict[str, AttentionBackend] = {}
 class AttentionBackend(ABC):
     """One way to run paged attention: a per-step metadata builder and a per-layer forward.
 
-    Instances are stateless across steps (one per name per process); per-step state lives in what
-    `build_metadata` returns, which `AttentionMetadata.backend_metadata` caches for the step.
+    One instance per name per process; per-step state lives in what `build_metadata` returns,
+    which `AttentionMetadata.backend_metadata` caches for the step. What an instance keeps across
+    steps (the Triton backend's scratch) must keep its addresses valid for captured CUDA graphs.
     """
 
     name: ClassVar[str]

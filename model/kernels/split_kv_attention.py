@@ -1,0 +1,157 @@
+"""Split-KV decode: every sequence has one query token; its context is cut into `num_segments` parts.
+
+With few sequences x kv heads, the unified kernel has fewer programs than the GPU has SMs, and each
+walks a whole context alone. Here grid (sequence, kv head, segment): each program attends over one
+segment and writes a partial output and its log-sum-exp (base 2) to float32 scratch; a second
+kernel weighs the segments of each (sequence, head) together.
+
+The grid is fixed by host ints (the number of sequences and `num_segments`), so a CUDA graph can hold
+it; the length of a segment is worked out in the kernel from the sequence's own length (a whole
+number of key tiles), so a short sequence still spreads over the segments when the host's
+`max_seq_len` is only an upper bound. Segments past a sequence's end exit at once and are left out
+of the reduction; a segment wholly before the sliding window writes an empty partial (lse -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from strata.model.kernels.paged_attention import LOG2E, _attend_keys, dot_precision, tile_config
+
+
+@triton.jit
+def _tiles_per_segment(seq_len, num_segments, BLOCK_N: tl.constexpr):
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    return tiles, tl.maximum(tl.cdiv(tiles, num_segments), 1)
+
+
+@triton.jit
+def _split_kv_kernel(
+    part_out_ptr, part_lse_ptr, q_ptr, kv_ptr, table_ptr, seq_lens_ptr, query_start_ptr,
+    qk_scale, window, num_heads, num_segments,
+    stride_qt, stride_qd, stride_tb,
+    stride_kv, stride_block, stride_slot, stride_head, stride_dim,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    _, tiles_per_seg = _tiles_per_segment(seq_len, num_segments, BLOCK_N)
+    seg_lo = segment * tiles_per_seg * BLOCK_N
+    if seg_lo >= seq_len:
+        return
+    seg_hi = tl.minimum(seg_lo + tiles_per_seg * BLOCK_N, seq_len)
+    lo = seg_lo
+    if SLIDING:
+        lo = tl.maximum(lo, tl.maximum(seq_len - window, 0) // BLOCK_N * BLOCK_N)
+
+    rows = tl.arange(0, BLOCK_M)  # the GROUP query heads of this kv head, padded for tl.dot
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    token = tl.load(query_start_ptr + seq)
+    q = tl.load(q_ptr + token * stride_qt + (head[:, None] * HEAD_DIM + dims[None, :]) * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q_pos = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q, q_pos, lo, seg_hi, qk_scale, window, kv_ptr, table_ptr + seq * stride_tb, kv_head,
+        stride_kv, stride_block, stride_slot, stride_head, stride_dim,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, SLIDING, DOT_PRECISION,
+    )
+    has_keys = l_i > 0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    part = (seq * num_heads + head) * num_segments + segment  # scratch [seqs, heads, segments, (dims)]
+    tl.store(part_lse_ptr + part, lse, mask=row_ok)
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, query_start_ptr,
+    num_heads, num_segments, stride_ot, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles, tiles_per_seg = _tiles_per_segment(seq_len, num_segments, BLOCK_N)
+    used = tl.cdiv(tiles, tiles_per_seg)  # segments the split kernel wrote (0 for a padding row)
+    segs = tl.arange(0, BLOCK_S)
+    seg_ok = segs < used
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    part = (seq * num_heads + head) * num_segments + segs
+    lse = tl.load(part_lse_ptr + part, mask=seg_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # no segment: weights 0, output 0
+    weight = tl.exp2(lse - top)
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                    mask=seg_ok[:, None] & dim_ok[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    token = tl.load(query_start_ptr + seq)
+    tl.store(out_ptr + token * stride_ot + (head * HEAD_DIM + dims) * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+def split_kv_scratch_numel(num_seqs: int, num_heads: int, head_dim: int, num_segments: int) -> int:
+    """Float32 elements of scratch `split_kv_attention` needs (partial outputs, then their lse)."""
+    return num_seqs * num_heads * num_segments * (head_dim + 1)
+
+
+def split_kv_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    num_segments: int,
+    scratch: torch.Tensor,
+) -> torch.Tensor:
+    """Decode attention (one query token per sequence): q [B, heads * head_dim] -> same shape.
+
+    `scratch` is a float32 buffer of at least `split_kv_scratch_numel(...)` elements, reused
+    across steps (nothing is allocated here but the output).
+    """
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    num_heads = q.shape[1] // head_dim
+    group = num_heads // kv_heads
+    num_seqs = seq_lens.shape[0]
+    cfg = tile_config(head_dim, group, "decode", q.dtype)
+    n_out = num_seqs * num_heads * num_segments * head_dim
+    part_out = scratch[:n_out]
+    part_lse = scratch[n_out:n_out + num_seqs * num_heads * num_segments]
+    block_d = triton.next_power_of_2(head_dim)
+    _split_kv_kernel[(num_seqs, kv_heads, num_segments)](
+        part_out, part_lse, q, kv_cache, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, sliding_window or 0, num_heads, num_segments,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        *kv_cache.stride(),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        SLIDING=sliding_window is not None, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _combine_kernel[(num_seqs, num_heads)](
+        out, part_out, part_lse, seq_lens, query_start_loc,
+        num_heads, num_segments, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_N=cfg.block_n,
+        BLOCK_S=triton.next_power_of_2(num_segments), BLOCK_D=block_d,
+        num_warps=1 if num_segments * block_d <= 2048 else 4,
+    )
+    return out

@@ -1,0 +1,148 @@
+"""The Triton attention backend: kernels that read the paged cache through the block table.
+
+A step is one cache write (`strata.model.kernels.kv_cache_write`) and one attention launch:
+
+    decode (max_query_len == 1), split-KV    the context of each sequence is cut into segments
+                                             attended in parallel, then combined (two launches);
+    anything else, the unified kernel        one program per (query tile, sequence, kv head).
+
+Why split only some decode steps: the unified kernel runs num_seqs x kv_heads programs, each
+walking a whole context. When that is less than one program per SM (batch 1 has 8 at Llama-8B's
+shape, against 132 SMs on an H200), most of the GPU idles: on an H200 batch 1 at 8k context took
+146 us unsplit and 21 us split, batch 8 about 2.8x faster split. Once the batch fills the SMs, the
+split's second launch and float32 partials cost more than they give (batch 32, 256 programs: 84 us
+unified against 91 us split at 2k context), so `split_kv="auto"` splits only below one wave.
+
+Nothing here synchronises with the device: launches are sized by the metadata's host ints. The
+split's float32 scratch lives on the backend instance (one buffer per device), grown only when a
+larger step arrives and otherwise reused, so a CUDA graph replays the same addresses; the runner's
+eager warm-up before capture does any growing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from strata.model.kernels import interpreting, triton_available
+from strata.model.layers.attention_backend import AttentionBackend
+
+if triton_available():
+    from strata.model.kernels.kv_cache_write import write_kv_cache
+    from strata.model.kernels.paged_attention import unified_attention
+    from strata.model.kernels.split_kv_attention import split_kv_attention, split_kv_scratch_numel
+
+if TYPE_CHECKING:
+    from strata.model.layers.attention import AttentionMetadata, PagedAttention
+
+# Split-KV aims at this many programs per SM; within the split, 2, 4 or 8 per SM and segments of
+# 128 to 512 tokens ran the same on an H200 (Llama-8B shape, bf16, batch 1 to 64).
+PROGRAMS_PER_SM = 4
+
+
+@dataclass
+class TritonMetadata:
+    """One step's launch choices, shared by every layer; the kernels read the step's tensors straight
+    from `AttentionMetadata`, so there is nothing to build on the device."""
+
+    decode_only: bool  # max_query_len == 1: the split-KV path may run
+    segments: dict[int, int] = field(default_factory=dict)  # kv_heads -> segments (0: unified kernel)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs one program at a time
+
+
+def _plan_segments(num_seqs: int, kv_heads: int, max_seq_len: int, sm_count: int, max_segments: int,
+                   min_segment_tokens: int) -> int:
+    """Segments per sequence: enough to give each SM PROGRAMS_PER_SM programs, but no segment shorter
+    than `min_segment_tokens` of the longest context, and at most `max_segments`."""
+    by_length = -(-max_seq_len // min_segment_tokens)
+    by_occupancy = -(-PROGRAMS_PER_SM * sm_count // max(1, num_seqs * kv_heads))
+    return max(1, min(max_segments, by_length, by_occupancy))
+
+
+class TritonBackend(AttentionBackend):
+    """Paged attention in Triton, on CUDA (and on CPU under TRITON_INTERPRET=1, for tests).
+
+    split_kv: "auto" splits decode steps when it fills the GPU better, "always" takes the split
+    path for every decode step (even with one segment), "never" keeps the unified kernel.
+    `sm_count` overrides the device's (tests and benchmarks use it to force several segments).
+    """
+
+    name = "triton"
+    supports_cuda_graphs = True  # grids depend on host ints only; scratch addresses stay valid
+
+    def __init__(
+        self,
+        split_kv: Literal["auto", "always", "never"] = "auto",
+        max_segments: int = 64,
+        min_segment_tokens: int = 256,
+        sm_count: int | None = None,
+    ):
+        self.split_kv = split_kv
+        self.max_segments = max_segments
+        self.min_segment_tokens = min_segment_tokens
+        self.sm_count = sm_count
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+        # Outgrown buffers stay alive: a CUDA graph captured earlier still reads and writes them.
+        self._retired: list[torch.Tensor] = []
+
+    def supports(self, device: torch.device) -> bool:
+        if not triton_available():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+    def build_metadata(self, attn: AttentionMetadata) -> TritonMetadata:
+        return TritonMetadata(decode_only=attn.max_query_len == 1)
+
+    def forward(
+        self,
+        layer: PagedAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        metadata: TritonMetadata,
+    ) -> torch.Tensor:
+        write_kv_cache(k, v, kv_cache, attn.slot_mapping)
+        segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
+        if segments:
+            numel = split_kv_scratch_numel(attn.num_seqs, layer.num_heads, layer.head_dim, segments)
+            return split_kv_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+                                      layer.scale, layer.sliding_window, segments,
+                                      self._scratch_buffer(q.device, numel))
+        return unified_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+                                 layer.scale, layer.sliding_window, attn.max_query_len)
+
+    def _segments(self, metadata: TritonMetadata, attn: AttentionMetadata, kv_heads: int,
+                  device: torch.device) -> int:
+        """Segments of the split-KV path for this step, or 0 for the unified kernel."""
+        if not metadata.decode_only or self.split_kv == "never":
+            return 0
+        segments = metadata.segments.get(kv_heads)
+        if segments is None:
+            sm_count = self.sm_count or _sm_count(device)
+            segments = _plan_segments(attn.num_seqs, kv_heads, attn.max_seq_len, sm_count, self.max_segments,
+                                      self.min_segment_tokens)
+            fills_gpu = attn.num_seqs * kv_heads >= sm_count  # the unified kernel has a full wave
+            if self.split_kv == "auto" and (segments == 1 or fills_gpu):
+                segments = 0
+            metadata.segments[kv_heads] = segments
+        return segments
+
+    def _scratch_buffer(self, device: torch.device, numel: int) -> torch.Tensor:
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < numel:
+            if buf is not None:
+                self._retired.append(buf)
+                numel = max(numel, 2 * buf.numel())  # grow geometrically: few retired buffers
+            buf = self._scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf

@@ -1,0 +1,187 @@
+"""The Triton attention backend against the reference (gather + SDPA): same inputs, each writing into
+its own copy of the same cache; outputs and caches must match.
+
+On a CPU machine the kernels run in Triton's interpreter (slow: shapes are tiny); with CUDA the same
+cases run compiled on the GPU, and one more checks a realistic Llama-8B-shaped batch in bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU
+pytest.importorskip("triton")
+
+from strata.model.layers.attention import AttentionMetadata, PagedAttention  # noqa: E402
+from strata.model.layers.reference_attention import ReferenceBackend  # noqa: E402
+from strata.model.layers.triton_attention import TritonBackend  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOLERANCE = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3),
+             torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+UNIFIED = TritonBackend(split_kv="never")
+SPLIT_ONE = TritonBackend(split_kv="always", min_segment_tokens=1 << 30)  # always one segment
+SPLIT_MANY = TritonBackend(split_kv="always", sm_count=64, min_segment_tokens=64)  # 64-key segments
+
+
+def _tables(needed: list[int], num_blocks: int, rng: random.Random, shared: int = 0) -> list[list[int]]:
+    """Out-of-order, non-contiguous block ids, each table two blocks wider than needed; the first
+    `shared` blocks of every table are the same (a cached prefix)."""
+    ids = rng.sample(range(1, num_blocks), num_blocks - 1)
+    prefix, pool = ids[:shared], ids[shared:]
+    tables = []
+    for n in needed:
+        own = [pool.pop() for _ in range(n - shared)]
+        tables.append(prefix + own + [rng.randrange(num_blocks), 0])
+    return tables
+
+
+def _with_padding(attn: AttentionMetadata, padding: int) -> AttentionMetadata:
+    """`attn` plus CUDA-graph padding: `padding` sequences of length 0, one token each, at slot -1."""
+    tokens, width = attn.num_tokens, attn.block_tables.shape[1]
+    extra_starts = tokens + torch.arange(1, padding + 1, dtype=torch.int32, device=DEVICE)
+    return AttentionMetadata(
+        slot_mapping=torch.cat([attn.slot_mapping, attn.slot_mapping.new_full((padding,), -1)]),
+        query_start_loc=torch.cat([attn.query_start_loc, extra_starts]),
+        seq_lens=torch.cat([attn.seq_lens, attn.seq_lens.new_zeros(padding)]),
+        block_tables=torch.cat([attn.block_tables, attn.block_tables.new_zeros(padding, width)]),
+        block_size=attn.block_size, max_query_len=attn.max_query_len, max_seq_len=attn.max_seq_len,
+    )
+
+
+def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, heads: int = 4, kv_heads: int = 2,
+           head_dim: int = 64, dtype: torch.dtype = torch.float32, block_size: int = 16, window: int | None = None,
+           shared: int = 0, padding: int = 0, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    needed = [-(-(s + q) // block_size) for q, s in zip(query_lens, starts, strict=True)]
+    num_blocks = sum(needed) + 8
+    tables = _tables(needed, num_blocks, rng, shared)
+    attn, _ = AttentionMetadata.build(query_lens, starts, tables, block_size, DEVICE)
+
+    # Slots never written hold NaN (as torch.empty may): a kernel that reads one unmasked fails.
+    cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    cached = [t[p // block_size] * block_size + p % block_size for t, s in zip(tables, starts, strict=True)
+              for p in range(s)]  # the slots of tokens that earlier steps cached
+    cache.view(2, -1, kv_heads, head_dim)[:, cached] = torch.randn(2, len(cached), kv_heads, head_dim).to(cache)
+    tokens = attn.num_tokens
+    qkv = torch.randn(tokens + padding, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)  # strided views
+
+    scale = head_dim**-0.5
+    ref_cache = cache.clone()
+    ref = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=ReferenceBackend())
+    expected = ref(q[:tokens], k[:tokens], v[:tokens], ref_cache, attn)
+
+    if padding:
+        attn = _with_padding(attn, padding)
+    tri_cache = cache.clone()
+    layer = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=backend)
+    got = layer(q, k, v, tri_cache, attn)
+
+    assert got.shape == q.shape and got.dtype == dtype
+    torch.testing.assert_close(got[:tokens], expected, **TOLERANCE[dtype])
+    assert torch.equal(got[tokens:], torch.zeros_like(got[tokens:])), "padding rows must be zeros"
+    torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, atol=0, rtol=0)
+
+
+# (heads, kv_heads, head_dim, dtype, block_size): GQA ratios 1, 3, 4, 8; head_dim 64, 128 and 80.
+SHAPES = [
+    pytest.param(4, 4, 64, torch.float32, 16, id="mha-d64-f32"),
+    pytest.param(6, 2, 64, torch.float16, 8, id="gqa3-d64-f16-bs8"),
+    pytest.param(8, 2, 128, torch.float32, 16, id="gqa4-d128-f32"),
+    pytest.param(8, 1, 80, torch.float16, 32, id="gqa8-d80-f16-bs32"),
+]
+# (query_lens, start_positions): decode only, prefill only, prefill chunks after cached tokens
+# (several query and key tiles), and a mixed batch.
+BATCHES = {
+    "decode": ([1, 1, 1], [5, 16, 70]),
+    "prefill": ([7, 21], [0, 0]),
+    "chunked": ([40, 9], [50, 16]),
+    "mixed": ([1, 12, 1, 30], [40, 0, 7, 19]),
+}
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,block_size", SHAPES)
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_matches_reference(batch, heads, kv_heads, head_dim, dtype, block_size):
+    query_lens, starts = BATCHES[batch]
+    _check(query_lens, starts, UNIFIED, heads, kv_heads, head_dim, dtype, block_size)
+
+
+def test_shared_prefix_blocks():
+    """Two sequences reading the same cached blocks (prefix caching), new tokens past them."""
+    _check([5, 1, 20], [32, 40, 33], UNIFIED, heads=8, kv_heads=2, shared=2)
+
+
+@pytest.mark.parametrize("window", [1, 24])
+def test_sliding_window_unified(window):
+    _check([40, 1, 12], [50, 70, 0], UNIFIED, heads=8, kv_heads=2, window=window)
+
+
+@pytest.mark.parametrize("backend", [SPLIT_ONE, SPLIT_MANY], ids=["one-segment", "many-segments"])
+def test_split_kv_decode(backend):
+    # Contexts of 5 keys (one tile, fewer than the segments) up to 300 (five 64-key segments).
+    _check([1, 1, 1, 1], [299, 69, 4, 128], backend, heads=8, kv_heads=2)
+
+
+def test_split_kv_sliding_window():
+    """Segments wholly before the window write empty partials, which the reduction must ignore."""
+    _check([1, 1, 1], [299, 90, 3], SPLIT_MANY, heads=6, kv_heads=2, window=110)
+
+
+def test_split_kv_gqa8_odd_head_dim_f16():
+    _check([1, 1], [150, 33], SPLIT_MANY, heads=8, kv_heads=1, head_dim=80, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("backend", [UNIFIED, SPLIT_MANY], ids=["unified", "split"])
+def test_padding_rows_decode(backend):
+    """Padding rows (seq_len 0, slot -1) give zeros and leave the cache untouched."""
+    _check([1, 1], [130, 20], backend, heads=4, kv_heads=2, padding=2)
+
+
+def test_padding_rows_mixed():
+    _check([1, 17], [10, 3], UNIFIED, heads=4, kv_heads=2, padding=3)
+
+
+@pytest.mark.parametrize("query_len,batch,segments", [(1, 1, 16), (1, 16, 5), (1, 17, 0), (8, 1, 0)])
+def test_auto_split_choice(query_len, batch, segments):
+    """On 132 SMs with 8 kv heads, auto splits decode while batch x kv heads is under one wave (16
+    segments of 256 tokens at most for a 4k context), never a prefill."""
+    backend = TritonBackend(sm_count=132)
+    attn, _ = AttentionMetadata.build([query_len] * batch, [4000] * batch, [list(range(251))] * batch, 16, DEVICE)
+    assert backend._segments(backend.build_metadata(attn), attn, 8, torch.device(DEVICE)) == segments
+
+
+def test_scratch_reused_and_grown():
+    backend = TritonBackend()
+    first = backend._scratch_buffer(torch.device(DEVICE), 100)
+    assert backend._scratch_buffer(torch.device(DEVICE), 80) is first
+    grown = backend._scratch_buffer(torch.device(DEVICE), 150)
+    assert grown.numel() >= 200 and backend._retired == [first]
+
+
+def test_supports():
+    assert TritonBackend().supports(torch.device(DEVICE))
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            assert not TritonBackend().supports(torch.device("cpu"))
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.mark.gpu
+def test_realistic_bf16_on_gpu():
+    """Llama-3.1-8B's attention shape, a mixed batch up to 2k context, then decode on both paths."""
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
+    _check([1, 1, 256, 512, 1], [2047, 1499, 1000, 0, 76], UNIFIED, **shape)
+    _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], UNIFIED, **shape)
+    _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], TritonBackend(), **shape, padding=2)
+    _check([1, 1], [1800, 900], TritonBackend(), **shape, window=512)
