@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=200)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--timings-only", action="store_true", help="the engine's ms per decode step, no profiles")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
@@ -97,6 +98,9 @@ def main() -> None:
         del runner.model.forward
         if args.enforce_eager:  # with graphs, decode steps replay and never call forward
             forward_alone(runner, captured["args"])
+        if args.timings_only:
+            llm.shutdown()
+            return
 
         profile = cProfile.Profile()
         step = EngineCore.step
