@@ -99,6 +99,10 @@ def test_the_wheel_carries_every_module(wheel):
     assert sorted(in_wheel - expected) == []
 
 
+def test_the_wheel_carries_the_kernel_tuning_table(wheel):
+    assert "strata/model/kernels/attention_tiles.json" in zipfile.ZipFile(wheel).namelist()
+
+
 def test_strata_comes_from_the_wheel_beside_a_users_app(venv, user_dir):
     python = str(venv / "bin" / "python")
     site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=user_dir).stdout

@@ -14,40 +14,15 @@ sequences and `max_query_len`); a program whose tile lies past its sequence's qu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
+from strata.model.kernels.tuning import TileConfig, lookup
+
 LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int  # rows of a tile: query tokens x query heads of one kv head
-    block_n: int  # keys per inner-loop step
-    num_warps: int
-    num_stages: int
-
-
-# Defaults by (phase, padded head_dim), for 16-bit inputs. Prefill is bound by tl.dot: 128-row
-# tiles, 4 warps, and at head_dim 128 32-key tiles keep the float32 scores and accumulator in
-# registers. Decode is bound by reading the cache: 16 rows (one token's query heads, padded for
-# tl.dot), long key tiles with 3-stage pipelining to keep loads in flight. The head_dim 128 rows were
-# swept on an H200 at Llama-8B's shape (bf16): prefill 8 x 1024 ran 324 us against 379 us for 64-key
-# tiles and 8 warps; decode keys 32/64/128 x warps 2/4/8 x stages 2/3/4 were within 5% of the best
-# at batch 1 and 256 and 2% at batch 32 with 128/4/3 (64-key tiles: 15% slower at batch 32).
-# head_dim 64 and 256 are not swept yet: 256 halves the tiles (registers).
-_TILES: dict[tuple[str, int], TileConfig] = {
-    ("prefill", 64): TileConfig(128, 64, 4, 3),
-    ("prefill", 128): TileConfig(128, 32, 4, 3),
-    ("prefill", 256): TileConfig(64, 32, 4, 2),
-    ("decode", 64): TileConfig(16, 64, 4, 3),
-    ("decode", 128): TileConfig(16, 128, 4, 3),
-    ("decode", 256): TileConfig(16, 32, 4, 2),
-}
 
 
 def tile_config(head_dim: int, group: int, phase: Literal["prefill", "decode"], dtype: torch.dtype) -> TileConfig:
@@ -55,7 +30,7 @@ def tile_config(head_dim: int, group: int, phase: Literal["prefill", "decode"], 
     block_d = max(64, triton.next_power_of_2(head_dim))
     if block_d > 256:
         raise ValueError(f"head_dim {head_dim} > 256 is not supported by the triton backend")
-    cfg = _TILES[(phase, block_d)]
+    cfg = lookup(phase, block_d, group)  # the tuned table (attention_tiles.json), else a safe default
     block_n = cfg.block_n
     if dtype.itemsize == 4:  # float32 k/v tiles are twice the bytes: keep the pipelined copies in shared memory
         block_n = min(block_n, 64)
@@ -170,8 +145,10 @@ def unified_attention(
     scale: float,
     sliding_window: int | None,
     max_query_len: int,
+    tiles: TileConfig | None = None,
 ) -> torch.Tensor:
     """Causal paged attention: q [T, heads * head_dim] (any strides) -> [T, heads * head_dim].
+    `tiles` overrides the tuned table (benchmarks/tune_attention.py tries candidates so).
 
     Every row of q must belong to a sequence (query_start_loc[-1] == T): rows are not zeroed.
     `block_tables` rows must be contiguous (stride 1 along a row), as the engine's buffer is.
@@ -183,6 +160,9 @@ def unified_attention(
     cfg = tile_config(head_dim, group, "decode", q.dtype)
     if max_query_len * group > cfg.block_m:
         cfg = tile_config(head_dim, group, "prefill", q.dtype)
+    if tiles is not None:
+        cfg = TileConfig(max(tiles.block_m, triton.next_power_of_2(group)), tiles.block_n, tiles.num_warps,
+                         tiles.num_stages)
     block_q = cfg.block_m // group
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = (kv_heads, triton.cdiv(max_query_len, block_q), num_seqs)

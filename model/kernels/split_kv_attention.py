@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels.paged_attention import LOG2E, _attend_keys, dot_precision, tile_config
+from strata.model.kernels.tuning import TileConfig
 
 
 @triton.jit
@@ -121,8 +122,10 @@ def split_kv_attention(
     sliding_window: int | None,
     num_segments: int,
     scratch: torch.Tensor,
+    tiles: TileConfig | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query token per sequence): q [B, heads * head_dim] -> same shape.
+    `tiles` overrides the tuned table (benchmarks/tune_attention.py tries candidates so).
 
     `scratch` is a float32 buffer of at least `split_kv_scratch_numel(...)` elements, reused
     across steps (nothing is allocated here but the output).
@@ -131,7 +134,7 @@ def split_kv_attention(
     num_heads = q.shape[1] // head_dim
     group = num_heads // kv_heads
     num_seqs = seq_lens.shape[0]
-    cfg = tile_config(head_dim, group, "decode", q.dtype)
+    cfg = tile_config(head_dim, group, "decode", q.dtype) if tiles is None else tiles
     n_out = num_seqs * num_heads * num_segments * head_dim
     part_out = scratch[:n_out]
     part_lse = scratch[n_out:n_out + num_seqs * num_heads * num_segments]
