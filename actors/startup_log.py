@@ -38,8 +38,7 @@ def log_startup(config: EngineConfig, rank_facts: list[dict], num_blocks: int, m
         logger.info("CUDA graphs: captured %d (decode batch sizes %s) in %.1f s, %.0f MiB per rank",
                     len(sizes), _ranges(sizes), slowest, memory / 2**20)
     else:
-        why = "--enforce-eager" if config.enforce_eager else "not on this device / attention backend"
-        logger.info("CUDA graphs: none (%s); every step runs eagerly", why)
+        logger.info("CUDA graphs: none (%s); every step runs eagerly", first.get("graphs_off") or "?")
 
 
 def _ranges(sizes: list[int]) -> str:

@@ -65,6 +65,7 @@ class RankWorker:
         else:
             self.device = torch.device("cpu")
         self.runner: ModelRunner | None = None
+        self.graphs_off: str | None = None
         self.groups = None
         self.num_blocks = 0
 
@@ -122,15 +123,16 @@ class RankWorker:
             "attention_backend": model.attention_backend.name,
             "cuda_graphs": graphs.sizes if graphs else [],
             "graph_seconds": round(graphs.seconds, 2) if graphs else 0.0,
-            "graph_bytes": graphs.memory_bytes if graphs else 0,
+            "graph_bytes": graphs.memory_bytes if graphs else 0, "graphs_off": self.graphs_off,
         }
         return all_gather_msgpack(facts, self.groups.control, self.coords.world_size)
 
     def _graph_sizes(self, model) -> list[int]:
         """The decode batch sizes this rank captures CUDA graphs for; [] runs every step eagerly
-        (on CPU, with --enforce-eager, or with an attention backend that cannot be captured)."""
+        (`self.graphs_off` says why)."""
         cfg = self.config
-        if self.device.type != "cuda" or cfg.enforce_eager or not model.attention_backend.supports_cuda_graphs:
+        self.graphs_off = graphs_off_reason(cfg, self.device, model)
+        if self.graphs_off:
             return []
         # Not more rows than a step may hold tokens: a decode step of B sequences has B tokens.
         return graph_batch_sizes(min(cfg.max_num_seqs, cfg.max_num_batched_tokens), cfg.cuda_graph_sizes)
@@ -171,6 +173,19 @@ class RankWorker:
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def graphs_off_reason(config: EngineConfig, device: torch.device, model) -> str | None:
+    """Why decode steps cannot run in CUDA graphs here, or None when they can."""
+    if device.type != "cuda":
+        return "no GPU"
+    if config.enforce_eager:
+        return "--enforce-eager"
+    if not model.attention_backend.supports_cuda_graphs:
+        return f"the {model.attention_backend.name} attention backend cannot be captured"
+    if hasattr(model, "expert_load"):
+        return "the MoE layer reads its expert counts on the host (until the fused MoE kernel)"
+    return None
 
 
 def _log_network(rank: int, ip: str, ifname: str | None) -> None:
