@@ -110,7 +110,7 @@ class ModelRunner:
                              attn, intermediate)
         if not self.coords.is_last_stage:
             self.timer.end()
-            self._send_intermediate(out)
+            self._send_intermediate(out, copy=bucket is not None)
             return None
         pending = self._logits_and_sample(plan, inputs, out, started)
         self.timer.end()
@@ -209,8 +209,11 @@ class ModelRunner:
             tensors[name] = pp.recv(buf, pp.rank - 1)
         return IntermediateTensors(**tensors)
 
-    def _send_intermediate(self, out: IntermediateTensors) -> None:
+    def _send_intermediate(self, out: IntermediateTensors, copy: bool = False) -> None:
+        """Sends to the next stage without waiting. `copy`: `out` is a CUDA graph's output buffer,
+        which the next replay overwrites, maybe before the send has read it: send a copy."""
         pp = self.groups.pp
         for name in IntermediateTensors.FIELDS:
-            tensor = getattr(out, name).contiguous()
+            tensor = getattr(out, name)
+            tensor = tensor.clone() if copy else tensor.contiguous()
             self.pending.add(pp.isend(tensor, pp.rank + 1), tensor)
