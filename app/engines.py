@@ -4,42 +4,22 @@ strata.engine_protocol.Engine, so callers (the server, the offline LLM) never br
 `RayEngine` reserves the placement groups and starts the driver as an async Ray actor in bundle
 0 of stage 0; `LocalEngine` (the mp backend) builds the driver in this process. `start_engine`
 picks one from the config.
+Which Ray cluster: strata.app.ray_cluster (`ensure_ray`).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import os
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
+from strata.app.ray_cluster import ensure_ray
 from strata.config import EngineConfig
 from strata.engine_protocol import Engine, EngineInfo, EngineRequest, RequestDelta
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
-
-
-def ensure_ray(config: EngineConfig) -> None:
-    """Joins the cluster in `ray_address` / RAY_ADDRESS, or one already running on this machine;
-    else starts a local Ray sized so every rank gets its logical slot."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        logger.info("joined the Ray cluster running on this machine")
-    except ConnectionError:
-        # Logical CPUs are only accounting: tiny CPU models may run more ranks than cores.
-        num_cpus = max(os.cpu_count() or 1, config.world_size + 2)
-        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
-        logger.info("started a local Ray (%d logical CPUs)", num_cpus)
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -68,7 +48,9 @@ class RayEngine:
                                                                self.placement)
         try:
             self.info = ray.get(self.actor.info.remote())
-        except Exception:
+        except BaseException:  # Ctrl-C while the driver loads too: no actor or placement group outlives it
+            with suppress(Exception):
+                ray.kill(self.actor, no_restart=True)
             self.placement.release()
             raise
         self._closed = False

@@ -19,9 +19,10 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from strata.app.engines import start_engine
-from strata.app.model_source import load_tokenizer, preflight
+from strata.app.model_source import generation_defaults, load_tokenizer, preflight
 from strata.app.output.processor import OutputProcessor, RequestProcessor
 from strata.app.request_check import check_request, tokenize_prompt
+from strata.app.vllm_flags import DTYPE_ALIASES, check_vllm_options, spell_keyword
 from strata.config import EngineConfig, describe_validation_error
 from strata.engine_protocol import Engine
 from strata.outputs import RequestOutput
@@ -31,12 +32,19 @@ logger = logging.getLogger("strata")
 
 PromptType = str | dict[str, Any] | list[int]
 T = TypeVar("T")
+# vLLM's LLM keywords that are not EngineConfig fields: accepted where their value is what Strata
+# does anyway, refused otherwise (strata.app.vllm_flags.check_vllm_options).
+VLLM_ONLY_KEYWORDS = ("trust_remote_code", "enable_prefix_caching", "enable_chunked_prefill", "quantization",
+                      "kv_cache_dtype", "data_parallel_size")
 
 
 class LLM:
     """Loads a model across `tensor_parallel_size x pipeline_parallel_size` ranks and generates.
 
-    Every keyword is an EngineConfig field (see strata/config.py); unknown or invalid ones raise
+    Every keyword is an EngineConfig field (see strata/config.py), or `generation_config` (as
+    vLLM's: "auto" takes the model's generation_config.json as the defaults of `generate` and
+    `chat` without SamplingParams, "vllm" SamplingParams' own, or a folder's file), or one of
+    vLLM's VLLM_ONLY_KEYWORDS with the value Strata runs with; unknown or invalid ones raise
     ValueError naming the argument and what is allowed, before anything starts.
 
     The engine sees token ids only: this process tokenizes, validates each prompt, fans out n,
@@ -48,13 +56,14 @@ class LLM:
                  pipeline_parallel_size: int = 1, distributed_executor_backend: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int = 16,
-                 seed: int = 0, load_format: str = "auto", **kwargs: Any):
+                 seed: int = 0, load_format: str = "auto", generation_config: str = "auto", **kwargs: Any):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        check_vllm_options({key: kwargs.pop(key) for key in VLLM_ONLY_KEYWORDS if key in kwargs}, spell_keyword)
         try:
             self.config = EngineConfig(
                 model=model, tokenizer=tokenizer, tensor_parallel_size=tensor_parallel_size,
                 pipeline_parallel_size=pipeline_parallel_size,
-                distributed_executor_backend=distributed_executor_backend, dtype=dtype,
+                distributed_executor_backend=distributed_executor_backend, dtype=DTYPE_ALIASES.get(dtype, dtype),
                 max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 block_size=block_size, seed=seed, load_format=load_format, **kwargs,
@@ -64,6 +73,8 @@ class LLM:
         self.facts = preflight(self.config)
         logger.info("model: %s (%s, %d layers)", self.facts.model_dir, self.facts.architecture,
                     self.facts.num_layers)
+        self.default_sampling_params: dict[str, float | int] = generation_defaults(self.facts.model_dir,
+                                                                                   generation_config)
         self._tokenizer = load_tokenizer(self.facts)
         self._output = OutputProcessor(self._tokenizer)
         self._engine: Engine | None = start_engine(self.config, self.facts)
@@ -72,6 +83,13 @@ class LLM:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="strata-llm-loop", daemon=True)
         self._loop_thread.start()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use without SamplingParams (vLLM's method of the same name):
+        SamplingParams' defaults under the model's generation_config.json (see `generation_config`).
+        A new object each time, so it may be changed: `p = llm.get_default_sampling_params();
+        p.max_tokens = 256`."""
+        return SamplingParams(**self.default_sampling_params)
 
     def _live_engine(self) -> Engine:
         if self._engine is None:
@@ -94,10 +112,12 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Outputs in input order. Prompts: strings, {"prompt": str} / {"prompt_token_ids": [...]},
-        or token-id lists; one SamplingParams for all or one per prompt. Every prompt is checked
-        first: a bad one raises ValueError ("prompt {i}: ...") before any is queued."""
+        or token-id lists; one SamplingParams for all or one per prompt (None: the model's defaults,
+        `get_default_sampling_params`). Every prompt is checked first: a bad one raises ValueError
+        ("prompt {i}: ...") before any is queued."""
         items = _normalise_prompts(prompts)
-        params = _per_prompt_params(sampling_params, len(items))
+        params = _per_prompt_params(
+            self.get_default_sampling_params() if sampling_params is None else sampling_params, len(items))
         token_ids = [tokenize_prompt(self._tokenizer, text, ids) for text, ids in items]
         for i, (ids, p) in enumerate(zip(token_ids, params, strict=True)):
             try:
@@ -210,8 +230,6 @@ def _normalise_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
 
 
 def _per_prompt_params(sampling_params, n: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
     params = list(sampling_params)

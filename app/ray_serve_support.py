@@ -34,8 +34,9 @@ def rank_env() -> dict[str, str]:
 
 
 def ensure_ray(config: EngineConfig) -> None:
-    """Joins (or starts) the Ray cluster the engine will run on."""
-    from strata.app.engines import ensure_ray as ensure
+    """Joins the Ray cluster the user named (or the one recorded on this machine, if it answers),
+    else starts a private local one: see strata.app.ray_cluster.ensure_ray."""
+    from strata.app.ray_cluster import ensure_ray as ensure
 
     ensure(config)
 

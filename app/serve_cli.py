@@ -1,26 +1,35 @@
 """`strata serve [MODEL]`: the OpenAI-compatible server, with vLLM's flags and meanings.
 
 Flags become one EngineConfig and one ServerSettings, validated before anything starts. A flag
-this build cannot honour yet fails here, naming it; none is silently ignored.
+this build cannot honour yet fails here, naming it; none is silently ignored. vLLM's spellings
+work as in vLLM: `--max_model_len` is `--max-model-len`, `--config FILE` is a YAML of flags,
+`--max-model-len 4k` is 4000 (4K: 4096), `--dtype half` is float16. vLLM flags whose only value
+Strata has (`--no-enable-prefix-caching`, `--enable-chunked-prefill`, `--kv-cache-dtype auto`,
+`-dp 1`, `--trust-remote-code`: see `check_vllm_options`) are accepted; any other value is refused,
+saying what Strata does instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from strata.app.server.settings import API_KEY_ENV, ServerSettings
+from strata.app.server.settings import API_KEY_ENV, VLLM_API_KEY_ENV, ServerSettings
+from strata.app.vllm_flags import (
+    DTYPE_ALIASES,
+    FlagError,
+    accept_vllm_spellings,
+    check_vllm_options,
+    human_readable_int,
+)
 from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
-
-
-class FlagError(ValueError):
-    """A flag this build cannot honour, or a combination that makes no sense."""
 
 
 def _partition(text: str) -> list[int]:
@@ -43,6 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="ranks each layer's weights are split across (one node)")
     par.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                      help="pipeline stages the layers are split into (stages may span nodes)")
+    par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                     help="engine replicas; Strata runs one (1 only: run several servers for data parallelism)")
     par.add_argument("--pp-layer-partition", type=_partition, default=None,
                      help="layers per pipeline stage, comma-separated, e.g. 8,8,7,7 (default: even)")
     par.add_argument("--enable-expert-parallel", action="store_true",
@@ -58,13 +69,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="ray backend: the node (its Ray address) for the driver, stage 0 and the API ingress "
                           "(default: the head node, when it has room for a stage)")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                     help="weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU")
+    eng.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", *DTYPE_ALIASES], default="auto",
+                     help="weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU; half: "
+                          "float16, float: float32")
+    eng.add_argument("--trust-remote-code", action="store_true",
+                     help="accepted for vLLM's launch lines; changes nothing: Strata runs no code from checkpoints "
+                          "(every architecture it supports loads without it)")
+    eng.add_argument("--quantization", "-q", default=None,
+                     help="refused: Strata runs unquantised weights only")
+    eng.add_argument("--kv-cache-dtype", default="auto", help="auto only: the KV cache is in the model's dtype")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                     help="Strata has no prefix caching: only --no-enable-prefix-caching (the default) is accepted")
+    eng.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                     help="Strata always prefills long prompts in chunks of --max-num-batched-tokens: only "
+                          "--enable-chunked-prefill (the default) is accepted")
     eng.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
                      help="dummy: random weights of the right shapes, nothing read (benchmarks)")
     eng.add_argument("--seed", type=int, default=0, help="engine random seed")
-    eng.add_argument("--max-model-len", type=int, default=None,
-                     help="prompt + output tokens per request (default: the model's context length)")
+    eng.add_argument("--max-model-len", type=human_readable_int, default=None,
+                     help="prompt + output tokens per request, e.g. 8192, 4k (4000) or 4K (4096) (default: the "
+                          "model's context length)")
     eng.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                      help="share of each GPU's memory the engine may use (weights, activations, KV cache)")
     eng.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
@@ -95,6 +119,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="Hugging Face model directory or hub id (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API accepts in `model`; the first is the one it reports (default: MODEL)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a YAML file of flags, as vLLM's: keys are flag names without the dashes (max-model-len: 4k, "
+                        "enforce-eager: true); flags on the command line win")
     add_engine_args(p)
     mn = p.add_argument_group("mp backend across nodes",
                               "Run the same command on every node: node 0 serves the API, the others add "
@@ -114,7 +141,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="address to listen on; 0.0.0.0 (or the node's address) to accept remote clients")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
     srv.add_argument("--api-key", default=None,
-                     help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_ENV})")
+                     help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_ENV}, "
+                          f"else ${VLLM_API_KEY_ENV})")
+    srv.add_argument("--generation-config", default="auto",
+                     help="request defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) for "
+                          "what a request leaves unset: auto: the model's generation_config.json; vllm: "
+                          "SamplingParams' own; or a folder holding a generation_config.json")
     srv.add_argument("--max-waiting-requests", type=int, default=256,
                      help="beyond this many queued sequences, answer 503 with Retry-After")
     srv.add_argument("--max-n", type=int, default=16, help="largest `n` a request may ask for")
@@ -125,6 +157,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     srv.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
                      default="info", help="log level of the HTTP server")
     p.set_defaults(func=run_serve)
+    accept_vllm_spellings(p)
     return p
 
 
@@ -168,12 +201,17 @@ def check_flags(args: argparse.Namespace, backend: str) -> None:
 
 def engine_config_from_args(args: argparse.Namespace, backend: str, **fields: Any) -> EngineConfig:
     """The EngineConfig of `add_engine_args`' flags (plus `fields`, the caller's own); raises
+    FlagError for a vLLM flag with a value Strata does not run (`check_vllm_options`), and
     pydantic's ValidationError (see `describe_flags`)."""
+    check_vllm_options({key: getattr(args, key) for key in (
+        "trust_remote_code", "enable_prefix_caching", "enable_chunked_prefill", "quantization", "kv_cache_dtype",
+        "data_parallel_size")})
     return EngineConfig(**{
         "model": args.model, "tokenizer": args.tokenizer, "skip_tokenizer_init": args.skip_tokenizer_init,
         "tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
         "pp_layer_partition": args.pp_layer_partition, "enable_expert_parallel": args.enable_expert_parallel,
-        "distributed_executor_backend": backend, "dtype": args.dtype, "load_format": args.load_format,
+        "distributed_executor_backend": backend, "dtype": DTYPE_ALIASES.get(args.dtype, args.dtype),
+        "load_format": args.load_format,
         "seed": args.seed, "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_logprobs": args.max_logprobs,
@@ -194,14 +232,19 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             dist_init_timeout_s=args.dist_init_timeout,
             **({"master_port": args.master_port} if args.master_port is not None else {}),
         )
-        extra = {"api_key": args.api_key} if args.api_key else {}  # else $STRATA_API_KEY
+        extra = {"api_key": args.api_key} if args.api_key else {}  # else $STRATA_API_KEY or $VLLM_API_KEY
         settings = ServerSettings(
             host=args.host, port=args.port, served_model_name=names, max_waiting_requests=args.max_waiting_requests,
             max_n=args.max_n, max_tokens_cap=args.max_tokens_cap, drain_timeout_s=args.drain_timeout,
-            uvicorn_log_level=args.uvicorn_log_level, **extra,
+            uvicorn_log_level=args.uvicorn_log_level, generation_config=args.generation_config, **extra,
         )
     except ValidationError as err:
         raise FlagError(describe_flags(err)) from None
+    folder = settings.generation_config
+    if folder not in ("auto", "vllm") and not os.path.isfile(os.path.join(os.path.expanduser(folder),
+                                                                          "generation_config.json")):
+        raise FlagError(f"--generation-config {folder}: no generation_config.json there (give auto, vllm, or a "
+                        f"folder that holds one)")
     return config, settings
 
 

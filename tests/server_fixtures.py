@@ -122,7 +122,7 @@ def server_ray_address() -> str:
 
 
 def server_env(ray_address: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STRATA_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STRATA_API_KEY", "VLLM_API_KEY")}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     if ray_address:
         env["RAY_ADDRESS"] = ray_address

@@ -16,6 +16,7 @@ from strata.app.bench.datasets import random_requests
 from strata.app.bench.engine_args import add_engine_args, start_llm
 from strata.app.bench.flags import HelpFormatter, add_output_args, non_negative_int, positive_int, write_json
 from strata.app.bench.stats import LATENCY_PERCENTAGES, percentage_label, percentiles
+from strata.app.vllm_flags import accept_vllm_spellings
 
 
 def time_batch(llm, prompts: list[list[int]], output_len: int, temperature: float = 1.0) -> float:
@@ -77,5 +78,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--num-iters", type=positive_int, default=30, help="timed iterations")
     add_output_args(p)
     add_engine_args(p)
+    accept_vllm_spellings(p)  # --max_model_len, --config FILE, as `strata serve`
     p.set_defaults(bench_func=run)
     return p

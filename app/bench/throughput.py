@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from strata.app.bench.datasets import SampleRequest, add_dataset_args, requests_from_args
 from strata.app.bench.engine_args import add_engine_args, start_llm
 from strata.app.bench.flags import HelpFormatter, add_output_args, write_json
+from strata.app.vllm_flags import accept_vllm_spellings
 
 
 @dataclass(frozen=True)
@@ -88,5 +89,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_dataset_args(p, num_prompts=1000)
     add_output_args(p)
     add_engine_args(p)
+    accept_vllm_spellings(p)  # --max_model_len, --config FILE, as `strata serve`
     p.set_defaults(bench_func=run)
     return p

@@ -30,16 +30,20 @@ def _announce(settings: ServerSettings, port: int) -> None:
           f"Ctrl-C to stop.", flush=True)
 
 
-def _prepare(config: EngineConfig, settings: ServerSettings) -> tuple[ModelFacts, ServerSettings] | None:
-    """Checks the model before anything starts; returns its facts and the settings with the served
-    name filled in, or None after printing why."""
+def _prepare(config: EngineConfig, settings: ServerSettings,
+             serves_api: bool = True) -> tuple[ModelFacts, ServerSettings] | None:
+    """Checks the model before anything starts; returns its facts and the settings completed from
+    the model (served name, request defaults), or None after printing why. Logs whether the API
+    needs a key: a deployment that meant to set one must see at once that it did not."""
     try:
         facts = preflight(config)
+        settings = settings.for_model(facts)
     except (ValueError, RuntimeError) as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return None
-    if not settings.served_model_name:
-        settings = settings.model_copy(update={"served_model_name": [facts.served_name]})
+    if serves_api:
+        loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+        logger.log(logging.INFO if settings.api_key or loopback else logging.WARNING, settings.auth_summary())
     return facts, settings
 
 
@@ -78,11 +82,12 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     except Exception as err:  # noqa: BLE001 - start-up failed: say why, then clean up
         print(f"strata serve: error: {err}", file=sys.stderr)
         rc = 1
-    logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
-                settings.drain_timeout_s)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops waiting at once
-    _stop_serve(APP_NAME)
-    ray.shutdown()
+    if ray.is_initialized():  # else Serve's calls would start (or join) a Ray only to stop nothing
+        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
+                    settings.drain_timeout_s)
+        _stop_serve(APP_NAME)
+        ray.shutdown()
     return rc
 
 
@@ -148,7 +153,7 @@ def serve_headless(config: EngineConfig, settings: ServerSettings) -> int:
     """A node other than 0 of the mp backend across nodes: its ranks only (app/headless.py)."""
     from strata.app.headless import run_headless
 
-    prepared = _prepare(config, settings)
+    prepared = _prepare(config, settings, serves_api=False)
     if prepared is None:
         return 1
     return run_headless(config, prepared[0])

@@ -1,22 +1,29 @@
 """ServerSettings: how the HTTP side behaves (where it listens, who may call, how much it takes).
 
 Engine settings live in EngineConfig; these are the ingress's own. Both are built once by
-`strata serve` (or the Serve YAML's args) and passed down whole.
+`strata serve` (or the Serve YAML's args) and passed down whole; the launchers complete them
+with what the model says (`for_model`: its served name, its request defaults).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+if TYPE_CHECKING:
+    from strata.model_facts import ModelFacts
+
 API_KEY_ENV = "STRATA_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+API_KEY_ENVS = (API_KEY_ENV, VLLM_API_KEY_ENV)
+"""Where the key comes from without --api-key, first set wins (vLLM deployments set VLLM_API_KEY)."""
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def _api_key_from_env() -> str | None:
-    return os.environ.get(API_KEY_ENV) or None
+    return next((os.environ[name] for name in API_KEY_ENVS if os.environ.get(name)), None)
 
 
 class ServerSettings(BaseModel):
@@ -28,7 +35,8 @@ class ServerSettings(BaseModel):
     """Address to listen on. Loopback by default (DESIGN: never all interfaces unless asked)."""
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(default_factory=_api_key_from_env)
-    """Bearer key every route but /health requires; default: $STRATA_API_KEY; None: open."""
+    """Bearer key every route but /health requires; default: $STRATA_API_KEY, else $VLLM_API_KEY;
+    None: open."""
     served_model_name: list[str] | None = None
     """Names the API accepts in `model`; the first is the one it reports. None: from the engine."""
     max_waiting_requests: int = Field(256, ge=0)
@@ -45,6 +53,35 @@ class ServerSettings(BaseModel):
     """/health answers 503 when the engine takes longer than this to report its stats."""
     stats_interval_s: float = Field(0.5, gt=0)
     """How often the metrics gauges and the backpressure estimate are refreshed."""
+    generation_config: str = "auto"
+    """Where request defaults come from (vLLM's --generation-config): auto: the model's
+    generation_config.json; vllm: SamplingParams' own; else a folder holding that file."""
+    default_sampling_params: dict[str, float | int] | None = None
+    """SamplingParams keywords a request takes when it does not set them (temperature, top_p,
+    top_k, min_p, repetition_penalty, max_tokens). None: not resolved yet; `for_model` reads them
+    from `generation_config`."""
+
+    def for_model(self, facts: ModelFacts) -> ServerSettings:
+        """A copy completed from the model: the served name (when none was given) and the request
+        defaults (when not given, read once from `generation_config`; logged). Raises ValueError
+        for a --generation-config folder without a generation_config.json."""
+        update: dict[str, object] = {}
+        if not self.served_model_name:
+            update["served_model_name"] = [facts.served_name]
+        if self.default_sampling_params is None:
+            from strata.app.model_source import generation_defaults
+
+            update["default_sampling_params"] = generation_defaults(facts.model_dir, self.generation_config)
+        return self.model_copy(update=update)
+
+    def auth_summary(self) -> str:
+        """One line for the start-up log: whether the API needs a key, and where it came from."""
+        where = f"http://{self.host}:{self.port}"
+        if not self.api_key:
+            return (f"API key auth is OFF: every route at {where} answers anyone who reaches it (set --api-key, "
+                    f"${API_KEY_ENV} or ${VLLM_API_KEY_ENV} to require one)")
+        source = next((f"${name}" for name in API_KEY_ENVS if os.environ.get(name) == self.api_key), "--api-key")
+        return f"API key auth is on (key from {source}): every route at {where} but /health needs it"
 
     @field_validator("served_model_name", mode="before")
     @classmethod
