@@ -98,6 +98,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
     eng.add_argument("--enforce-eager", action="store_true",
                      help="run every step eagerly: no CUDA graphs for decode")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="schedule the next step while the GPU runs this one (one rank: tp = pp = 1 today)")
     eng.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                      help="decode batch sizes to capture CUDA graphs for (default: 1 2 4 8 16 24 32, then every 16 "
                           "up to --max-num-seqs)")
@@ -216,6 +218,7 @@ def engine_config_from_args(args: argparse.Namespace, backend: str, **fields: An
         "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "max_logprobs": args.max_logprobs,
         "enforce_eager": args.enforce_eager, "cuda_graph_sizes": args.cuda_graph_sizes,
+        "async_scheduling": args.async_scheduling,
         "attention_backend": args.attention_backend, "ray_address": args.address, "driver_node": args.driver_node,
         **fields,
     })
