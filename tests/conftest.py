@@ -34,6 +34,10 @@ def ray_cluster():
     """One local Ray per test session, with logical CPUs for up to 8 ranks."""
     import ray
 
+    # A Ray an earlier test's engine started for itself has only the CPUs it needed: the tests
+    # here place up to 8 ranks, so start the session's own.
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 10:
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(num_cpus=10, include_dashboard=False, log_to_driver=True)
     yield ray

@@ -158,7 +158,8 @@ def test_async_scheduling_matches_synchronous_on_the_model(tiny_models) -> None:
                              ignore_eos=True, logprobs=2 if i % 5 == 0 else None) for i in range(64)]
     runs = []
     for async_scheduling in (False, True):
-        with LLM(model, async_scheduling=async_scheduling, num_kv_blocks_override=24, max_num_batched_tokens=64,
+        with LLM(model, async_scheduling=async_scheduling, distributed_executor_backend="mp",
+                 num_kv_blocks_override=24, max_num_batched_tokens=64,
                  max_num_seqs=16, max_model_len=128) as llm:
             outs = llm.generate(prompts, params, use_tqdm=False)
             runs.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
