@@ -54,7 +54,9 @@ class RequestDelta:
     prompt_logprobs: entries for prompt positions this step computed (position 1 onward; the
     first prompt token has none), when the request asked for them, else None.
     finish_reason: set on the request's last delta. stop_reason: the stop token id that ended
-    it, None for eos, for "length" and for "abort".
+    it, None for eos, for "length" and for "abort". queued_s: on the request's first delta with
+    tokens, from engines that measure it: seconds from the engine taking the request to its
+    first scheduled step (vLLM's request_queue_time); None otherwise.
     """
 
     request_id: str
@@ -63,6 +65,7 @@ class RequestDelta:
     prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None
+    queued_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -73,16 +76,34 @@ def check_prompt(prompt_token_ids: list[int], params: SamplingParams, *, max_mod
                  max_logprobs: int) -> None:
     """Raises ValueError for a request no engine with these limits may take. Callers check it
     before sending (strata.app.request_check); the engine checks it again as its last line of
-    defence, so a caller that skipped it cannot fail a step that other requests share."""
+    defence, so a caller that skipped it cannot fail a step that other requests share. Every
+    value that reaches the step plan is checked here: the prompt's ids and the stop ids inside
+    the vocabulary (the plan packs prompts as int32), and every sampling value in the range the
+    plan carries (SamplingParams.verify, run again: callers edit their copies)."""
     n = len(prompt_token_ids)
     if n == 0:
         raise ValueError("The prompt is empty; it needs at least one token.")
     if n > max_model_len:
         raise ValueError(f"The prompt has {n} tokens, more than max_model_len={max_model_len}.")
-    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    bad = outside_vocabulary(prompt_token_ids, vocab_size)
     if bad:
-        raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+        raise ValueError(f"Token ids {bad} are outside the vocabulary [0, {vocab_size}).")
+    params.verify()
+    bad = outside_vocabulary(params.stop_token_ids or [], vocab_size)
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
     params.verify_max_logprobs(max_logprobs)
+
+
+def outside_vocabulary(token_ids: list[int], vocab_size: int, limit: int = 5) -> list:
+    """The first `limit` ids that are not ints in [0, vocab_size) (none: an empty list)."""
+    bad = []
+    for t in token_ids:
+        if not (isinstance(t, int) and 0 <= t < vocab_size):
+            bad.append(t if not isinstance(t, int) or t.bit_length() <= 128 else f"<{t.bit_length()}-bit int>")
+            if len(bad) == limit:
+                break
+    return bad
 
 
 @dataclass(frozen=True)
@@ -126,7 +147,8 @@ class Engine(Protocol):
     async def stats(self) -> dict:
         """Counters: num_running, num_waiting, kv_cache_usage, num_free_blocks, num_blocks,
         prompt_tokens_total, generation_tokens_total, num_preemptions_total, expert_load,
-        last_step_seconds."""
+        last_step_seconds; optionally step_host_overhead and step_tokens, recent steps as
+        (perf_counter at the step's end, host seconds / tokens the step computed)."""
         ...
 
     async def health(self) -> bool:

@@ -5,11 +5,18 @@ an unknown keyword raises TypeError naming it. Every invalid value raises ValueE
 names the field, the value and what is allowed ("temperature must be non-negative, got -1.0.").
 After construction `stop` and `stop_token_ids` are always lists, and a greedy request
 (temperature 0) has its truncation knobs (top_p, top_k, min_p) reset to off, as vLLM does.
+
+Every value must also fit where the engine carries it, so a request that passes never fails the
+step it shares with others: floats are finite, integers fit in 64 bits (the step plan is msgpack,
+whose integers are int64 or uint64), and the seed, which vLLM takes as any int, is limited to
+what the plan packs, -2**63 to 2**64 - 1, for every one of the n completions (completion i
+draws with seed + i).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +24,10 @@ from dataclasses import dataclass
 GREEDY_EPS = 1e-5
 # The engine's default cap on logprobs / prompt_logprobs (vLLM's max_logprobs).
 DEFAULT_MAX_LOGPROBS = 20
+# What the step plan's msgpack can carry: an int64 for every integer, a uint64 also for the seed.
+INT64_MAX = 2**63 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 def _is_number(value: object) -> bool:
@@ -25,6 +36,14 @@ def _is_number(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_infinite(value: int | float) -> bool:
+    """Infinite, or an int beyond every float (NaN is not: the range checks refuse it)."""
+    try:
+        return math.isinf(value)
+    except OverflowError:
+        return True
 
 
 @dataclass
@@ -72,17 +91,21 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
-        self._verify()
+        self.verify()
         if self.temperature < GREEDY_EPS:
             # Truncation cannot change an argmax; reset it so it is never applied by accident.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
-    def _verify(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+    def verify(self) -> None:
+        """Raises ValueError for the first invalid value. Construction calls it; the engine calls
+        it again (strata.engine_protocol.check_prompt), as callers may edit a copy (the fan-out
+        of n sets each completion's seed)."""
+        for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if not _is_number(value):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
+            if _is_infinite(value):
+                raise ValueError(f"{name} must be a finite number, got {_int(value) if _is_int(value) else value}.")
         for name in ("n", "top_k", "min_tokens"):
             value = getattr(self, name)
             if not _is_int(value):
@@ -91,6 +114,12 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not _is_int(value):
                 raise ValueError(f"{name} must be an integer or None, got {value!r}.")
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > INT64_MAX:
+                raise ValueError(f"{name} must be at most 2**63 - 1 (a 64-bit integer), got {_int(value)}.")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - max(self.n - 1, 0):
+            raise ValueError(self._seed_range_message())
 
         # `not (x >= lo)` rather than `x < lo`, so NaN is rejected too.
         if self.n < 1:
@@ -126,11 +155,11 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must contain only non-empty strings, got {self.stop!r}.")
+                raise ValueError(f"stop must contain only non-empty strings, got {_head(self.stop)}.")
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
+            if not _is_int(t) or not 0 <= t <= INT64_MAX:
                 raise ValueError(
-                    f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}."
+                    f"stop_token_ids must be non-negative 64-bit integers, got {_head(self.stop_token_ids)}."
                 )
         if self.spaces_between_special_tokens is not True:
             # Honoured or refused, never dropped: transformers' fast tokenizers and the tokenizers
@@ -140,6 +169,11 @@ class SamplingParams:
                 "Strata detokenizes with fast tokenizers (DecodeStream), which cannot change how "
                 "special tokens are spaced."
             )
+
+    def _seed_range_message(self) -> str:
+        top = "2**64 - 1" if self.n <= 1 else f"2**64 - {self.n} (completion i of n={self.n} uses seed + i)"
+        return (f"seed must be between -2**63 and {top}, the range the engine's step plan carries, "
+                f"got {_int(self.seed)}.")
 
     @property
     def is_greedy(self) -> bool:
@@ -166,3 +200,16 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """A deep copy (the engine mutates per-request copies, never the user's object)."""
         return copy.deepcopy(self)
+
+
+
+def _int(value: int) -> str:
+    """An int for an error message: its digits, or its size when it has too many to show."""
+    return str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+
+
+def _head(values: list, limit: int = 5) -> str:
+    """A list for an error message, only its first few items when it is long."""
+    if len(values) <= limit:
+        return repr(values)
+    return "[" + ", ".join(map(repr, values[:limit])) + f", ...] ({len(values)} in all)"

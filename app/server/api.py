@@ -6,6 +6,11 @@ needs is an `Engine` (strata/engine_protocol.py), the served settings and the mo
 deltas into text itself (one OutputProcessor per app); the engine only ever sees token ids. A
 background task polls the engine's stats, feeding the metrics gauges and the backpressure
 estimate.
+
+Nothing here blocks the event loop, and /health and /metrics never queue behind the engine:
+each waits a bounded time for one shared call (engine_client.SingleFlight), /metrics then
+serving the last numbers it has. Request bodies are bounded (MAX_BODY_BYTES, 413) and must be
+UTF-8 before anything parses them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -39,13 +45,18 @@ from strata.app.server.protocol import (
 )
 from strata.app.server.settings import ServerSettings
 from strata.app.server.tokenizer import ServerTokenizer
-from strata.engine_protocol import Engine
+from strata.engine_protocol import Engine, outside_vocabulary
 
 logger = logging.getLogger("strata.server")
 T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health"})
+# The largest request body taken (413 beyond): a prompt of the longest context in any script,
+# JSON-escaped, fits many times over. A module constant until ServerSettings has a field for it.
+MAX_BODY_BYTES = 4 << 20
+METRICS_WAIT_S = 1.0  # /metrics waits at most this long for fresh engine numbers
 
 
+@cache
 def strata_version() -> str:
     try:
         return version("strata")
@@ -70,6 +81,59 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         response = error_response(401, "Unauthorized: this server needs a valid API key "
                                        "(header `Authorization: Bearer <key>`).")
+        await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over `limit` bytes, before any of it is parsed (a declared
+    Content-Length is refused unread; a chunked body is counted as it comes), and 400 for a body
+    that is not UTF-8. The body is then handed on whole, and after it the server's own `receive`,
+    so the app still hears of a client that goes away. Plain ASGI, as ApiKeyMiddleware."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(int(declared), scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before it finished sending
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(size, scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = body[err.start:err.start + 1].hex()
+            response = error_response(400, f"The request body is not valid UTF-8 (byte 0x{bad} at offset "
+                                           f"{err.start}).")
+            return await response(scope, receive, send)
+        handed = False
+
+        async def replay() -> dict:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, size: int, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(413, f"The request body is too large: it has {size} bytes or more, and the "
+                                       f"server takes at most {self.limit}.")
         await response(scope, receive, send)
 
 
@@ -108,16 +172,17 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     completions = CompletionServing(client, tokens, processor, settings, names, metrics)
     chat = ChatServing(client, tokens, processor, settings, names, metrics)
 
-    async def refresh(step_times: bool = False) -> None:
-        metrics.update_stats(await asyncio.wait_for(client.stats(), settings.health_timeout_s))
+    async def refresh(wait_s: float, step_times: bool = False) -> None:
+        """Fresh engine numbers into the metrics, waiting at most `wait_s` for each call."""
+        metrics.update_stats(await client.stats(wait_s))
         if step_times:
-            metrics.update_step_times(await asyncio.wait_for(client.step_times(), settings.health_timeout_s))
+            metrics.update_step_times(await client.step_times(wait_s))
 
     async def poll() -> None:
         tick = 0
         while True:
             try:
-                await refresh(step_times=tick % 20 == 0)  # step times are bulkier: every 20th poll
+                await refresh(settings.health_timeout_s, step_times=tick % 20 == 0)  # step times are bulkier
             except Exception:  # noqa: BLE001 - /health reports it; keep polling
                 logger.debug("stats poll failed", exc_info=True)
             tick += 1
@@ -133,7 +198,8 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
 
     app = FastAPI(title="Strata OpenAI-compatible API", version=strata_version(), lifespan=lifespan)
     install_error_handlers(app)
-    if settings.api_key:
+    app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)
+    if settings.api_key:  # added last, so it runs first: a stranger's body is never read
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
     app.state.tokenizer = tokens
@@ -166,7 +232,9 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     @app.get("/metrics")
     async def get_metrics() -> Response:
         try:
-            await refresh(step_times=True)
+            await refresh(min(METRICS_WAIT_S, settings.health_timeout_s), step_times=True)
+        except asyncio.TimeoutError:
+            logger.debug("the engine did not answer in time; /metrics serves the last numbers")
         except Exception:  # noqa: BLE001 - serve the last values rather than nothing
             logger.warning("metrics refresh failed", exc_info=True)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -186,6 +254,10 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         check_model(body.model)
+        bad = outside_vocabulary(body.tokens, tokens.vocab_size) if tokens.available else []
+        if bad:
+            return error_response(400, f"tokens: cannot decode token ids {bad}: they are outside the tokenizer's "
+                                       f"vocabulary [0, {tokens.vocab_size}).", "tokens")
         return DetokenizeResponse(prompt=await tokens.decode(body.tokens))
 
     return app

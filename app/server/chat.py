@@ -75,16 +75,16 @@ class ChatServing(Serving):
                                   "top_logprobs")
         conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                         for m in req.messages]
+        self.admit(req.n)  # before rendering and tokenizing what would be refused anyway
         prompt, ids = await self.tokenizer.chat_prompt(conversation, req.add_generation_prompt, req.chat_template)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(req.max_new_tokens(), len(ids), param, prompt_param="messages")
         params = self.sampling_params(**req.to_sampling_kwargs(), max_tokens=max_tokens,
                                       logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        self.admit(req.n)
         request_id = random_id("chatcmpl")
         requests = [PromptRequest(request_id, prompt, ids, params)]
-        self.check_engine_limits(requests)
-        generation = await self.start(requests, arrival)
+        self.check_engine_limits(requests, prompt_param="messages")
+        generation = await self.start(requests, arrival, prompt_param="messages")
         if req.stream:
             return StreamingResponse(sse_stream(self._events(req, request_id, generation, len(ids))),
                                      media_type="text/event-stream")

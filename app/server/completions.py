@@ -29,6 +29,11 @@ from strata.app.server.streaming import sse, sse_stream
 from strata.outputs import PositionLogprobs, RequestOutput
 
 
+def num_prompts(prompt: str | list) -> int:
+    """How many prompts a completions `prompt` holds (one string, one id list, or a list of either)."""
+    return 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else max(len(prompt), 1)
+
+
 def add_logprobs(lp: CompletionLogprobs, token_ids: list[int], positions: list[PositionLogprobs | None],
                  offset: int, first_text: str = "") -> int:
     """Appends one entry per token; returns the text offset after them. A position without
@@ -57,16 +62,17 @@ class CompletionServing(Serving):
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of is not supported (it may only equal n={req.n}), got {req.best_of}.",
                               "best_of")
+        self.admit(req.n * num_prompts(req.prompt))  # before tokenizing what would be refused anyway
         prompts = await self._prompts(req)
         requests: list[PromptRequest] = []
         request_id = random_id("cmpl")
+        requested = req.requested_max_tokens(self.settings.max_tokens_cap)
         for p, (text, ids) in enumerate(prompts):
-            max_tokens = self.resolve_max_tokens(req.max_tokens, len(ids))
+            max_tokens = self.resolve_max_tokens(requested, len(ids))
             params = self.sampling_params(
                 **req.to_sampling_kwargs(), max_tokens=max_tokens, logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
             requests.append(PromptRequest(f"{request_id}-{p}", text, ids, params))
-        self.admit(req.n * len(prompts))
         self.check_engine_limits(requests)
         generation = await self.start(requests, arrival)
         echoes = [await self._echo(req, text, ids) for text, ids in prompts] if req.echo else None

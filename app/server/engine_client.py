@@ -6,16 +6,45 @@ needs two things: the backpressure estimate (the engine's last stats plus what w
 since) and a health check that gives up after a timeout. Aborts are the engine's: closing a
 request's stream before its last delta (a client that went away, a stop string found here)
 aborts it, by the protocol.
+
+The questions /health and /metrics ask (health, stats, step times) are single-flight: however
+many callers ask at once, the engine is asked once, and each caller waits at most its own
+timeout for the answer, which keeps coming in the background for the next one. A scrape storm
+never piles calls onto the engine, and a slow engine never holds a caller past its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from strata.engine_protocol import Engine, EngineInfo, EngineRequest, RequestDelta
+
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    """One call of `fn` in flight at a time, shared by everyone who asks meanwhile."""
+
+    def __init__(self, fn: Callable[[], Awaitable[T]]):
+        self._fn = fn
+        self._task: asyncio.Future[T] | None = None
+
+    async def __call__(self, timeout_s: float) -> T:
+        """The answer of the call in flight (or of a new one), within `timeout_s`
+        (asyncio.TimeoutError otherwise; the call goes on, for whoever asks next)."""
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            task = self._task = asyncio.ensure_future(self._fn())
+            task.add_done_callback(_retrieve)
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a call nobody waited for any more must not be logged as lost
 
 
 class EngineClient:
@@ -24,6 +53,11 @@ class EngineClient:
         self.info: EngineInfo = engine.info
         self.last_stats: dict[str, Any] | None = None
         self._admitted_since_stats = 0  # engine requests submitted since last_stats was taken
+        self.stats = SingleFlight(self._stats)
+        """`await client.stats(timeout_s)`: the engine's stats (recorded in `last_stats`)."""
+        self.step_times = SingleFlight(engine.step_times)
+        """`await client.step_times(timeout_s)`: per rank, recent (start, end) of its steps."""
+        self._health = SingleFlight(engine.health)
 
     @property
     def max_model_len(self) -> int:
@@ -40,7 +74,7 @@ class EngineClient:
 
     # ---- load and health ----
 
-    async def stats(self) -> dict[str, Any]:
+    async def _stats(self) -> dict[str, Any]:
         stats = await self.engine.stats()
         self.last_stats = stats
         self._admitted_since_stats = 0
@@ -56,9 +90,6 @@ class EngineClient:
     async def healthy(self, timeout_s: float) -> bool:
         """The engine's own answer, or False when it gives none within `timeout_s`."""
         try:
-            return bool(await asyncio.wait_for(self.engine.health(), timeout_s))
+            return bool(await self._health(timeout_s))
         except Exception:  # noqa: BLE001 - any failure to answer is unhealthy
             return False
-
-    async def step_times(self) -> list[list[tuple[float, float]]]:
-        return await self.engine.step_times()

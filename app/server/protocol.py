@@ -3,16 +3,33 @@
 Requests accept the OpenAI fields plus vLLM's sampling extras (top_k, min_p, ...), with OpenAI's
 defaults; unknown fields are ignored, as vLLM does. Values are only type-checked here: their
 ranges are SamplingParams' business, so one place words every "temperature must be ..." error.
+Two checks are the wire's own: every string is valid Unicode (JSON's `"\ud800"` decodes to a lone
+surrogate, which no tokenizer takes), and a message's role is one of OpenAI's.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 TokenIds = list[StrictInt]
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _unicode(text: str) -> str:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise ValueError(f"the text holds a lone surrogate (U+{ord(found.group()):04X} at character "
+                         f"{found.start()}), which is not valid Unicode")
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+"""A JSON string that is valid Unicode (a lone surrogate is a 400 naming the field)."""
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class OpenAIModel(BaseModel):
@@ -47,16 +64,16 @@ class UsageInfo(BaseModel):
 class SamplingFields(OpenAIModel):
     """The fields completions and chat share; `to_sampling_kwargs` maps them to SamplingParams."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras
@@ -89,13 +106,23 @@ class SamplingFields(OpenAIModel):
 
 # ---- /v1/completions ----
 
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's completions default
+
+
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    max_tokens: int | None = 16  # OpenAI's completions default
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
+
+    def requested_max_tokens(self, cap: int | None) -> int | None:
+        """max_tokens as given (null: up to the context length), else OpenAI's default of 16,
+        lowered to the server's cap: a client that says nothing is never refused for it."""
+        if "max_tokens" in self.model_fields_set:
+            return self.max_tokens
+        return DEFAULT_COMPLETION_MAX_TOKENS if cap is None else min(DEFAULT_COMPLETION_MAX_TOKENS, cap)
 
 
 class CompletionLogprobs(BaseModel):
@@ -126,13 +153,13 @@ class CompletionResponse(BaseModel):
 
 class TextPart(OpenAIModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Role
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -149,7 +176,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
-    chat_template: str | None = None
+    chat_template: Text | None = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -232,8 +259,8 @@ class ModelList(BaseModel):
 # ---- /tokenize, /detokenize ----
 
 class TokenizeRequest(OpenAIModel):
-    model: str | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -246,7 +273,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(OpenAIModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: TokenIds
 
 

@@ -6,6 +6,9 @@ Each check raises APIError with the status and wording the OpenAI/vLLM clients e
 that passes is sent to the engine as token ids, once per completion (the output processor fans
 out `n`); each completion's engine deltas become CompletionUpdates here, and a completion that
 ends on a stop string has its engine stream closed, which aborts it in the engine.
+
+Stop strings are bounded here (how many, how long): each one is searched for after every token.
+OpenAI allows four; vLLM sets no bound, so ours is generous.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from strata.app.server.tokenizer import ServerTokenizer
 from strata.engine_protocol import EngineRequest
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
+
+MAX_STOP_STRINGS = 128
+MAX_STOP_CHARS = 1024  # per stop string
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,15 @@ class Serving:
                               "n")
         if request.logit_bias:
             raise bad_request("logit_bias is not supported.", "logit_bias")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise bad_request(f"stop strings may be at most {MAX_STOP_CHARS} characters long, got one of "
+                              f"{max(len(s) for s in stop)}.", "stop")
+        if len(request.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                              f"{len(request.stop_token_ids)}.", "stop_token_ids")
 
     def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens",
                            prompt_param: str = "prompt") -> int | None:
@@ -122,21 +138,23 @@ class Serving:
         if waiting > limit:
             raise overloaded(waiting, limit, self.settings.retry_after_s)
 
-    def check_engine_limits(self, requests: list[PromptRequest]) -> None:
+    def check_engine_limits(self, requests: list[PromptRequest], prompt_param: str = "prompt") -> None:
         """400 for a request the engine must not take (vocabulary, max_logprobs, ...), in the
-        engine's words: the engine trusts what it is sent."""
+        engine's words: the engine trusts what it is sent. An error naming no field is the
+        prompt's (`prompt_param`)."""
         for r in requests:
             try:
                 check_request(r.prompt_token_ids, r.params, self.client.info, self.tokenizer.available)
             except ValueError as err:
-                raise from_value_error(err) from None
+                raise from_value_error(err, prompt_param) from None
 
     # ---- running ----
 
-    async def start(self, requests: list[PromptRequest], arrival: float) -> Generation:
+    async def start(self, requests: list[PromptRequest], arrival: float, prompt_param: str = "prompt") -> Generation:
         """Sends every completion of every prompt to the engine and waits for the first update:
-        a request the engine refuses (ValueError -> 400) fails here, before any response header
-        is sent. `arrival` (a perf_counter time) starts each request's latency metrics."""
+        a request the engine refuses (ValueError -> 400, naming `prompt_param` unless it names
+        a field) fails here, before any response header is sent. `arrival` (a perf_counter
+        time) starts each request's latency metrics."""
         processors = [self.processor.start(r.request_id, r.prompt, r.prompt_token_ids, r.params)
                       for r in requests]
         streams = [self.metrics.timed(self._request_updates(rp), arrival, len(rp.engine_requests))
@@ -144,7 +162,7 @@ class Serving:
         try:
             updates = await peek(merge(streams))
         except ValueError as err:
-            raise from_value_error(err) from None
+            raise from_value_error(err, prompt_param) from None
         return Generation(processors, updates)
 
     async def _request_updates(self, rp: RequestProcessor) -> AsyncIterator[CompletionUpdate]:
@@ -159,6 +177,8 @@ class Serving:
         to send. A stop string ends it here; closing its engine stream aborts it in the engine."""
         async with aclosing(self.client.generate(request)) as deltas:
             async for delta in deltas:
+                if delta.queued_s is not None:
+                    self.metrics.observe_queue_time(delta.queued_s)
                 update = rp.process(delta)
                 if update is None or not (update.text or update.token_ids or update.finished):
                     continue

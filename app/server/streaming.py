@@ -10,16 +10,13 @@ only the newly released text and tokens, so nothing here remembers what was alre
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from strata.app.server.errors import APIError, error_body, from_value_error
-
-logger = logging.getLogger("strata.server")
+from strata.app.server.errors import APIError, error_body, from_value_error, internal_error
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -111,7 +108,6 @@ async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except ValueError as err:
         api = from_value_error(err)
         yield sse(error_body(api.status, api.message, api.param))
-    except Exception as err:  # noqa: BLE001 - the client must hear why its stream ended
-        logger.exception("stream failed")
-        yield sse(error_body(500, f"Internal server error: {type(err).__name__}: {err}"))
+    except Exception as err:  # noqa: BLE001 - the client must hear that its stream ended (not why: that is logged)
+        yield sse(internal_error(err, "a response stream"))
     yield DONE

@@ -2,7 +2,9 @@
 
 Control traffic (step plans, results, start-up facts) travels as msgpack bytes over the gloo
 control group (`RankGroups.control`, strata/distributed/process_groups.py), so no rank ever
-unpickles what came over the network.
+unpickles what came over the network. A frame is its length, then its bytes; a receiver never
+allocates more than MAX_FRAME_BYTES on a peer's word (FrameTooLarge), so a corrupt or hostile
+length fails that link with a clear error instead of exhausting the host's memory.
 """
 
 from __future__ import annotations
@@ -10,6 +12,22 @@ from __future__ import annotations
 import msgpack
 import torch
 import torch.distributed as dist
+
+# Far above any step plan or result (a plan announcing max_num_seqs prompts of max_model_len
+# tokens at 4 bytes each is a few hundred MB at the very worst).
+MAX_FRAME_BYTES = 1 << 30
+
+
+class FrameTooLarge(RuntimeError):
+    """A peer announced a frame no receiver should allocate: the link's framing is lost."""
+
+
+def check_frame_size(size: int, src: int | str, limit: int = MAX_FRAME_BYTES) -> int:
+    """`size` when a receiver may allocate it, else FrameTooLarge naming the peer."""
+    if not 0 <= size <= limit:
+        raise FrameTooLarge(f"rank {src} announced a frame of {size} bytes, outside [0, {limit}]: the peer is "
+                            f"corrupt or not a Strata rank; refusing to allocate it (the link is unusable now)")
+    return size
 
 
 class PendingSends:
@@ -32,16 +50,19 @@ class PendingSends:
 
 
 def isend_bytes(data: bytes, dst: int, group: dist.ProcessGroup, pending: PendingSends) -> None:
+    if len(data) > MAX_FRAME_BYTES:  # the receiver would refuse it: say so here, where it is made
+        raise FrameTooLarge(f"a frame of {len(data)} bytes for rank {dst} is over the {MAX_FRAME_BYTES}-byte limit")
     size = torch.tensor([len(data)], dtype=torch.int64)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     pending.add(dist.isend(size, dst=dst, group=group), size)
     pending.add(dist.isend(payload, dst=dst, group=group), payload)
 
 
-def recv_bytes(src: int, group: dist.ProcessGroup) -> bytes:
+def recv_bytes(src: int, group: dist.ProcessGroup, limit: int = MAX_FRAME_BYTES) -> bytes:
+    """One frame from `src`; FrameTooLarge when its announced length is over `limit`."""
     size = torch.empty(1, dtype=torch.int64)
     dist.recv(size, src=src, group=group)
-    buf = torch.empty(int(size.item()), dtype=torch.uint8)
+    buf = torch.empty(check_frame_size(int(size.item()), src, limit), dtype=torch.uint8)
     dist.recv(buf, src=src, group=group)
     return buf.numpy().tobytes()
 
@@ -53,7 +74,7 @@ def all_gather_msgpack(obj, group: dist.ProcessGroup | None, world_size: int) ->
     data = msgpack.packb(obj, use_bin_type=True)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
-    longest = max(int(s.item()) for s in sizes)
+    longest = max(check_frame_size(int(s.item()), rank) for rank, s in enumerate(sizes))
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world_size)]
