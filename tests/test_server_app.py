@@ -339,3 +339,18 @@ async def test_metrics_and_version():
     host = {s.name: s.value for s in families["strata:step_host_overhead_seconds"].samples}
     assert host["strata:step_host_overhead_seconds_count"] == 2
     assert host["strata:step_host_overhead_seconds_sum"] == pytest.approx(0.001)
+
+
+@sync
+async def test_the_models_generation_config_fills_what_a_request_leaves_unset():
+    """As vLLM's --generation-config auto: the model's recommended sampling (here as resolved
+    settings) for the fields a request does not set; a field the request sets keeps its value."""
+    client, engine = make_client(default_sampling_params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 3})
+    async with client:
+        for extra in ({}, {"top_p": 0.5}, {"temperature": 0}):
+            r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
+            assert r.status_code == 200, r.text
+    unset, top_p_given, greedy = (req.params for req in engine.requests)
+    assert (unset.temperature, unset.top_p, unset.max_tokens) == (0.2, 0.9, 2)
+    assert (top_p_given.temperature, top_p_given.top_p) == (0.2, 0.5)
+    assert greedy.temperature == 0.0

@@ -48,6 +48,9 @@ def default_engine_factory() -> EngineFactory:
     return start_engine
 
 
+logger = logging.getLogger("strata")
+
+
 @serve.deployment(name="StrataIngress", ray_actor_options={"num_cpus": 0}, max_constructor_retry_count=1,
                   health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress()
@@ -59,9 +62,8 @@ class StrataIngress:
         self.config = EngineConfig.model_validate(engine_config)
         settings = ServerSettings.model_validate(server_settings)
         facts = await asyncio.to_thread(preflight, self.config)
-        if not settings.served_model_name:
-            settings = settings.model_copy(update={"served_model_name": [facts.served_name]})
-        self.settings = settings
+        self.settings = settings = settings.for_model(facts)  # served name, request defaults
+        logger.info("%s", settings.auth_summary())
         # Loading blocks for seconds; keep the replica's event loop free meanwhile.
         self.tokenizer = await asyncio.to_thread(load_tokenizer, facts)
         start = engine_factory or default_engine_factory()

@@ -126,8 +126,12 @@ class Serving:
         return requested
 
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        """The request's SamplingParams: the fields it set, else the model's defaults
+        (generation_config.json, as vLLM's --generation-config auto), else SamplingParams' own.
+        The handlers always pass max_tokens, so a default max_tokens does not apply here."""
+        defaults = {k: v for k, v in (self.settings.default_sampling_params or {}).items() if k != "max_tokens"}
         try:
-            return SamplingParams(**kwargs)
+            return SamplingParams(**{**defaults, **kwargs})
         except ValueError as err:
             raise from_value_error(err) from None
 
