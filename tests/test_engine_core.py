@@ -195,7 +195,7 @@ def test_one_sequence_per_request_and_stats_keys() -> None:
     assert set(engine.stats()) == {
         "num_running", "num_waiting", "kv_cache_usage", "num_free_blocks", "num_blocks",
         "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total", "expert_load",
-        "last_step_seconds", "step_host_overhead"}
+        "last_step_seconds", "step_host_overhead", "step_tokens"}
     steps = run(engine)
     assert engine.stats()["prompt_tokens_total"] == 5 and engine.stats()["generation_tokens_total"] == 16
     overhead = engine.stats()["step_host_overhead"]  # (end time, host seconds) of the recent steps
@@ -234,3 +234,24 @@ def test_the_plan_sent_per_decode_step_does_not_grow_with_the_request() -> None:
     # A new block id every block_size steps: four bytes more.
     assert with_block == {without.pop() + 4}
     assert sum(new_block for _, _, new_block in decodes) == len(decodes) // 16 + 1
+
+
+def test_a_request_whose_options_cannot_travel_fails_alone() -> None:
+    """Sampler options are encoded once at admission: a value no plan can carry is that request's
+    ValueError, and the engine goes on with the others."""
+    engine = make_engine()
+    params = SamplingParams(seed=1, max_tokens=2)
+    params.seed = 2**70  # past what the plan's msgpack carries (the request checks refuse it too)
+    with pytest.raises(ValueError, match="cannot be sent to the ranks"):
+        engine._sampler_options("bad", params)
+    engine.add_request(request("good", max_tokens=2))
+    assert [d.finish_reason for d in by_request(run(engine))["good"]][-1] == "length"
+
+
+def test_the_first_token_says_how_long_its_request_queued() -> None:
+    engine = make_engine()
+    engine.add_request(request("a", max_tokens=3))
+    deltas = by_request(run(engine))["a"]
+    assert deltas[0].queued_s is not None and deltas[0].queued_s >= 0
+    assert all(d.queued_s is None for d in deltas[1:])
+    assert [n for _, n in engine.stats()["step_tokens"]] == [3, 1, 1]

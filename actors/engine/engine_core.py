@@ -21,6 +21,8 @@ import logging
 import time
 from typing import Protocol
 
+import msgpack
+
 from strata.actors.engine.block_manager import BlockManager
 from strata.actors.engine.expert_load import ExpertLoad
 from strata.actors.engine.scheduler import Scheduler
@@ -75,6 +77,7 @@ class EngineCore:
         # Host overhead: a step's wall time less the executor's (schedule + plan + outputs), as
         # (perf_counter at the step's end, seconds) for the most recent steps, for /metrics.
         self.host_overhead: collections.deque[tuple[float, float]] = collections.deque(maxlen=HOST_SAMPLES)
+        self.step_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=HOST_SAMPLES)
         # Steps in flight: with pipeline stages one micro-batch per stage keeps every stage busy;
         # with async scheduling (one rank) step N+1 is scheduled while step N runs. Results are
         # read in the order the steps were submitted, whenever each future completes.
@@ -104,10 +107,22 @@ class EngineCore:
         params = request.params.clone()  # the engine's own copy: the caller's is never changed
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
-        seq = Sequence(next(self._seq_ids), request.request_id, prompt, params)
+        seq = Sequence(next(self._seq_ids), request.request_id, prompt, params, arrival_time=time.monotonic())
+        seq.sampler_options = self._sampler_options(request.request_id, params)
         self.scheduler.add(seq)
         self._seqs[request.request_id] = seq
         self.num_prompt_tokens += len(prompt)
+
+    def _sampler_options(self, request_id: str, params: SamplingParams) -> dict:
+        """The options the ranks get, checked now to travel in a plan: a request that cannot be
+        encoded fails alone, here, rather than the step of every request beside it."""
+        options = vars(SamplerOptions.from_params(params, self.eos_token_ids))
+        try:
+            msgpack.packb(options, use_bin_type=True)
+        except (OverflowError, TypeError, ValueError) as err:
+            raise ValueError(f"request {request_id!r}: its sampling parameters cannot be sent to the ranks "
+                             f"({err}); check the ranges of seed, top_k, min_tokens and the token ids") from None
+        return options
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Ends the request and frees its blocks; its final delta, or None for an unknown id."""
@@ -162,6 +177,7 @@ class EngineCore:
         ended = time.perf_counter()
         host_s = ended - started - executor_s
         self.host_overhead.append((ended, host_s))
+        self.step_tokens.append((ended, scheduled.num_tokens))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d: %d sequences, %d tokens; host %.3f ms, executor %.3f ms", plan.step_id,
                          len(scheduled.chunks), scheduled.num_tokens, host_s * 1e3, executor_s * 1e3)
@@ -183,8 +199,8 @@ class EngineCore:
         for ch in scheduled.chunks:
             seq = ch.seq
             if ch.is_new:
-                options = SamplerOptions.from_params(seq.params, self.eos_token_ids)
-                plan.announce(seq.seq_id, seq.prompt_token_ids, vars(options))
+                seq.queued_s = time.monotonic() - seq.arrival_time
+                plan.announce(seq.seq_id, seq.prompt_token_ids, seq.sampler_options)
             # Prompt logprobs are computed on the first pass only, not again after a preemption.
             top = seq.params.prompt_logprobs
             if top is not None and (seq.num_preemptions or ch.start_pos >= len(seq.prompt_token_ids) - 1):
@@ -221,6 +237,8 @@ class EngineCore:
         tok, p = sampled.token_id, seq.params
         self.num_generation_tokens += 1
         delta.token_ids.append(tok)
+        if seq.queued_s is not None:  # its first token: how long it waited to be scheduled
+            delta.queued_s, seq.queued_s = seq.queued_s, None
         if p.logprobs is not None:
             delta.logprobs = [TokenLogprobs(sampled.logprob, sampled.rank, sampled.top_logprobs)]
         num_out = len(seq.output_token_ids)
@@ -252,4 +270,5 @@ class EngineCore:
             "expert_load": self.expert_load.summary() if self.is_moe else None,
             "last_step_seconds": self.last_step_seconds,
             "step_host_overhead": list(self.host_overhead),
+            "step_tokens": list(self.step_tokens),  # (end, tokens computed) of recent steps
         }

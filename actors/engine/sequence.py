@@ -71,6 +71,11 @@ class Sequence:
     num_in_flight_tokens: int = 0
     pending_sample: bool = False
     num_preemptions: int = 0
+    # The sampler options the ranks are sent (built and checked to encode once, at admission).
+    sampler_options: dict | None = None
+    # When the engine took it, and how long it waited for its first chunk (for /metrics).
+    arrival_time: float = 0.0
+    queued_s: float | None = None
     # What the ranks know (each rank keeps the sequence in its persistent batch from its first
     # plan on, across preemption, until a plan says it finished), so that a plan carries only
     # what is new: announced (prompt and options sent), how many of ``block_ids`` were sent, how
