@@ -115,8 +115,8 @@ class Driver(EngineLoop):
     def info(self) -> EngineInfo:
         return self._info
 
-    def step_times(self) -> list[list[tuple[float, float]]]:
-        return [self.worker.step_times(), *self.launcher.step_times()]
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        return [self.worker.step_times(), *await self.launcher.step_times()]
 
     def shutdown(self) -> None:
         if self._stopping:

@@ -9,6 +9,7 @@ runs rank 0's share, and returns the sampling rank's result (or `collect` gets i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import os
@@ -147,10 +148,10 @@ class RayRankLauncher:
         ray.get(handle)
         self._loops = [a.run_loop.remote() for a in self.actors]
 
-    def step_times(self) -> list[list[tuple[float, float]]]:
-        import ray
-
-        return ray.get([a.step_times.remote() for a in self.actors])
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        """Awaited, not ray.get: the driver is an async actor, and a blocking get would stall
+        every request stream it serves while the ranks answer."""
+        return list(await asyncio.gather(*(a.step_times.remote() for a in self.actors)))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         import ray
@@ -208,7 +209,7 @@ class MpRankLauncher:
     def wait_started(self, handle) -> None:
         return None  # bring_up's collectives already synchronised every rank with the driver
 
-    def step_times(self) -> list[list[tuple[float, float]]]:
+    async def step_times(self) -> list[list[tuple[float, float]]]:
         return []
 
     def stop(self, timeout_s: float = 10.0) -> None:

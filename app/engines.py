@@ -170,7 +170,7 @@ class LocalEngine:
         return self.driver.health()
 
     async def step_times(self) -> list[list[tuple[float, float]]]:
-        return self.driver.step_times()
+        return await self.driver.step_times()
 
     def shutdown(self) -> None:
         self.driver.shutdown()
