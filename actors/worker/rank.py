@@ -185,6 +185,9 @@ def graphs_off_reason(config: EngineConfig, device: torch.device, model) -> str 
         return f"the {model.attention_backend.name} attention backend cannot be captured"
     if hasattr(model, "expert_load"):
         return "the MoE layer reads its expert counts on the host (until the fused MoE kernel)"
+    if config.world_size > 1 and config.cuda_graph_sizes is None:
+        # Captured collectives (NCCL inside the graph) have not run on a multi-GPU machine yet.
+        return f"not yet validated with {config.world_size} ranks; pass --cuda-graph-sizes to try them"
     return None
 
 
