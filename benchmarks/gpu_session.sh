@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then benchmarks; every log lands in $OUT.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
-#   steps: tests, decode-tp1, decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2,
-#          moe-tp, moe-ep
+#   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
+#          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
+#          vs eager, kernels), tests (2+ GPUs), decode-tp1, decode-qwen, decode-tp2, decode-tp4,
+#          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 RAY_USAGE_STATS_ENABLED=0
-export RAY_DEDUP_LOGS=0
+export RAY_DEDUP_LOGS=0 PYTHONPATH=$PWD:/tmp/site
 B="python3 benchmarks/bench_engine.py"
 J="--json-out $OUT/results.jsonl"
 TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
@@ -15,13 +17,23 @@ run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@"
         echo "rc=$?"; grep -E "decode batch|throughput:|HF generate|passed|failed|Error|KV cache size|Maximum concurrency" "$OUT/$name.log" | head -20; }
 for step in $1; do
   case $step in
+    setup)      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                  --target /tmp/site .whl/*.whl >/dev/null
+                for d in app actors model placement; do ln -sfn ../$d strata/$d; done ;;
+    tests-one)  run tests-one ${TESTS_LIMIT:-400} python3 -m pytest -m gpu -q tests/test_gpu_one.py \
+                  tests/test_input_buffers.py tests/test_sampler.py tests/test_fused_ops.py \
+                  tests/test_triton_attention.py ${TESTS_K:+-k "$TESTS_K"} ;;
+    decode-qwen) run decode-qwen2 150 $B --shape qwen2-7b --tp 1 --backend mp --decode-batches 1,32 $J
+                run decode-qwen3 150 $B --shape qwen3-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
+    kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
+    tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
-    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --decode-batches 1,32 $J ;;
+    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
     decode-tp2) run decode-tp2 150 $B --shape llama-3.1-8b --tp 2 --decode-batches 1,32 $J ;;
     decode-tp4) run decode-tp4 150 $B --shape llama-3.1-8b --tp 4 --decode-batches 1,32 $J ;;
     decode-pp2) run decode-pp2 150 $B --shape llama-3.1-8b --pp 2 --decode-batches 1,32 $J ;;
     hf)         run hf 150 python3 benchmarks/hf_baseline.py --shape llama-3.1-8b --batches 1,32 ;;
-    tput-tp1)   run tput-tp1 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 1 $TPUT $J ;;
+    tput-tp1)   run tput-tp1 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 1 --backend mp $TPUT $J ;;
     tput-tp2)   run tput-tp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 2 $TPUT $J ;;
     tput-pp2)   run tput-pp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --pp 2 $TPUT $J ;;
     moe-tp)     run moe-tp 300 $B --shape qwen3-30b-a3b --tp 2 --decode-batches 1 $TPUT $J ;;

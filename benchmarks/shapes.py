@@ -30,11 +30,23 @@ QWEN3_30B_A3B = dict(
     tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
     hidden_act="silu", attention_bias=False,
 )
+QWEN2_7B = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, intermediate_size=18944,
+    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16", hidden_act="silu", use_sliding_window=False,
+)
+QWEN3_8B = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, intermediate_size=12288,
+    num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16", hidden_act="silu", attention_bias=False,
+)
 TINY_LLAMA = dict(LLAMA_31_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
 
 SHAPES = {"llama-3.1-8b": LLAMA_31_8B, "llama-3.1-70b": LLAMA_31_70B, "mixtral-8x7b": MIXTRAL_8X7B,
-          "qwen3-30b-a3b": QWEN3_30B_A3B, "tiny-llama": TINY_LLAMA}
+          "qwen3-30b-a3b": QWEN3_30B_A3B, "qwen2-7b": QWEN2_7B, "qwen3-8b": QWEN3_8B, "tiny-llama": TINY_LLAMA}
 
 
 def write_shape(name: str, directory: str) -> str:
