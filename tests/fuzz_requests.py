@@ -18,10 +18,12 @@ from typing import Any
 import httpx
 from hypothesis import strategies as st
 
+from strata.app.server.api import build_app
+from strata.app.server.settings import ServerSettings
 from strata.distributed.sampler_options import SamplerOptions
 from strata.distributed.step_plan import NewSequence, StepPlan
 from strata.engine_protocol import EngineRequest, RequestDelta, check_prompt
-from tests.server_fixtures import FakeEngine
+from tests.server_fixtures import FakeEngine, char_tokenizer
 
 INTERNALS = ("\x1b", "Traceback", "actor_id", "ray::", 'File "', "RayTaskError")
 
@@ -309,3 +311,14 @@ class PlanCheckingEngine(FakeEngine):
             if paced and self.pacing:
                 await self._queue().get()
             yield delta
+
+
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                             base_url="http://test", timeout=60)
+
+
+def make_client(engine: FakeEngine | None = None, **settings) -> tuple[httpx.AsyncClient, FakeEngine]:
+    engine = engine or PlanCheckingEngine(max_model_len=512, vocab_size=100)
+    settings.setdefault("served_model_name", ["fake"])
+    return client_for(build_app(engine, ServerSettings(**settings), char_tokenizer())), engine
