@@ -40,6 +40,14 @@ def decode_ms_per_token(llm: LLM, batch: int, vocab: int, prompt_len: int = 128,
     return (full - prefill_only) / steps * 1000
 
 
+def ttft_ms(llm: LLM, input_len: int, vocab: int, runs: int = 5) -> float:
+    """Median wall time of one prompt to its first token (prefill + one sample), engine idle."""
+    [request] = random_requests(1, input_len, 1, vocab, seed=7)
+    time_batch(llm, [request.prompt_token_ids], 1, GREEDY)  # warm-up: compiles the prefill path
+    times = sorted(time_batch(llm, [request.prompt_token_ids], 1, GREEDY) for _ in range(runs))
+    return times[runs // 2] * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--ttft", action="store_true", help="time to first token of one --input-len prompt at idle")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -78,6 +87,10 @@ def main() -> None:
             record[f"decode_b{batch}_roofline_ms"] = round(floor, 2)
             print(f"decode batch {batch}: {ms:.2f} ms/token, roofline {floor:.2f} ms -> {ms / floor:.2f}x roofline",
                   flush=True)
+        if args.ttft:
+            ms = ttft_ms(llm, args.input_len, shape["vocab_size"])
+            record["ttft_ms"] = round(ms, 2)
+            print(f"TTFT of one {args.input_len}-token prompt at idle: {ms:.2f} ms", flush=True)
         if args.num_prompts:
             requests = random_requests(args.num_prompts, args.input_len, args.output_len, shape["vocab_size"])
             result = measure_throughput(llm, requests, temperature=GREEDY)

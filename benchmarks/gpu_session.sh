@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
-#          vs eager, kernels), tests (2+ GPUs), decode-tp1, decode-qwen, decode-tp2, decode-tp4,
+#          vs eager, kernels), tests (2+ GPUs), decode-tp1, decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2, decode-tp4,
 #          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep
 set -u
 OUT=${OUT:-/tmp/out}
@@ -14,7 +14,7 @@ B="python3 benchmarks/bench_engine.py"
 J="--json-out $OUT/results.jsonl"
 TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
-        echo "rc=$?"; grep -E "decode batch|throughput:|HF generate|passed|failed|Error|KV cache size|Maximum concurrency" "$OUT/$name.log" | head -20; }
+        echo "rc=$?"; grep -E "decode batch|throughput:|TTFT|HF generate|passed|failed|Error|KV cache size|Maximum concurrency|GPU time per|engine, batch" "$OUT/$name.log" | head -20; }
 for step in $1; do
   case $step in
     setup)      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,7 +28,9 @@ for step in $1; do
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
-    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
+    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
+    profile-b1) run profile-b1 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 1 ;;
+    profile-b32) run profile-b32 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 32 ;;
     decode-tp2) run decode-tp2 150 $B --shape llama-3.1-8b --tp 2 --decode-batches 1,32 $J ;;
     decode-tp4) run decode-tp4 150 $B --shape llama-3.1-8b --tp 4 --decode-batches 1,32 $J ;;
     decode-pp2) run decode-pp2 150 $B --shape llama-3.1-8b --pp 2 --decode-batches 1,32 $J ;;

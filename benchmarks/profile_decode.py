@@ -2,7 +2,7 @@
 
     python benchmarks/profile_decode.py --shape llama-3.1-8b
 
-Prints, over 16 batch-1 decode steps after a warm-up:
+Prints, over 16 decode steps (batch --profile-batch, default 1) after a warm-up:
   1. the wall time of a step through the engine, against the model's forward alone (the last
      step's inputs replayed in a loop, nothing else running) and, when it captures, the same forward
      in a CUDA graph: engine minus forward is the step path's share;
@@ -62,12 +62,34 @@ def forward_alone(runner, args) -> None:
             print(f"forward does not capture in a CUDA graph: {type(err).__name__}: {err}")
 
 
+def _gpu_times(llm, prompts, max_tokens: int) -> dict[str, float]:
+    """GPU microseconds per kernel name over one `generate` of `prompts` to `max_tokens`."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    return {e.key: e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def decode_kernel_table(llm, prompts, steps: int = 16) -> None:
+    """GPU time per decode step by kernel: (run to 1 + steps tokens) - (run to 1 token), / steps, so
+    the prefill drops out; kernels inside CUDA-graph replays are counted too."""
+    one, full = _gpu_times(llm, prompts, 1), _gpu_times(llm, prompts, 1 + steps)
+    per_step = {k: (v - one.get(k, 0.0)) / steps for k, v in full.items()}
+    rows = sorted(per_step.items(), key=lambda kv: -kv[1])
+    total = sum(v for _, v in rows)
+    print(f"GPU time per decode step, batch {len(prompts)}: {total / 1000:.3f} ms, by kernel (us, share):")
+    for name, us in rows[:25]:
+        print(f"  {us:9.1f}  {us / total:6.1%}  {name[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--num-prompts", type=int, default=200)
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile-batch", type=int, default=1, help="batch size of the profiled steps")
     ap.add_argument("--timings-only", action="store_true", help="the engine's ms per decode step, no profiles")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +106,7 @@ def main() -> None:
             return forward(*call_args)
 
         runner.model.forward = capture
-        prompt = [{"prompt_token_ids": list(range(100, 228))}]
+        prompt = [{"prompt_token_ids": list(range(100 + i, 228 + i))} for i in range(args.profile_batch)]
         decode = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)
         for batch in (32, 1):  # batch 1 last: its inputs are the ones `forward_alone` replays
             prompts = [{"prompt_token_ids": list(range(100 + i, 228 + i))} for i in range(batch)]
@@ -121,11 +143,7 @@ def main() -> None:
         stats.sort_stats("cumulative").print_stats(45)
         print("cProfile of the engine thread over 17 steps, by own time, then cumulative:\n" + out.getvalue())
 
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            llm.generate(prompt, decode, use_tqdm=False)
-        for key in ("self_cpu_time_total", "self_cuda_time_total"):
-            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50))
+        decode_kernel_table(llm, prompt)
         if args.num_prompts:
             prompts = [{"prompt_token_ids": [100 + (i * 7 + j) % 30000 for j in range(1024)]}
                        for i in range(args.num_prompts)]
