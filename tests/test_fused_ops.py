@@ -31,8 +31,9 @@ from transformers import LlamaConfig  # noqa: E402
 from strata.distributed.process_groups import single_rank_group  # noqa: E402
 from strata.model.context import ModelContext  # noqa: E402
 from strata.model.kernels.activation import silu_and_mul  # noqa: E402
+from strata.model.kernels.kv_cache_write import write_kv_cache  # noqa: E402
 from strata.model.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
-from strata.model.kernels.rotary import apply_rotary  # noqa: E402
+from strata.model.kernels.rotary import apply_rotary, apply_rotary_to_cache  # noqa: E402
 from strata.model.layers.activation import SiluAndMul  # noqa: E402
 from strata.model.layers.norm import RMSNorm  # noqa: E402
 from strata.model.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -195,6 +196,27 @@ def test_rotary_takes_two_dim_tables_and_checks_its_inputs():
         apply_rotary(q, k, cos[:2], sin[:2])
     empty = apply_rotary(q[:0], k[:0], cos[:0], sin[:0])
     assert empty[0].shape == (0, 4, 64) and empty[1].shape == (0, 2, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (7, 1, 96), (4, 4, 64)])
+def test_rotary_into_the_cache_matches_rotary_then_cache_write(dtype, heads, kv_heads, head_dim):
+    """The fused kernel leaves q and the whole cache as the two kernels apart do: rotated k and v at
+    each token's slot (a full block, a partly filled one, slot -1 of a padding row skipped), every
+    other slot untouched."""
+    tokens, block_size = 6, 4
+    q, k, cos, sin = rotary_inputs(tokens, heads, kv_heads, head_dim, dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype)
+    slots = torch.tensor([13, 2, 3, -1, 8, 0])
+    cache = torch.randn(2, 5, block_size, kv_heads, head_dim, dtype=dtype)
+    ref_cache = cache.clone()
+    q_ref, k_ref = apply_rotary(q, k, cos, sin)
+    write_kv_cache(k_ref.flatten(1), v.flatten(1), ref_cache, slots)
+    q_out = apply_rotary_to_cache(q, k, v, cos, sin, cache, slots)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(cache, ref_cache)
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_rotary_to_cache(q, k, v, cos, sin, cache, slots[:3])
 
 
 @pytest.mark.gpu

@@ -57,7 +57,9 @@ def _with_padding(attn: AttentionMetadata, padding: int) -> AttentionMetadata:
 
 def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, heads: int = 4, kv_heads: int = 2,
            head_dim: int = 64, dtype: torch.dtype = torch.float32, block_size: int = 16, window: int | None = None,
-           shared: int = 0, padding: int = 0, seed: int = 0) -> None:
+           shared: int = 0, padding: int = 0, seed: int = 0, rotary: bool = False) -> None:
+    """`rotary`: both layers get q and k before their rotary embedding (`forward_rotary`: the
+    reference rotates in torch and writes, the Triton backend rotates into the cache in one kernel)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     needed = [-(-(s + q) // block_size) for q, s in zip(query_lens, starts, strict=True)]
@@ -77,18 +79,32 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
     scale = head_dim**-0.5
     ref_cache = cache.clone()
     ref = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=ReferenceBackend())
-    expected = ref(q[:tokens], k[:tokens], v[:tokens], ref_cache, attn)
+    if rotary:
+        cos, sin = _cos_sin(tokens + padding, head_dim, dtype)
+        q, k = q.unflatten(1, (heads, head_dim)), k.unflatten(1, (kv_heads, head_dim))
+        expected = ref.forward_rotary(q[:tokens], k[:tokens], v[:tokens], cos[:tokens], sin[:tokens], ref_cache, attn)
+    else:
+        expected = ref(q[:tokens], k[:tokens], v[:tokens], ref_cache, attn)
 
     if padding:
         attn = _with_padding(attn, padding)
     tri_cache = cache.clone()
     layer = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=backend)
-    got = layer(q, k, v, tri_cache, attn)
+    got = layer.forward_rotary(q, k, v, cos, sin, tri_cache, attn) if rotary else layer(q, k, v, tri_cache, attn)
 
-    assert got.shape == q.shape and got.dtype == dtype
+    assert got.shape == (tokens + padding, heads * head_dim) and got.dtype == dtype
     torch.testing.assert_close(got[:tokens], expected, **TOLERANCE[dtype])
     assert torch.equal(got[tokens:], torch.zeros_like(got[tokens:])), "padding rows must be zeros"
     torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, atol=0, rtol=0)
+
+
+def _cos_sin(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import LlamaConfig
+
+    from strata.model.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4), head_dim, DEVICE)
+    return rope.cos_sin(torch.randint(0, 4096, (tokens,), device=DEVICE), dtype)
 
 
 # (heads, kv_heads, head_dim, dtype, block_size): GQA ratios 1, 3, 4, 8; head_dim 64, 128 and 80.
@@ -113,6 +129,14 @@ BATCHES = {
 def test_matches_reference(batch, heads, kv_heads, head_dim, dtype, block_size):
     query_lens, starts = BATCHES[batch]
     _check(query_lens, starts, UNIFIED, heads, kv_heads, head_dim, dtype, block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("backend,padding", [(UNIFIED, 0), (SPLIT_MANY, 2)], ids=["unified", "split-padded"])
+def test_rotary_fused_with_the_cache_write(backend, padding, dtype):
+    """The layer's `forward_rotary`: q and k rotated, k and v written to the cache by one kernel."""
+    _check(*BATCHES["decode" if padding else "mixed"], backend, heads=8, kv_heads=2, head_dim=64, dtype=dtype,
+           padding=padding, rotary=True)
 
 
 def test_shared_prefix_blocks():

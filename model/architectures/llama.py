@@ -88,8 +88,7 @@ class LlamaAttention(nn.Module):
         q, k = q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(q, k, cos, sin)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, kv_cache, attn)
+        out = self.attn.forward_rotary(q, k, v, cos, sin, kv_cache, attn)
         return self.o_proj(out)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend
+from strata.model.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -141,6 +142,26 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, heads*head_dim], k/v [T, kv_heads*head_dim] -> [T, heads*head_dim]."""
         return self.backend.forward(self, q, k, v, kv_cache, attn, attn.backend_metadata(self.backend))
+
+    def forward_rotary(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """`forward` of q [T, heads, head_dim], k [T, kv_heads, head_dim] not yet rotated (cos, sin:
+        `RotaryEmbedding.cos_sin`): the backend fuses the rotation with its cache write where it can."""
+        metadata = attn.backend_metadata(self.backend)
+        out = self.backend.forward_rotary(self, q, k, v, cos, sin, kv_cache, attn, metadata)
+        if out is not None:
+            return out
+        t = q.shape[0]
+        q, k = RotaryEmbedding.apply(q, k, cos, sin)
+        return self.backend.forward(self, q.reshape(t, -1), k.reshape(t, -1), v, kv_cache, attn, metadata)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

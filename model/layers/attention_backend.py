@@ -79,6 +79,23 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Cache this step's k/v, then attend: q [T, heads*head_dim] -> [T, heads*head_dim]."""
 
+    def forward_rotary(
+        self,
+        layer: PagedAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+        metadata: Any,
+    ) -> torch.Tensor | None:
+        """`forward` of q, k [T, heads, head_dim] before their rotary embedding, for a backend that
+        fuses the rotation with its cache write; None (the default): the caller rotates, then
+        calls `forward`."""
+        return None
+
 
 def register_attention_backend(name: str, target: str | type[AttentionBackend]) -> None:
     """Makes `name` selectable: `target` is a backend class or its "module:Class" path."""

@@ -1,6 +1,7 @@
 """The Triton attention backend: kernels that read the paged cache through the block table.
 
-A step is one cache write (`strata.model.kernels.kv_cache_write`) and one attention launch:
+A step is one cache write (`strata.model.kernels.kv_cache_write`, or fused with the rotary
+embedding of q and k: `forward_rotary`) and one attention launch:
 
     decode (max_query_len == 1), split-KV    the context of each sequence is cut into segments
                                              attended in parallel, then combined (two launches);
@@ -33,6 +34,7 @@ from strata.model.layers.attention_backend import AttentionBackend
 if triton_available():
     from strata.model.kernels.kv_cache_write import write_kv_cache
     from strata.model.kernels.paged_attention import unified_attention
+    from strata.model.kernels.rotary import apply_rotary_to_cache
     from strata.model.kernels.split_kv_attention import split_kv_attention, split_kv_scratch_numel
 
 if TYPE_CHECKING:
@@ -113,6 +115,17 @@ class TritonBackend(AttentionBackend):
         metadata: TritonMetadata,
     ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, attn.slot_mapping)
+        return self._attend(layer, q, kv_cache, attn, metadata)
+
+    def forward_rotary(self, layer, q, k, v, cos, sin, kv_cache, attn, metadata) -> torch.Tensor | None:
+        t = q.shape[0]
+        q = apply_rotary_to_cache(q, k, v.unflatten(-1, (layer.num_kv_heads, layer.head_dim)), cos, sin,
+                                  kv_cache, attn.slot_mapping)
+        return self._attend(layer, q.view(t, -1), kv_cache, attn, metadata)
+
+    def _attend(self, layer: PagedAttention, q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata,
+                metadata: TritonMetadata) -> torch.Tensor:
+        """Attention over the cache, this step's keys and values already in it."""
         segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
         if segments:
             numel = split_kv_scratch_numel(attn.num_seqs, layer.num_heads, layer.head_dim, segments)
