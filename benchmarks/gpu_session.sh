@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
-#          vs eager, kernels), tests (2+ GPUs), decode-tp1, decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2, decode-tp4,
+#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels, decode-tp1, decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2, decode-tp4,
 #          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep
 set -u
 OUT=${OUT:-/tmp/out}
@@ -14,7 +14,7 @@ B="python3 benchmarks/bench_engine.py"
 J="--json-out $OUT/results.jsonl"
 TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
-        echo "rc=$?"; grep -E "decode batch|throughput:|TTFT|HF generate|passed|failed|Error|KV cache size|Maximum concurrency|GPU time per|engine, batch" "$OUT/$name.log" | head -20; }
+        echo "rc=$?"; grep -E "all matmuls|decode batch|throughput:|TTFT|HF generate|passed|failed|Error|KV cache size|Maximum concurrency|GPU time per|engine, batch" "$OUT/$name.log" | head -20; }
 for step in $1; do
   case $step in
     setup)      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -26,6 +26,8 @@ for step in $1; do
     decode-qwen) run decode-qwen2 150 $B --shape qwen2-7b --tp 1 --backend mp --decode-batches 1,32 $J
                 run decode-qwen3 150 $B --shape qwen3-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
+    gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
+    moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
