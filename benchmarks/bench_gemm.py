@@ -1,6 +1,12 @@
 """The decode step's matmuls alone: every layer's projections of a shape, in one CUDA graph (GPU).
 
     python benchmarks/bench_gemm.py [--shape llama-3.1-8b] [--batches 1,32]
+    python benchmarks/bench_gemm.py --tune [--out FILE]   # the skinny matmul's table
+
+--tune times, for every projection of the Llama-3.1-8B, Qwen2-7B and Qwen3-8B shapes and each rows
+bucket of the skinny Triton matmul (model/kernels/skinny_matmul.py), cuBLAS against every
+candidate tile (at the bucket's fewest and most rows, summed, over a layer stack in one graph) and
+writes the winners that beat cuBLAS by more than 3% to --out (default: the bundled table).
 
 Each layer gets its own weights (as in the model, so nothing is served from L2), torch's cuBLAS
 picks the kernels, as in the engine. Printed beside the read floor of the same bytes at the
@@ -11,6 +17,7 @@ kernel can win back, the practical floor for the whole step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -20,6 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import measure_hbm_bandwidth  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
+from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
+
+TUNE_SHAPES = ("llama-3.1-8b", "qwen2-7b", "qwen3-8b")
+CANDIDATES = [(n, k, 4, s) for n in (16, 32, 64) for k in (64, 128, 256) for s in (3, 4, 5)]
 
 
 def layer_projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -51,11 +62,59 @@ def graph_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def stack_ms(matmul, xs: list[torch.Tensor], ws: list[torch.Tensor]) -> float:
+    """ms of `matmul(x, w)` over every w, in one graph, summed over the inputs xs."""
+    return sum(graph_ms(lambda x=x: [matmul(x, w) for w in ws]) for x in xs)
+
+
+def tune(out: str) -> None:
+    """The skinny matmul's table: per (N, K, rows bucket), the fastest tiles where they beat cuBLAS."""
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    shapes = {nk for name in TUNE_SHAPES for nk in layer_projections(SHAPES[name]).values()}
+    table = {"_about": json.loads(skinny.TILES_FILE.read_text())["_about"]}
+    for k, n in sorted(shapes):
+        ws = [torch.randn(n, k, dtype=dtype, device=dev) * 0.02 for _ in range(24)]
+        low = 1
+        for bucket in skinny.ROW_BUCKETS:
+            xs = [torch.randn(rows, k, dtype=dtype, device=dev) for rows in (low, bucket)]
+            low = bucket + 1
+            cublas = stack_ms(torch.nn.functional.linear, xs, ws)
+            best, best_ms = None, cublas
+            for tiles in CANDIDATES:
+                try:
+                    ref = torch.nn.functional.linear(xs[1], ws[0])
+                    got = skinny.skinny_matmul(xs[1], ws[0], *tiles)
+                    if not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                        print(f"  {n}x{k}/m{bucket} {tiles}: wrong result, skipped")
+                        continue
+                    ms = stack_ms(lambda x, w, t=tiles: skinny.skinny_matmul(x, w, *t), xs, ws)
+                except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
+                    print(f"  {n}x{k}/m{bucket} {tiles}: {type(err).__name__}, skipped")
+                    continue
+                if ms < best_ms:
+                    best, best_ms = tiles, ms
+            verdict = "cuBLAS kept"
+            if best is not None and best_ms < 0.97 * cublas:
+                table[skinny.tile_key(n, k, bucket)] = list(best)
+                verdict = f"kernel {best}"
+            print(f"{n}x{k} rows<={bucket}: cuBLAS {cublas / 48 * 1000:.1f} us, best kernel "
+                  f"{best_ms / 48 * 1000:.1f} us per matmul -> {verdict}", flush=True)
+        ws = None
+        torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {len(table) - 1} entries to {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--out", default=str(skinny.TILES_FILE))
     args = ap.parse_args()
+    if args.tune:
+        return tune(args.out)
     shape = SHAPES[args.shape]
     bandwidth = measure_hbm_bandwidth()
     dtype, dev = torch.bfloat16, torch.device("cuda")
@@ -72,12 +131,12 @@ def main() -> None:
             ms = graph_ms(lambda ws=ws, x=inputs[name]: [torch.nn.functional.linear(x, w) for w in ws])
             nbytes = sum(w.numel() * w.element_size() for w in ws)
             total_ms, total_bytes = total_ms + ms, total_bytes + nbytes
-            print(f"batch {batch} {name:8s} x{layers}: {ms:.3f} ms, {nbytes / ms / 1e9:.0f} GB/s "
+            print(f"batch {batch} {name:8s} x{layers}: {ms:.3f} ms, {nbytes / ms / 1e6:.0f} GB/s "
                   f"({nbytes / bandwidth * 1000 / ms:.0%} of the copy floor)")
         ms = graph_ms(lambda x=head_in: torch.nn.functional.linear(x, lm_head))
         nbytes = lm_head.numel() * 2
         total_ms, total_bytes = total_ms + ms, total_bytes + nbytes
-        print(f"batch {batch} lm_head:     {ms:.3f} ms, {nbytes / ms / 1e9:.0f} GB/s")
+        print(f"batch {batch} lm_head:     {ms:.3f} ms, {nbytes / ms / 1e6:.0f} GB/s")
         floor = total_bytes / bandwidth * 1000
         print(f"batch {batch}: all matmuls of a step {total_ms:.3f} ms, weight-read floor {floor:.3f} ms "
               f"at {bandwidth / 1e9:.0f} GB/s -> {total_ms / floor:.2f}x", flush=True)

@@ -27,6 +27,7 @@ for step in $1; do
                 run decode-qwen3 150 $B --shape qwen3-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
     gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
+    tune-gemm)  run tune-gemm 400 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.model.context import ModelContext
+from strata.model.kernels import triton_available
 
 
 class LoadedSlice(Protocol):
@@ -54,6 +55,19 @@ def default_weight_loader(param: nn.Parameter, loaded: LoadedSlice, shard_id: An
         copy_checked(param.data, read_all(loaded), "replicated parameter")
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or on CUDA for decode-sized x the Triton matmul that streams W, where the tuned
+    table (model/kernels/skinny_tiles.json) says it beats cuBLAS for this shape."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 32 and triton_available():
+        from strata.model.kernels.skinny_matmul import skinny_matmul, tiles_for
+
+        tiles = tiles_for(x, weight)
+        if tiles is not None:
+            y = skinny_matmul(x, weight, *tiles)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 def _param(data: torch.Tensor, loader: Any) -> nn.Parameter:
     p = nn.Parameter(data, requires_grad=False)
     p.weight_loader = loader  # type: ignore[attr-defined]
@@ -88,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
             copy_checked(param.data, read_narrow(loaded, 0, self.tp.rank * n, n), "column-parallel")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # this rank's slice of y; the next layer is row-parallel
+        return linear(x, self.weight, self.bias)  # this rank's slice of y; the next layer is row-parallel
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -187,7 +201,7 @@ class RowParallelLinear(nn.Module):
             copy_checked(param.data, read_narrow(loaded, 1, self.tp.rank * n, n), "row-parallel")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         # Without the reduction the caller sums the ranks' outputs, so only rank 0 adds the bias.

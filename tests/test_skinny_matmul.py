@@ -1,0 +1,67 @@
+"""The decode-sized Triton matmul (model/kernels/skinny_matmul.py) against torch's, under Triton's
+interpreter on CPU (float32 / float16) and compiled on a GPU; and which products take it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU
+pytest.importorskip("triton")
+
+from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
+from strata.model.layers.linear import linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("rows,n,k,tiles", [
+    (1, 96, 200, (32, 64, 4, 2)),    # N and K not multiples of their tiles
+    (5, 64, 128, (16, 128, 4, 3)),
+    (17, 48, 96, (16, 32, 2, 2)),    # the 32-row bucket
+    (32, 40, 64, (32, 64, 4, 2)),
+])
+def test_matches_torch(rows, n, k, tiles, dtype):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k**0.5
+    got = skinny.skinny_matmul(x, w, *tiles)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), w.float()).to(dtype), **TOLERANCE[dtype])
+
+
+def test_strided_rows_and_bad_shapes():
+    x = torch.randn(4, 2 * 64, device=DEVICE)[:, ::2]  # a strided view: read through its strides
+    w = torch.randn(32, 64, device=DEVICE)
+    torch.testing.assert_close(skinny.skinny_matmul(x, w, 16, 32, 2, 2), x @ w.T, **TOLERANCE[torch.float32])
+    with pytest.raises(ValueError, match="M <= 32"):
+        skinny.skinny_matmul(torch.randn(33, 64, device=DEVICE), w, 16, 32, 2, 2)
+    with pytest.raises(ValueError, match="weight"):
+        skinny.skinny_matmul(torch.randn(2, 63, device=DEVICE), w, 16, 32, 2, 2)
+
+
+def test_only_tuned_16_bit_cuda_products_take_the_kernel(monkeypatch, tmp_path):
+    table = tmp_path / "tiles.json"
+    table.write_text('{"_about": "notes", "32x64/m16": [16, 32, 2, 2]}')
+    tiles = skinny.load_tiles(str(table))
+    assert tiles == {"32x64/m16": (16, 32, 2, 2)}
+    assert skinny.load_tiles(str(tmp_path / "missing.json")) == {}  # unreadable: everything on cuBLAS
+    monkeypatch.setattr(skinny, "load_tiles", lambda: tiles)
+    w = torch.empty(32, 64, dtype=torch.float16)
+    assert skinny.tiles_for(torch.empty(3, 64, dtype=torch.float16), w) is None  # on CPU: torch's matmul
+    if torch.cuda.is_available():
+        w = w.cuda()
+        assert skinny.tiles_for(torch.empty(3, 64, dtype=torch.float16, device="cuda"), w) == (16, 32, 2, 2)
+        assert skinny.tiles_for(torch.empty(20, 64, dtype=torch.float16, device="cuda"), w) is None  # untuned bucket
+        assert skinny.tiles_for(torch.empty(3, 64, device="cuda"), w.float()) is None  # float32
+    x, w, b = torch.randn(3, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE), torch.ones(32, device=DEVICE)
+    torch.testing.assert_close(linear(x, w, b), x @ w.T + 1, **TOLERANCE[torch.float32])
+
+
+def test_bundled_table_reads():
+    assert all(len(v) == 4 for v in skinny.load_tiles().values())
