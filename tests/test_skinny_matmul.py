@@ -65,3 +65,18 @@ def test_only_tuned_16_bit_cuda_products_take_the_kernel(monkeypatch, tmp_path):
 
 def test_bundled_table_reads():
     assert all(len(v) == 4 for v in skinny.load_tiles().values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuned_shapes_match_cublas_in_bfloat16():
+    """Every product the bundled table sends to the kernel, at its bucket's fewest and most rows,
+    within bf16 rounding of cuBLAS (both accumulate in float32)."""
+    for key, tiles in skinny.load_tiles().items():
+        shape, bucket = key.split("/m")
+        n, k = map(int, shape.split("x"))
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        for rows in (int(bucket) - 15, int(bucket)):
+            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+            torch.testing.assert_close(skinny.skinny_matmul(x, w, *tiles), torch.nn.functional.linear(x, w),
+                                       atol=2e-2, rtol=2e-2)
