@@ -43,11 +43,12 @@ def test_only_decode_steps_are_padded() -> None:
         buffers.prepare(step_inputs([1], [0], [[1]]), pad_to=MAX_B + 1)
 
 
-def test_graphs_are_off_where_they_cannot_or_have_not_run() -> None:
+def test_graphs_are_off_where_they_cannot_or_have_not_run(monkeypatch) -> None:
     import torch
 
     from strata.actors.worker.rank import graphs_off_reason
     from strata.config import EngineConfig
+    from strata.model.layers.moe import FusedMoE
 
     class Model:  # what the decision reads of a model: its attention backend, and MoE or not
         attention_backend = type("Backend", (), {"name": "triton", "supports_cuda_graphs": True})()
@@ -59,6 +60,8 @@ def test_graphs_are_off_where_they_cannot_or_have_not_run() -> None:
     assert graphs_off_reason(EngineConfig(), gpu, Model()) is None
     assert graphs_off_reason(EngineConfig(), cpu, Model()) == "no GPU"
     assert graphs_off_reason(EngineConfig(enforce_eager=True), gpu, Model()) == "--enforce-eager"
+    assert graphs_off_reason(EngineConfig(), gpu, Moe()) is None  # the fused MoE path captures
+    monkeypatch.setattr(FusedMoE, "backend", "reference")
     assert "MoE" in graphs_off_reason(EngineConfig(), gpu, Moe())
     assert "2 ranks" in graphs_off_reason(EngineConfig(tensor_parallel_size=2), gpu, Model())
     assert graphs_off_reason(EngineConfig(tensor_parallel_size=2, cuda_graph_sizes=[1, 8]), gpu, Model()) is None

@@ -2,7 +2,7 @@
 
 On a GPU the defaults are Triton paged attention and CUDA graphs for decode; the reference
 backend (gather + SDPA) with --enforce-eager is the path the CPU tests hold exact. Random
-Llama, Qwen2 and Qwen3 weights, saved by transformers. Run with `pytest -m gpu`."""
+Llama, Qwen2, Qwen3 and Qwen3-MoE weights, saved by transformers. Run with `pytest -m gpu`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,18 @@ def _qwen3_config():
                        initializer_range=0.02, architectures=["Qwen3ForCausalLM"])
 
 
-CONFIGS = {"llama": llama_config, "qwen2": _qwen2_config, "qwen3": _qwen3_config}
+def _qwen3_moe_config():
+    """Qwen3-MoE-shaped: 16 experts, top-4, renormalised; the fused MoE kernels on CUDA."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=16,
+                          num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          vocab_size=32000, max_position_embeddings=4096, initializer_range=0.02,
+                          architectures=["Qwen3MoeForCausalLM"])
+
+
+CONFIGS = {"llama": llama_config, "qwen2": _qwen2_config, "qwen3": _qwen3_config, "qwen3-moe": _qwen3_moe_config}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -33,6 +33,7 @@ from strata.distributed.rank_layout import rank_coords
 from strata.distributed.step_plan import StepPlan
 from strata.model.architectures.partition import layer_range_for_stage
 from strata.model.context import ModelContext
+from strata.model.layers.moe import FusedMoE
 from strata.model.loader import load_model
 from strata.model_facts import ModelFacts
 
@@ -183,8 +184,8 @@ def graphs_off_reason(config: EngineConfig, device: torch.device, model) -> str 
         return "--enforce-eager"
     if not model.attention_backend.supports_cuda_graphs:
         return f"the {model.attention_backend.name} attention backend cannot be captured"
-    if hasattr(model, "expert_load"):
-        return "the MoE layer reads its expert counts on the host (until the fused MoE kernel)"
+    if hasattr(model, "expert_load") and FusedMoE.backend == "reference":
+        return "the reference MoE layer reads its expert counts on the host"
     if config.world_size > 1 and config.cuda_graph_sizes is None:
         # Captured collectives (NCCL inside the graph) have not run on a multi-GPU machine yet.
         return f"not yet validated with {config.world_size} ranks; pass --cuda-graph-sizes to try them"

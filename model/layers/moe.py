@@ -9,22 +9,32 @@ Two placements, chosen by `ModelContext.enable_expert_parallel` (the EP group is
 Either way a rank computes its partial sum of the layer's output for every token, so the layer ends
 with one all-reduce over the tp group (`SparseMoeBlock`), never one per expert. Attention stays
 tensor-parallel in both.
+
+Two computations of the same sum (`FusedMoE.backend`): on CUDA the fused path
+(`strata.model.kernels.fused_moe`: align by expert, Triton grouped GEMMs or `torch._grouped_mm`,
+as the tiles data says per token bucket), which never syncs with the host and so can be captured
+in a CUDA graph; elsewhere the reference, a matmul per expert that computes and rounds as Hugging
+Face's experts do, which is what the kernels are tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from strata.model.context import ModelContext
+from strata.model.kernels import triton_available
 from strata.model.layers.linear import LoadedSlice, ReplicatedLinear, copy_checked, read_narrow, slice_shape
 from strata.model.layers.moe_router import TopKRouter
 
 ExpertPart = Literal["gate", "up", "down", "gate_up"]
+# auto: fused on CUDA (Triton or grouped_mm per the tiles data), reference elsewhere. The others
+# force one path, on any device (tests run the Triton kernels in the interpreter on CPU).
+MoeBackend = Literal["auto", "reference", "triton", "grouped_mm"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,11 @@ class FusedMoE(nn.Module):
     token-expert pairs routed to each expert (all experts, not only local ones) since the last
     `take_counts()`; routing is replicated, so it is the same on every rank. The counts accumulate
     on the device: counting costs no host sync, only reading them does.
+
+    `backend` (class-wide, or per instance) picks the computation; see the module docstring.
     """
+
+    backend: ClassVar[MoeBackend] = "auto"
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, ctx: ModelContext):
         super().__init__()
@@ -129,7 +143,23 @@ class FusedMoE(nn.Module):
         return [ExpertShard(e, p) for e in self.local_experts for p in ("gate", "up")]
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], routing [T, k] -> this rank's unreduced share of sum_k weight * expert(x), [T, H].
+        """x [T, H], routing [T, k] -> this rank's unreduced share of sum_k weight * expert(x), [T, H]."""
+        backend = self.backend
+        if backend == "auto" and not (x.is_cuda and triton_available()):
+            backend = "reference"
+        if backend == "reference":
+            return self.forward_reference(x, topk_weights, topk_ids)
+        from strata.model.kernels.fused_moe import fused_moe  # Triton: imported where it runs
+
+        return fused_moe(
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.num_experts,
+            self.expert_start, self.expert_counts, backend=None if backend == "auto" else backend,
+        )
+
+    def forward_reference(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` as Hugging Face computes it: the kernels' reference, and the path off CUDA.
 
         Token-expert pairs are sorted by expert, so each local expert's tokens are one contiguous
         run: one gate_up and one down matmul per local expert, no loop over tokens.

@@ -1,0 +1,197 @@
+"""The routed experts of one MoE layer: fused Triton path vs torch._grouped_mm vs the per-expert loop (GPU).
+
+    python benchmarks/bench_moe.py [--shapes qwen3-30b-a3b,mixtral-8x7b] [--tokens 1,32,256,4096]
+                                   [--tp 1] [--iters 50]
+    python benchmarks/bench_moe.py --tune [--out FILE]    # sweep tiles, write the winners as data
+    python benchmarks/bench_moe.py --device cpu           # a check of the script (interpreter, tiny)
+
+Routing is random (softmax of random logits, top-k, renormalised), the same for every path. For
+each shape and token count T it prints, in microseconds per layer:
+  floor      bytes the layer must read (the experts T's pairs touch, gate_up + down, plus x and the
+             output) over the copy bandwidth measured at the start of this run;
+  triton     the fused path (align, gate_up + SiLU, down x weight, top-k sum), from a CUDA graph of
+             20 calls (the GPU's time alone), then eagerly (one call, host launches included);
+  grouped_mm the same align and sum around torch._grouped_mm, graphed;
+  loop       the reference layer (a matmul per expert, one host sync), eager: today's path;
+  dense mm   the same multiply-adds as two plain GEMMs (graphed): a compute reference for
+             thousands of tokens, where arithmetic, not the weight-read floor, binds;
+and each one's ratio to the floor, the bf16 max |triton - loop|, and the tiles the table gives T.
+
+--tune times candidate tiles (block_m, block_n, block_k, warps, stages; 18 or 24 per token count)
+for each shape and token count, graphed, keeps the fastest (or grouped_mm where it is faster
+still), and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
+the engine reads at start;
+STRATA_MOE_TILES=FILE tries a table without replacing the bundled one. `--tp N` benchmarks or
+tunes the shape of one rank of N with split experts (expert width / N). A full sweep compiles a
+few hundred kernels: run one shape per call (`--shapes qwen3-30b-a3b --iters 20`) to stay within
+a 10-minute command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_fused_ops import eager_us, graph_us  # noqa: E402
+from benchmarks.roofline import measure_hbm_bandwidth  # noqa: E402
+from benchmarks.shapes import SHAPES  # noqa: E402
+from strata.distributed.process_groups import single_rank_group  # noqa: E402
+from strata.model.context import ModelContext  # noqa: E402
+from strata.model.kernels.fused_moe import fused_moe  # noqa: E402
+from strata.model.kernels.moe_tuning import TILES_FILE, MoeTiles, lookup, shape_key  # noqa: E402
+from strata.model.layers.moe import FusedMoE  # noqa: E402
+
+TINY = dict(num_experts=8, num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=32)
+
+
+def moe_dims(name: str, tp: int) -> tuple[int, int, int, int]:
+    """(experts, top_k, hidden, expert width of one rank) of a shape in benchmarks/shapes.py."""
+    s = TINY if name == "tiny" else SHAPES[name]
+    experts = s.get("num_local_experts") or s["num_experts"]
+    width = s.get("moe_intermediate_size") or s["intermediate_size"]
+    return experts, s["num_experts_per_tok"], s["hidden_size"], width // tp
+
+
+class Case:
+    """One layer's weights and one step's inputs, on the device."""
+
+    def __init__(self, name: str, tokens: int, tp: int, device: torch.device, dtype: torch.dtype):
+        experts, self.top_k, hidden, width = moe_dims(name, tp)
+        self.layer = FusedMoE(hidden, experts, width, ModelContext(tp=single_rank_group(), dtype=dtype, device=device))
+        with torch.no_grad():
+            self.layer.w13_weight.normal_(0, 0.02)
+            self.layer.w2_weight.normal_(0, 0.02)
+        self.x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+        logits = torch.randn(tokens, experts, device=device)
+        weights, self.ids = logits.softmax(-1).topk(self.top_k)
+        self.weights = weights / weights.sum(-1, keepdim=True)
+        active = torch.unique(self.ids).numel()  # host-side set-up, not part of what is timed
+        element = torch.finfo(dtype).bits // 8
+        self.floor_bytes = active * 3 * hidden * width * element + 2 * tokens * hidden * element
+
+    def fused(self, backend: str, tiles: MoeTiles | None = None):
+        layer = self.layer
+        return lambda: fused_moe(self.x, layer.w13_weight, layer.w2_weight, self.weights, self.ids,
+                                 layer.num_experts, 0, layer.expert_counts, tiles=tiles, backend=backend)
+
+    def loop(self):
+        return lambda: self.layer.forward_reference(self.x, self.weights, self.ids)
+
+    def dense(self):
+        """The same arithmetic as two dense GEMMs (all pairs, one expert's weights): what the
+        tensor cores take where the layer is bound by compute, not by reading weights."""
+        rows = self.x.new_empty(self.x.shape[0] * self.top_k, self.x.shape[1]).normal_()
+        w13, w2 = self.layer.w13_weight[0], self.layer.w2_weight[0]
+        act = rows.new_empty(rows.shape[0], w2.shape[1])
+        return lambda: (torch.mm(rows, w13.T), torch.mm(act, w2.T))
+
+
+def bench(args, device: torch.device, dtype: torch.dtype) -> None:
+    bandwidth = measure_hbm_bandwidth()
+    cuda = device.type == "cuda"
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter: timings mean nothing)'}, "
+          f"torch {torch.__version__}, {dtype}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, tp={args.tp}, "
+          f"microseconds per layer (x floor)")
+    heads = ["floor", "triton graph", "triton eager", "grouped_mm", "loop eager", "dense mm"]
+    print(f"{'shape':<15}{'T':>6}" + "".join(f"{h:>20}" for h in heads) + f"{'max |diff|':>12}  tiles")
+    for name in args.shapes.split(","):
+        for tokens in map(int, args.tokens.split(",")):
+            case = Case(name, tokens, args.tp, device, dtype)
+            experts, top_k, hidden, width = moe_dims(name, args.tp)
+            tiles = lookup(tokens, top_k, experts, width, hidden)
+            floor = case.floor_bytes / bandwidth * 1e6
+            diff = (case.fused("triton")().float() - case.loop()().float()).abs().max().item()
+            if not cuda:
+                print(f"{name:<15}{tokens:>6}  ran; max |diff| {diff:.3g}")
+                continue
+            times = [graph_us(case.fused("triton"), args.iters), eager_us(case.fused("triton"), args.iters)]
+            times.append(graph_us(case.fused("grouped_mm"), args.iters) if dtype == torch.bfloat16 else float("nan"))
+            times.append(eager_us(case.loop(), args.iters))
+            times.append(graph_us(case.dense(), args.iters))
+            cells = [f"{floor:.1f}"] + [f"{t:.1f} ({t / floor:.1f}x)" for t in times]
+            t = tiles
+            used = f"{t.block_m}/{t.block_n}/{t.block_k} w{t.num_warps} s{t.num_stages} {t.backend}"
+            print(f"{name:<15}{tokens:>6}" + "".join(f"{c:>20}" for c in cells) + f"{diff:>12.3g}  {used}")
+
+
+def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[MoeTiles]:
+    if quick:
+        return [MoeTiles(16, 32, 32, 4, 2)]
+    if tokens * top_k <= 16 * experts:  # a few rows per expert: streaming weights, 16-row tiles
+        grid = itertools.product([16], [32, 64, 128], [64, 128, 256], [4], [3, 4])
+    else:  # dozens of rows per expert: tensor-core tiles
+        grid = itertools.product([32, 64, 128], [64, 128], [64], [4, 8], [3, 4])
+    return [MoeTiles(*c) for c in grid]
+
+
+def tune(args, device: torch.device, dtype: torch.dtype) -> None:
+    quick = device.type != "cuda"
+    table = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    for name in args.shapes.split(","):
+        experts, top_k, hidden, width = moe_dims(name, args.tp)
+        entries = table.setdefault(shape_key(experts, width, hidden), {})
+        for tokens in map(int, args.tokens.split(",")):
+            case = Case(name, tokens, args.tp, device, dtype)
+            want = case.loop()()
+            best, best_us = None, float("inf")
+            for tiles in candidates(tokens, top_k, experts, quick):
+                try:
+                    got = case.fused("triton", tiles)()
+                    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+                    us = graph_us(case.fused("triton", tiles), args.iters) if not quick else 0.0
+                except Exception as err:  # a tile that does not fit or miscomputes is skipped
+                    print(f"  {name} T={tokens} {tiles}: skipped ({type(err).__name__}: {str(err)[:80]})")
+                    continue
+                if us < best_us:
+                    best, best_us = tiles, us
+            if best is None:
+                raise SystemExit(f"{name} T={tokens}: no candidate tile worked")
+            entry: list = [best.block_m, best.block_n, best.block_k, best.num_warps, best.num_stages]
+            if not quick and dtype == torch.bfloat16:
+                grouped = graph_us(case.fused("grouped_mm", best), args.iters)
+                if grouped < best_us:
+                    entry.append("grouped_mm")
+                print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
+            entries[str(tokens)] = entry
+    table.setdefault("_about", "see strata.model.kernels.moe_tuning")
+    lines = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in sorted(table.items())]
+    with open(args.out, "w") as f:  # a shape a line, as the bundled file is written
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="qwen3-30b-a3b,mixtral-8x7b")
+    parser.add_argument("--tokens", default="1,32,256,4096")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--out", default=str(TILES_FILE))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --device cpu to check the script)")
+    if device.type == "cpu":  # the interpreter: tiny shapes, float32, and never the bundled table
+        args.shapes, args.tokens = "tiny", "1,9"
+        if args.out == str(TILES_FILE):
+            args.out = os.path.join(tempfile.gettempdir(), "moe_tiles_check.json")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    (tune if args.tune else bench)(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
