@@ -6,21 +6,27 @@ on the model: see actors/engine/engine_loop.py), and callers talk to it through 
 async stream of RequestDelta per request), `generate_batch` (offline: one list of deltas per
 engine step) and `abort`, which it inherits from EngineLoop. It loads no tokenizer: requests
 arrive as token ids (strata.engine_protocol.EngineRequest); text is the caller's business.
+
+The ranks are a Gang (actors/gang.py). A watchdog (actors/watchdog.py) watches it while serving;
+after a fault the engine thread calls `_rebuild` for a new gang and resumes every request on it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
 
 import torch
 
 from strata.actors.engine.engine_core import EngineCore
+from strata.actors.engine.engine_health import Fault
 from strata.actors.engine.engine_loop import EngineLoop
-from strata.actors.executor import DriverExecutor, rank_launcher
+from strata.actors.executor import DriverExecutor
+from strata.actors.gang import Gang, rebuild_config
+from strata.actors.nodes.node_address import node_ip
 from strata.actors.nodes.rendezvous import HeadRendezvous, hello_for
-from strata.actors.startup_log import log_startup
-from strata.actors.worker.rank import RankWorker
+from strata.actors.startup_log import log_gang, log_startup
+from strata.actors.watchdog import Watchdog
 from strata.config import EngineConfig
 from strata.distributed.sockets import bind_listener
 from strata.engine_protocol import EngineInfo
@@ -30,66 +36,71 @@ logger = logging.getLogger("strata")
 
 
 class Driver(EngineLoop):
-    """Brings up rank 0 and the other ranks, then runs the engine loop over them. Its methods:
-    generate, generate_batch, abort, stats, health (from EngineLoop); info, step_times, shutdown."""
+    """Brings up rank 0 and the other ranks (a Gang), then runs the engine loop over them, with a
+    watchdog that has the gang rebuilt when a rank dies or hangs. Its methods: generate,
+    generate_batch, abort, stats, health (from EngineLoop); info, rank_pids, step_times, shutdown."""
 
     def __init__(self, config_json: str, facts_json: str, placement=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config = EngineConfig.model_validate_json(config_json)
         self.facts = facts = ModelFacts.from_json(facts_json)
-        self.worker = RankWorker(config_json, facts_json, rank=0, local_device_index=0)
+        self._facts_json, self._placement = facts_json, placement
         self.rendezvous: HeadRendezvous | None = None
-        master_addr, listener = self._meet_nodes()
-        master_port = listener.getsockname()[1]
-        self.launcher = rank_launcher(config, config_json, facts_json, placement)
+        self.master_addr, listener = self._meet_nodes()
         try:
-            handle = self.launcher.start(master_addr, master_port)
-            self.rank_facts = self._bring_up_watching(handle, master_addr, master_port, listener)
-            self.launcher.wait_started(handle)
+            self.gang = Gang.start(config, facts_json, placement, self.master_addr, listener)
         except BaseException:
-            self.launcher.stop(timeout_s=0)
             if self.rendezvous is not None:
                 self.rendezvous.close(say_bye=False)  # the other nodes see the head go and exit
             raise
-        num_blocks = self.worker.num_blocks
+        self.rank_facts = self.gang.rank_facts
+        num_blocks = self.gang.num_blocks
         self.max_model_len = facts.max_model_len(config, num_blocks)
         log_startup(config, self.rank_facts, num_blocks, self.max_model_len)
-        self.executor = DriverExecutor(self.worker, self.rank_facts)
-        engine = EngineCore(config, self.executor, facts.vocab_size, facts.eos_token_ids,
+        engine = EngineCore(config, self.gang.executor, facts.vocab_size, facts.eos_token_ids,
                             self.max_model_len, num_blocks, is_moe=self.rank_facts[0]["moe"])
         self._info = EngineInfo(
             max_model_len=self.max_model_len, num_blocks=num_blocks, block_size=config.block_size,
             max_num_seqs=config.max_num_seqs, max_logprobs=config.max_logprobs,
             vocab_size=facts.vocab_size, ranks=self.rank_facts,
         )
-        super().__init__(engine, thread_setup=self._set_device)
+        # Across nodes the other nodes' ranks come from their own `strata serve --headless`, which
+        # this driver cannot restart yet: a fault there fails stop.
+        rebuild = self._rebuild if config.world_size > 1 and config.nnodes == 1 else None
+        super().__init__(engine, thread_setup=self._set_device, rebuild=rebuild, diagnose=self._diagnose_fault)
+        self.watchdog = Watchdog(self, lambda: self.gang, config.step_timeout_s) if rebuild else None
 
     def _set_device(self) -> None:
-        if self.worker.device.type == "cuda":
-            torch.cuda.set_device(self.worker.device)  # the current device is per thread
+        if self.gang.worker.device.type == "cuda":
+            torch.cuda.set_device(self.gang.worker.device)  # the current device is per thread
 
-    def _bring_up_watching(self, handle, master_addr: str, master_port: int, listener) -> list[dict]:
-        """Rank 0's bring-up, watching the other ranks meanwhile: one that dies while starting (an
-        import error on its node, a bad weight file, no memory) fails the start at once, with its
-        error, rather than leaving rank 0 in the rendezvous until dist_init_timeout_s."""
-        outcome: dict = {}
+    def _diagnose_fault(self, fault: Fault) -> Fault:
+        """The rank that died, when the step's own error (a closed socket) came before its exit
+        could be seen; else the fault as reported."""
+        if fault.rank is not None:
+            return fault
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            dead = self.gang.dead_rank()
+            if dead is not None:
+                return dead
+            time.sleep(0.05)
+        return fault
 
-        def bring_up() -> None:
-            try:
-                outcome["facts"] = self.worker.bring_up(master_addr, master_port, listener)
-            except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
-                outcome["error"] = err
-
-        thread = threading.Thread(target=bring_up, name="strata-bring-up", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
-            failure = self.launcher.failure(handle)
-            if failure is not None:
-                raise RuntimeError(f"a rank failed to start, so the engine cannot: {failure}")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["facts"]
+    def _rebuild(self, fault: Fault) -> DriverExecutor:
+        """On the engine thread, after a fault: every rank stopped, a new gang of the same layout,
+        its weights loaded again, the KV size of the first gang reused."""
+        started = time.monotonic()
+        self.gang.kill()
+        logger.info("old gang stopped in %.1f s; starting a new one (same layout, KV cache kept at %d blocks)",
+                    time.monotonic() - started, self.gang.num_blocks)
+        config = rebuild_config(self.config, self.gang.num_blocks)
+        started = time.monotonic()
+        self.gang = Gang.start(config, self._facts_json, self._placement, self.master_addr,
+                               bind_listener(self.master_addr))
+        self._set_device()
+        log_gang(self.gang.rank_facts, time.monotonic() - started)
+        return self.gang.executor
 
     def _meet_nodes(self):
         """Where torch.distributed's store listens (this node's private address, a socket bound
@@ -97,7 +108,7 @@ class Driver(EngineLoop):
         --master-addr, once every other node has joined (see actors/nodes/rendezvous.py)."""
         config = self.config
         if config.nnodes == 1:
-            master_addr = self.worker.node_ip()
+            master_addr = node_ip()
             return master_addr, bind_listener(master_addr)
         master_addr = config.master_addr
         self.rendezvous = HeadRendezvous(hello_for(config, "serve"), master_addr, config.master_port,
@@ -115,18 +126,26 @@ class Driver(EngineLoop):
     def info(self) -> EngineInfo:
         return self._info
 
+    def rank_pids(self) -> dict[int, int]:
+        """Each rank's process id in the gang serving now (tests kill ranks by pid)."""
+        return self.gang.pids()
+
     async def step_times(self) -> list[list[tuple[float, float]]]:
-        return [self.worker.step_times(), *await self.launcher.step_times()]
+        return [self.gang.worker.step_times(), *await self.gang.launcher.step_times()]
 
     def shutdown(self) -> None:
         if self._stopping:
             return
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.stop_loop()
+        gang = self.gang
         try:
-            self.executor.shutdown()
+            gang.executor.shutdown()
         except Exception:  # noqa: BLE001 - a rank already gone must not stop the rest of the shutdown
             logger.warning("could not send the shutdown plan to every rank", exc_info=True)
-        self.launcher.stop()
-        self.worker.shutdown()
+        gang.launcher.stop()
+        gang.worker.shutdown()
         if self.rendezvous is not None:
             self.rendezvous.close()  # headless nodes hear Bye and exit
+

@@ -22,8 +22,9 @@ def log_startup(config: EngineConfig, rank_facts: list[dict], num_blocks: int, m
         logger.info("stage %d -> %s -> [%s] -> layers %d-%d (%d layers)", stage, ", ".join(hosts), devices,
                     start, end - 1, end - start)
     for f in rank_facts:
-        logger.info("rank %d (tp %d, pp %d) on %s %s: %.1f MiB of %s weights loaded in %.1f s",
-                    f["rank"], f["tp_rank"], f["pp_rank"], f["host"], f["gpu"], f["param_bytes"] / 2**20,
+        logger.info("rank %d (tp %d, pp %d, pid %s) on %s %s: %.1f MiB of %s weights loaded in %.1f s",
+                    f["rank"], f["tp_rank"], f["pp_rank"], f.get("pid", "?"), f["host"], f["gpu"],
+                    f["param_bytes"] / 2**20,
                     f["dtype"], f["load_seconds"])
     tokens = num_blocks * config.block_size
     logger.info("KV cache size: %s tokens", f"{tokens:,}")
@@ -46,3 +47,9 @@ def _ranges(sizes: list[int]) -> str:
     if len(sizes) <= 8:
         return ", ".join(map(str, sizes))
     return ", ".join(map(str, sizes[:7])) + f", {sizes[7]}..{sizes[-1]}"
+
+
+def log_gang(rank_facts: list[dict], seconds: float) -> None:
+    """After a rebuild: the new gang's processes (tests and operators find a rank by its pid)."""
+    pids = ", ".join(f"rank {f['rank']} pid {f.get('pid', '?')}" for f in rank_facts)
+    logger.info("new gang up in %.1f s (weights loaded, KV cache allocated): %s", seconds, pids)

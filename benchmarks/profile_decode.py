@@ -97,7 +97,7 @@ def main() -> None:
         extra["enforce_eager"] = args.enforce_eager
         llm = LLM(write_shape(args.shape, tmp), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   distributed_executor_backend="mp", max_model_len=2048, max_num_batched_tokens=8192, **extra)
-        runner = llm._engine.driver.worker.runner  # a diagnosis reaches inside on purpose
+        runner = llm._engine.driver.gang.worker.runner  # a diagnosis reaches inside on purpose
         captured: dict = {}
         forward = runner.model.forward
 

@@ -99,6 +99,14 @@ class EngineConfig(BaseModel):
     dist_init_timeout_s: float = Field(120.0, gt=0)
     """mp backend across nodes: how long a node waits for the others before failing."""
 
+    step_timeout_s: float = Field(60.0, gt=0)
+    """A step not finished within this many seconds counts as a hung rank: the gang is rebuilt
+    (the step watchdog; --step-timeout)."""
+    max_recoveries: int = Field(3, ge=0)
+    """Gang rebuilds allowed within recovery_window_s; one more is a persistent fault: fail-stop."""
+    recovery_window_s: float = Field(600.0, gt=0)
+    """The window max_recoveries counts over, in seconds."""
+
     @field_validator("block_size")
     @classmethod
     def _block_size_power_of_two(cls, v: int) -> int:

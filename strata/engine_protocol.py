@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 from strata.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+EngineState = Literal["serving", "recovering", "failed"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,28 @@ def outside_vocabulary(token_ids: list[int], vocab_size: int, limit: int = 5) ->
 
 
 @dataclass(frozen=True)
+class EngineHealth:
+    """Where the engine stands: `serving` (steps run), `recovering` (a rank died or hung; the
+    gang is being rebuilt and requests in flight will resume), `failed` (fail-stop: too many
+    recoveries, or none possible; every request is refused). `reason` and `failed_rank` name
+    the last fault (None: none yet, or the rank is unknown); `recoveries` counts the rebuilds
+    that succeeded since the engine started."""
+
+    state: EngineState = "serving"
+    reason: str | None = None
+    failed_rank: int | None = None
+    recoveries: int = 0
+
+    @property
+    def serving(self) -> bool:
+        return self.state == "serving"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed stop: it runs no more steps. Servers answer 503 with this message."""
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """Facts about a started engine that callers validate against."""
 
@@ -151,8 +174,9 @@ class Engine(Protocol):
         (perf_counter at the step's end, host seconds / tokens the step computed)."""
         ...
 
-    async def health(self) -> bool:
-        """True while the engine can run steps."""
+    async def health(self) -> EngineHealth:
+        """The engine's state (serving, recovering or failed), the last fault and the number of
+        recoveries; answers at once (callers poll it)."""
         ...
 
     async def step_times(self) -> list[list[tuple[float, float]]]:

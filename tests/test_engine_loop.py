@@ -54,7 +54,7 @@ def test_generate_streams_deltas_until_the_final_one(loop_of) -> None:
     deltas = asyncio.run(_collect(loop.generate(request("a", max_tokens=5))))
     assert [len(d.token_ids) for d in deltas] == [1] * 5
     assert deltas[-1].finish_reason == "length" and not any(d.finished for d in deltas[:-1])
-    assert loop.health()
+    assert loop.health().state == "serving"
 
 
 def test_a_refused_request_raises_before_any_delta(loop_of) -> None:
@@ -131,7 +131,7 @@ def test_a_failing_step_fails_the_streams_and_the_health(loop_of) -> None:
     loop = loop_of(FakeExecutor(fail_at=2))
     with pytest.raises(RuntimeError, match="engine step failed: injected step failure"):
         asyncio.run(_collect(loop.generate(request("a", max_tokens=10))))
-    assert not loop.health()
+    assert loop.health().state == "failed"  # no gang to rebuild: fail-stop
     assert not loop.engine.has_unfinished()
 
 
@@ -146,7 +146,7 @@ def test_stopping_the_loop_fails_open_streams(loop_of) -> None:
             await _collect(stream)
 
     asyncio.run(main())
-    assert not loop.health()
+    assert loop.health().state == "failed"
 
 
 # ---- app/engines.py ----
@@ -176,7 +176,7 @@ def test_local_engine_runs_the_driver_on_the_callers_loop(loop_of) -> None:
         assert [d.finish_reason for d in deltas] == [None, None, "length"]
         steps = await _collect(engine.generate_batch([request("b", max_tokens=2), request("c", max_tokens=1)]))
         assert sum(len(s) for s in steps) == 3
-        assert await engine.health() is True
+        assert (await engine.health()).state == "serving"
         assert (await engine.stats())["generation_tokens_total"] == 6
         await engine.abort("unknown")
 

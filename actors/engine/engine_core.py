@@ -255,6 +255,29 @@ class EngineCore:
         self.scheduler.finish(seq, status)  # the scheduler tells the ranks, in its next output
         del self._seqs[seq.request_id]
 
+    # ---- after a fault ----
+
+    def resume_on(self, executor: Executor) -> int:
+        """Continues on a rebuilt gang, whose ranks know no sequence and hold no cache: every
+        unfinished request is queued again, oldest first, as prompt + the tokens it has produced
+        (recompute, as a preemption), to be announced afresh. Steps in flight are dropped: their
+        tokens were never delivered, so a stream neither repeats nor misses a token, and seeded
+        sampling continues where it stood (its noise is a function of (seed, position)).
+        Returns the number of requests resumed."""
+        self.executor = executor
+        self._in_flight.clear()
+        seqs = sorted(self._seqs.values(), key=lambda s: s.arrival_order)
+        self.block_manager = BlockManager(self.block_manager.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.scheduler.config, self.block_manager)
+        for seq in seqs:
+            if seq.output_token_ids:
+                seq.num_preemptions += 1  # its prompt logprobs were delivered: not computed again
+            seq.status, seq.arrival_order, seq.block_ids, seq.num_computed_tokens = SequenceStatus.WAITING, -1, [], 0
+            seq.in_flight, seq.num_in_flight_tokens, seq.pending_sample = 0, 0, False
+            seq.announced, seq.num_blocks_sent, seq.num_tokens_sent, seq.resume_pending = False, 0, 0, False
+            self.scheduler.add(seq)
+        return len(seqs)
+
     # ---- what the outside sees ----
 
     def stats(self) -> dict:

@@ -5,20 +5,29 @@ A step blocks on the model, so the engine runs in a thread; callers on any threa
 event loop iterates them (the engine thread hands deltas over with call_soon_threadsafe). No torch
 and no Ray here: the Driver (actors/driver.py) is an EngineLoop whose executor runs the ranks it
 brought up; tests run one with a fake executor on CPU.
+
+Faults (actors/engine/engine_health.py): a step that raises, or a fault the watchdog reports (a
+rank gone, a step past its timeout), turns the engine `recovering`; the engine thread then calls
+`rebuild` for a new gang's executor and resumes every request on it (EngineCore.resume_on), so
+streams continue. Commands queued meanwhile wait. Without `rebuild`, or past the recovery
+budget, the engine fails stop: every request, open or new, gets EngineDeadError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from strata.actors.engine.engine_core import EngineCore
-from strata.engine_protocol import EngineRequest, RequestDelta
+from strata.actors.engine.engine_core import EngineCore, Executor
+from strata.actors.engine.engine_health import Fault, HealthTracker
+from strata.engine_protocol import EngineDeadError, EngineHealth, EngineRequest, RequestDelta
 
 logger = logging.getLogger("strata")
 
@@ -34,18 +43,27 @@ class _Failure:
 
 # Called on the engine thread: one step's deltas of the sink's requests, or one failure.
 Sink = Callable[[list[RequestDelta] | _Failure], None]
+# Called on the engine thread after a fault: stops the old gang, starts a new one, returns its executor.
+Rebuild = Callable[[Fault], Executor]
+# Called first: the fault better told (the rank that died, rather than the socket error rank 0 saw).
+Diagnose = Callable[[Fault], Fault]
 
 
 class EngineLoop:
-    def __init__(self, engine: EngineCore, thread_setup: Callable[[], None] | None = None):
-        """Starts the engine thread; `thread_setup` runs first on it (e.g. torch.cuda.set_device)."""
+    def __init__(self, engine: EngineCore, thread_setup: Callable[[], None] | None = None,
+                 rebuild: Rebuild | None = None, diagnose: Diagnose | None = None):
+        """Starts the engine thread; `thread_setup` runs first on it (e.g. torch.cuda.set_device).
+        `rebuild`: how to replace the ranks after a fault (None: a fault fails stop)."""
         self.engine = engine
         self._thread_setup = thread_setup
+        self._rebuild = rebuild
+        self._diagnose = diagnose
+        self.tracker = HealthTracker(engine.config.max_recoveries, engine.config.recovery_window_s)
+        self.step_started: float | None = None  # monotonic start of the step running now (the watchdog's)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # engine thread only
         self._wake = threading.Event()
         self._stopping = False
-        self._failure: BaseException | None = None  # the first step that raised
         self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
         self._thread.start()
 
@@ -56,21 +74,66 @@ class EngineLoop:
             self._thread_setup()
         while not self._stopping:
             self._drain_commands()
+            fault = self.tracker.take_fault()
+            if fault is not None:
+                self._recover(fault)
+                continue
             if not self.engine.has_unfinished():
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
+            self.step_started = time.monotonic()
             try:
                 deltas = self.engine.step()
-            except Exception as err:  # noqa: BLE001 - every request must hear of it
-                logger.exception("engine step failed; failing the running requests")
-                if self._failure is None:
-                    self._failure = err
-                self._fail_all(RuntimeError(f"engine step failed: {err}"))
+            except Exception as err:  # noqa: BLE001 - recovered from, or every request hears of it
+                logger.debug("engine step failed", exc_info=True)
+                reason = f"engine step failed: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}"
+                self.tracker.report(Fault(reason))  # the watchdog's finding, if first, is kept
                 continue
+            finally:
+                self.step_started = None
             self._deliver(deltas)
         self._drain_commands()
         self._fail_all(RuntimeError("the engine was shut down"))  # nobody waits forever
+
+    def report_fault(self, fault: Fault) -> bool:
+        """From any thread (the watchdog): the engine leaves `serving` now, and the engine thread
+        recovers as soon as its current step ends (the caller makes it end: see actors/watchdog.py)."""
+        reported = self.tracker.report(fault)
+        if reported:
+            logger.error("engine fault: %s", fault.reason)
+            self._wake.set()
+        return reported
+
+    def _recover(self, fault: Fault) -> None:
+        """A new gang, and every request in flight resumed on it; fail-stop when that is not allowed."""
+        if self._diagnose is not None:
+            fault = self._diagnose(fault)
+            self.tracker.describe(fault)
+        if self._rebuild is None:
+            return self._fail_stop(f"{fault.reason} (this engine cannot rebuild its ranks)", fault.rank)
+        if not self.tracker.may_recover():
+            return self._fail_stop(f"{fault.reason}; {self.tracker.budget_text()}: a persistent fault, "
+                                   "failing stop", fault.rank)
+        rank = f"rank {fault.rank}" if fault.rank is not None else "a rank"
+        logger.warning("%s failed (%s): recovering; %d request(s) in flight will resume", rank, fault.reason,
+                       len(self._sinks))
+        started = time.monotonic()
+        try:
+            executor = self._rebuild(fault)
+        except Exception as err:  # noqa: BLE001 - tried again, within the recovery budget
+            logger.exception("rebuilding the gang failed")
+            self.tracker.report(Fault(f"rebuilding the gang after '{fault.reason}' failed: {err}", fault.rank))
+            return
+        resumed = self.engine.resume_on(executor)
+        self.tracker.recovered()
+        logger.warning("recovered in %.1f s: a new gang is serving; %d request(s) resumed (recoveries: %d)",
+                       time.monotonic() - started, resumed, self.tracker.health.recoveries)
+
+    def _fail_stop(self, reason: str, rank: int | None) -> None:
+        logger.error("the engine failed stop: %s", reason)
+        self.tracker.fail(reason, rank)
+        self._fail_all(EngineDeadError(reason))
 
     def _drain_commands(self) -> None:
         while True:
@@ -81,6 +144,9 @@ class EngineLoop:
             if cmd == "add":
                 requests, sink = payload
                 for request in requests:
+                    if self.tracker.health.state == "failed":
+                        _hand_over(sink, _Failure(request.request_id, EngineDeadError(self.tracker.health.reason)))
+                        continue
                     try:
                         self.engine.add_request(request)
                     except Exception as err:  # noqa: BLE001 - reported to that request only
@@ -179,12 +245,16 @@ class EngineLoop:
     # ---- state ----
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The engine's counters, and its health as a dict (so a stats poll also sees the state)."""
+        return {**self.engine.stats(), "health": dataclasses.asdict(self.health())}
 
-    def health(self) -> bool:
-        """True while the engine thread runs and no step has failed: after a step raised, the
-        ranks' state is unknown (a collective may be half done), so the engine is unhealthy."""
-        return self._thread.is_alive() and self._failure is None and not self._stopping
+    def health(self) -> EngineHealth:
+        """The engine's state; answers at once, without the engine thread (it may be mid-step)."""
+        health = self.tracker.health
+        if self._stopping or not self._thread.is_alive():
+            reason = "the engine was shut down" if self._stopping else "the engine thread died"
+            return EngineHealth("failed", reason, health.failed_rank, health.recoveries)
+        return health
 
     def stop_loop(self, timeout_s: float = 30) -> None:
         """Stops the engine thread (every open stream fails with RuntimeError); idempotent."""

@@ -82,6 +82,19 @@ class ModelRunner:
                     SamplerOptions(**new.options), new.prompt_token_ids.tolist()
                 )
 
+    def _resume_sampling_states(self, plan: StepPlan) -> None:
+        """A sequence announced with outputs already (resumed on a rebuilt gang after a fault:
+        actors/engine/engine_core.py, resume_on) gives its sampling state those outputs, so that
+        penalties see them and its seeded stream continues at their count."""
+        if not self.coords.is_sampler:
+            return
+        for new in plan.new_sequences:
+            outputs = self.batch.token_ids(new.seq_id)[len(new.prompt_token_ids):]
+            if len(outputs):
+                state = self.sampling_states[new.seq_id]
+                state.output_token_ids = outputs.tolist()
+                state.num_sampled = len(state.output_token_ids)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan, defer: bool = False) -> StepResult | PendingStep | None:
         """Runs the plan; returns the result on the sampling rank, None elsewhere. With `defer`
@@ -91,6 +104,7 @@ class ModelRunner:
         self.timer.start()
         self._update_sampling_states(plan)
         inputs = self.batch.apply(plan)
+        self._resume_sampling_states(plan)
         if inputs.num_seqs == 0:
             return StepResult(plan.step_id) if self.coords.is_sampler else None
         bucket = self.graphs.bucket_for(inputs.num_seqs, inputs.num_tokens) if self.graphs else None

@@ -115,7 +115,7 @@ class RankWorker:
             model.expert_load()  # the profiling forward routed dummy tokens: do not report them
         facts = {
             "rank": self.coords.rank, "tp_rank": self.coords.tp_rank, "pp_rank": self.coords.pp_rank,
-            "host": socket.gethostname(), "ip": ip, "device": str(self.device),
+            "pid": os.getpid(), "host": socket.gethostname(), "ip": ip, "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "layers": list(layer_range), "dtype": str(dtype).removeprefix("torch."),
             "param_bytes": model.param_bytes(), "load_peak_bytes": load_memory.growth,

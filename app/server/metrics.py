@@ -22,6 +22,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from strata.app.output.processor import CompletionUpdate
+from strata.engine_protocol import EngineHealth
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so quantiles over either name agree with vLLM's.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -81,6 +82,14 @@ FAMILIES: dict[str, Family] = {
                          buckets=_REQUEST_BUCKETS),
     "step": Family(Histogram, "strata:step_duration_seconds", (), "Wall time of one engine step, per rank.",
                    ("rank",), _STEP_BUCKETS),
+    "engine_state": Family(Gauge, "strata:engine_state", (),
+                           "1 for the engine's state now (serving, recovering or failed), 0 for the others.",
+                           ("state",)),
+    "engine_fault": Family(Gauge, "strata:engine_last_fault_info", (),
+                           "1, labelled with the last fault's reason and rank (-1: unknown), once there was one.",
+                           ("reason", "failed_rank")),
+    "recoveries": Family(Gauge, "strata:engine_recoveries", (),
+                         "Times the engine rebuilt its ranks after a fault and resumed its requests."),
     "host_overhead": Family(Histogram, "strata:step_host_overhead_seconds",
                             (), "Engine host time per step (schedule, plan, outputs: the step's wall time less "
                                 "the ranks'), sampled from recent steps.", buckets=_HOST_BUCKETS),
@@ -121,6 +130,9 @@ class ServerMetrics:
     queue_time: Histogram
     step: Histogram
     host_overhead: Histogram
+    engine_state: Gauge
+    engine_fault: Gauge
+    recoveries: Gauge
 
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
@@ -139,10 +151,13 @@ class ServerMetrics:
         self._totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "num_preemptions_total": 0}
         self._last_sample = {"step_host_overhead": 0.0, "step_tokens": 0.0}
         self._last_step_start: dict[int, float] = {}
+        self.update_health(EngineHealth())
 
     def update_stats(self, stats: dict[str, Any]) -> None:
         """The engine's polled stats into the gauges and counters; idempotent for the same stats."""
         name = self.model_name
+        if stats.get("health") is not None:
+            self.update_health(EngineHealth(**stats["health"]))
         self.running.labels(name).set(stats["num_running"])
         self.waiting.labels(name).set(stats["num_waiting"])
         self.kv_usage.labels(name).set(stats["kv_cache_usage"])
@@ -162,6 +177,17 @@ class ServerMetrics:
                 if ended > self._last_sample[key]:
                     histogram.labels(name).observe(value)
                     self._last_sample[key] = ended
+
+    def update_health(self, health: EngineHealth) -> None:
+        """The engine's state, last fault and recoveries (strata.engine_protocol.EngineHealth)."""
+        name = self.model_name
+        for state in ("serving", "recovering", "failed"):
+            self.engine_state.labels(name, state).set(1 if health.state == state else 0)
+        self.recoveries.labels(name).set(health.recoveries)
+        if health.reason is not None:
+            self.engine_fault.clear()
+            rank = str(health.failed_rank if health.failed_rank is not None else -1)
+            self.engine_fault.labels(name, health.reason[:200], rank).set(1)
 
     def update_step_times(self, per_rank: list[list[tuple[float, float]]]) -> None:
         """Observes the steps each rank finished since the last call (ranks keep recent ones)."""

@@ -1,0 +1,225 @@
+"""Starting, watching and killing the non-driver ranks: on Ray or as local processes.
+
+`RayRankLauncher` puts ranks 1..N-1 into their placement bundles as Ray actors; `MpRankLauncher`
+starts them as processes on this node. Either way every rank runs the same
+`RankWorker.bring_up`, and all but rank 0 enter `run_loop`. While serving, `dead_rank` says
+whether one is gone (a run loop that ended: a killed actor or process) and `kill` ends them all
+at once, a hung one too; `stop` is the orderly end, after the shutdown plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+
+import torch
+
+from strata.actors.engine.engine_health import Fault
+from strata.actors.nodes.node_address import DERIVED_ENV, DERIVED_ENV_LIST
+from strata.actors.worker.rank import RankWorker
+from strata.config import EngineConfig
+from strata.distributed.rank_layout import ranks_of_node
+from strata.distributed.sockets import HOST_IP_ENV
+
+logger = logging.getLogger("strata")
+
+# Variables every rank inherits from the driver's environment (besides any the user lists in
+# STRATA_FORWARD_ENV, comma-separated), so NCCL and gloo settings reach remote nodes.
+_FORWARD_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING", "STRATA_", "HF_", "OMP_")
+
+
+def rank_env() -> dict[str, str]:
+    """Environment for a rank process. This node's address, and the interfaces we derived from
+    it, are not forwarded: every node finds its own (the user's own choices are forwarded)."""
+    extra = {v.strip() for v in os.environ.get("STRATA_FORWARD_ENV", "").split(",") if v.strip()}
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in extra}
+    for key in (*DERIVED_ENV, DERIVED_ENV_LIST, HOST_IP_ENV):
+        env.pop(key, None)
+    # Multicast over NVLink has hung on the machines we test on; keep it off unless asked.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    return env
+
+
+class RayRankLauncher:
+    """Ranks 1..N-1 as Ray actors, one per placement bundle."""
+
+    def __init__(self, config_json: str, facts_json: str, world_size: int, placement):
+        import ray
+
+        self.placement = placement
+        actor_cls = ray.remote(RankWorker)
+        self.actors = []
+        for rank in range(1, world_size):
+            opts = dict(placement.actor_resources(), scheduling_strategy=placement.strategy_for_rank(rank),
+                        runtime_env={"env_vars": rank_env()}, name=None, max_concurrency=2)
+            self.actors.append(actor_cls.options(**opts).remote(config_json, facts_json, rank, 0))
+        self._loops = []
+
+    def start(self, master_addr: str, master_port: int):
+        """Begins bring-up on every remote rank; returns a handle to wait on."""
+        return [a.bring_up.remote(master_addr, master_port) for a in self.actors]
+
+    def failure(self, handle) -> str | None:
+        """The error of a rank whose bring-up already failed, if any (does not wait)."""
+        import ray
+
+        ready, _ = ray.wait(handle, num_returns=len(handle), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - reported to the caller as text
+                cause = getattr(err, "cause", None)  # the rank's own exception, without Ray's wrapping
+                return f"rank {1 + handle.index(ref)}: {cause if cause is not None else err}"
+        return None
+
+    def wait_started(self, handle) -> None:
+        import ray
+
+        ray.get(handle)
+        self._loops = [a.run_loop.remote() for a in self.actors]
+
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        """Awaited, not ray.get: the driver is an async actor, and a blocking get would stall
+        every request stream it serves while the ranks answer."""
+        return list(await asyncio.gather(*(a.step_times.remote() for a in self.actors)))
+
+    def dead_rank(self) -> Fault | None:
+        """A rank whose run loop ended while serving: its actor died (or the loop raised)."""
+        import ray
+
+        if not self._loops:
+            return None
+        ready, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        if not ready:
+            return None
+        rank = 1 + self._loops.index(ready[0])
+        try:
+            ray.get(ready[0], timeout=0)
+            why = "its run loop returned"
+        except Exception as err:  # noqa: BLE001 - reported as text
+            cause = getattr(err, "cause", None)
+            why = f"{type(err).__name__}: {cause if cause is not None else err}".splitlines()[0][:300]
+        return Fault(f"rank {rank}'s actor is gone ({why})", rank)
+
+    def stopped_rank(self) -> int | None:
+        return None  # Ray does not tell a stopped actor from a busy one
+
+    def kill(self) -> None:
+        """Kills every rank actor now (a hung one does not answer a shutdown)."""
+        import ray
+
+        actors, self.actors, self._loops = self.actors, [], []
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        import ray
+
+        if self._loops:
+            ray.wait(self._loops, num_returns=len(self._loops), timeout=timeout_s)
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def _mp_rank_main(config_json: str, facts_json: str, rank: int, device_index: int,
+                  master_addr: str, master_port: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    # Ctrl-C reaches the whole process group; the driver stops its ranks itself, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    worker = RankWorker(config_json, facts_json, rank, device_index)
+    worker.bring_up(master_addr, master_port)
+    worker.run_loop()
+    worker.shutdown()
+
+
+class MpRankLauncher:
+    """This node's ranks as local processes (the multiprocessing backend).
+
+    `node_ranks` are the global ranks this node runs (see `ranks_of_node`); the device index of
+    each is its place in that range. On node 0, rank 0 is the driver itself and is skipped here."""
+
+    def __init__(self, config_json: str, facts_json: str, node_ranks: range, gpus_on_node: int):
+        self.args = (config_json, facts_json)
+        self.node_ranks = node_ranks
+        self.gpus = gpus_on_node
+        self.procs: list[mp.Process] = []
+
+    def start(self, master_addr: str, master_port: int):
+        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
+        for rank in self.node_ranks:
+            if rank == 0:
+                continue
+            local = rank - self.node_ranks.start
+            device = local % self.gpus if self.gpus else 0
+            p = ctx.Process(target=_mp_rank_main, daemon=True, name=f"rank-{rank}",
+                            args=(*self.args, rank, device, master_addr, master_port, rank_env()))
+            p.start()
+            self.procs.append(p)
+        return None
+
+    def failure(self, handle) -> str | None:
+        for p in self.procs:
+            if p.exitcode not in (None, 0):
+                return f"{p.name} exited with code {p.exitcode} (its error is in this node's log above)"
+        return None
+
+    def wait_started(self, handle) -> None:
+        return None  # bring_up's collectives already synchronised every rank with the driver
+
+    def dead_rank(self) -> Fault | None:
+        """A rank process that exited while serving (any exit: a rank leaves only on shutdown)."""
+        for p in self.procs:
+            if p.exitcode is not None:
+                rank = int(p.name.removeprefix("rank-"))
+                how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
+                return Fault(f"rank {rank} (pid {p.pid}) {how}", rank)
+        return None
+
+    def stopped_rank(self) -> int | None:
+        """A rank process that is stopped (state T in /proc: SIGSTOP, a debugger)."""
+        for p in self.procs:
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state in ("T", "t"):
+                return int(p.name.removeprefix("rank-"))
+        return None
+
+    def kill(self) -> None:
+        """SIGKILLs every rank process now (a stopped or hung one too) and reaps it."""
+        procs, self.procs = self.procs, []  # the watchdog and the engine thread may both call it
+        for p in procs:
+            if p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            p.join(10)
+
+    async def step_times(self) -> list[list[tuple[float, float]]]:
+        return []
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []
+
+
+def rank_launcher(config: EngineConfig, config_json: str, facts_json: str,
+                  placement) -> RayRankLauncher | MpRankLauncher:
+    """The driver's launcher: Ray actors in the placement bundles, else this node's processes."""
+    if placement is not None:
+        return RayRankLauncher(config_json, facts_json, config.world_size, placement)
+    node_ranks = ranks_of_node(config.world_size, config.nnodes, 0)
+    return MpRankLauncher(config_json, facts_json, node_ranks, torch.cuda.device_count())
