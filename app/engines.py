@@ -9,17 +9,21 @@ Which Ray cluster: strata.app.ray_cluster (`ensure_ray`).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
 
 from strata.app.ray_cluster import ensure_ray
 from strata.config import EngineConfig
-from strata.engine_protocol import Engine, EngineInfo, EngineRequest, RequestDelta
+from strata.engine_protocol import Engine, EngineHealth, EngineInfo, EngineRequest, RequestDelta
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
+
+SHUTDOWN_WAIT_S = 60.0  # how long RayEngine.shutdown waits for the driver to stop its ranks
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -119,26 +123,38 @@ class RayEngine:
     async def stats(self) -> dict:
         return await self._call(self.actor.stats)
 
-    async def health(self) -> bool:
+    async def health(self) -> EngineHealth:
         try:
             return await self.actor.health.remote()
-        except Exception:  # noqa: BLE001 - an actor that cannot answer is not healthy
-            return False
+        except Exception as err:  # noqa: BLE001 - an actor that cannot answer is not healthy
+            return EngineHealth("failed", f"the driver actor does not answer: {type(_unwrap(err)).__name__}")
 
     async def step_times(self) -> list[list[tuple[float, float]]]:
         return await self._call(self.actor.step_times)
 
     def shutdown(self) -> None:
-        import ray
-
+        """Stops the driver (it stops its ranks), then frees the actor and placement groups;
+        waits up to SHUTDOWN_WAIT_S for the driver. Called on an event loop's thread (Serve calls
+        an ingress's `__del__` there), it waits on a thread of its own instead and returns at once:
+        the loop must go on serving meanwhile. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            ray.get(self.actor.shutdown.remote(), timeout=60)
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop on this thread: waiting here blocks nobody
+            return self._stop()
+        threading.Thread(target=self._stop, name="strata-engine-stop", daemon=True).start()
+
+    def _stop(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.shutdown.remote(), timeout=SHUTDOWN_WAIT_S)
         except Exception:  # noqa: BLE001 - the actor may already be gone
-            pass
-        ray.kill(self.actor, no_restart=True)
+            logger.debug("the driver did not stop cleanly", exc_info=True)
+        with suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
         self.placement.release()
 
 
@@ -166,7 +182,7 @@ class LocalEngine:
     async def stats(self) -> dict:
         return self.driver.stats()
 
-    async def health(self) -> bool:
+    async def health(self) -> EngineHealth:
         return self.driver.health()
 
     async def step_times(self) -> list[list[tuple[float, float]]]:

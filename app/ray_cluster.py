@@ -4,7 +4,9 @@
 waiting a bounded time for it to answer, or the one `ray start` recorded on this machine if it is
 this user's and answers at once; otherwise it starts a private local Ray that listens on loopback
 only. Never a cluster found by scanning for other processes. Every wait is bounded, and Ctrl-C
-ends it at once.
+ends it at once. The private Ray's processes run in sessions of their own, so a signal to this
+process's group (a terminal's Ctrl-C, systemd's SIGTERM) reaches the server, which drains, and
+not the Ray under it; `ray.shutdown()` still stops them.
 """
 
 from __future__ import annotations
@@ -156,6 +158,34 @@ def _loopback_node():
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
+@contextmanager
+def _own_sessions():
+    """While a private Ray starts: each process it spawns (GCS, raylet and, under it, the
+    workers; the dashboard agent, the log monitor) starts a session of its own. Else they share
+    this process's group, and SIGTERM to it kills them (Ray only blocks SIGINT in them) while the
+    server still drains onto them."""
+    try:
+        from ray._private import services
+    except ImportError:
+        yield
+        return
+    spawn = getattr(services, "ConsolePopen", None)
+    if spawn is None:  # a Ray that moved it: the processes share our group, as before
+        yield
+        return
+
+    class SessionPopen(spawn):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = spawn
+
+
 def ensure_ray(config: EngineConfig) -> None:
     """Joins the cluster `ray_target` picks (a named one must answer within NAMED_RAY_WAIT_S, else
     RayUnavailable), or starts a private local Ray on loopback sized so every rank gets its
@@ -179,7 +209,7 @@ def ensure_ray(config: EngineConfig) -> None:
     num_cpus = max(os.cpu_count() or 1, config.world_size + 2)
     logger.info("starting a private local Ray (%s); to use a cluster, name it with --address or RAY_ADDRESS",
                 target.why)
-    with _loopback_node() as loopback:
+    with _loopback_node() as loopback, _own_sessions():
         # address="local": never the recorded cluster, which ray.init(address=None) would join.
         context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
                            dashboard_host="127.0.0.1")

@@ -1,11 +1,17 @@
 """Running the server until Ctrl-C / SIGTERM, on either backend, then shutting down cleanly.
 
 ray: the Serve application (app/server/serve_app.py) behind Serve's HTTP proxy on --host/--port.
-On a signal, deleting the app makes Serve stop routing to it and drain in-flight requests for a
-bounded time; the replica then stops the engine, releasing its actors and placement groups.
-mp: the same FastAPI app under uvicorn with a LocalEngine; uvicorn drains on a signal
-(`timeout_graceful_shutdown`), then the engine stops. Across nodes, node 0 does this and every
-other node runs `serve_headless`: its ranks, no API.
+On a signal the replica drains (StrataIngress.drain) and stops the engine, releasing its actors
+and placement groups; then the app is deleted and Serve (and a Ray started here) stopped.
+mp: the same FastAPI app under uvicorn with a LocalEngine; on a signal the app drains (its
+listener stays open, answering 503), then uvicorn exits and the engine stops. Across nodes, node
+0 does this and every other node runs `serve_headless`: its ranks, no API.
+
+Either way the drain is app/server/drain.py's: new requests and /health get 503 with
+Retry-After, in-flight ones get --drain-timeout, the rest are cut with 503; a second signal cuts
+at once. SIGTERM to the whole process group (a terminal's Ctrl-C, systemd's default) drains the
+same way: the private local Ray runs in sessions of its own (app/ray_cluster.py), so the signal
+never reaches it.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ import logging
 import signal
 import sys
 import threading
+import time
+
+import uvicorn
 
 from strata.app.model_source import preflight
+from strata.app.server.drain import Drain
 from strata.app.server.settings import ServerSettings
 from strata.config import EngineConfig
 from strata.model_facts import ModelFacts
@@ -26,7 +36,8 @@ logger = logging.getLogger("strata")
 
 def _announce(settings: ServerSettings, port: int) -> None:
     name = (settings.served_model_name or ["?"])[0]
-    print(f"Strata is serving {name} at http://{settings.host}:{port} (OpenAI API under /v1). "
+    scheme = "https" if settings.ssl_certfile else "http"
+    print(f"Strata is serving {name} at {scheme}://{settings.host}:{port} (OpenAI API under /v1). "
           f"Ctrl-C to stop.", flush=True)
 
 
@@ -64,31 +75,80 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     _, settings = prepared
     # Until the app is up, SIGTERM interrupts start-up like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    rc = 0
+    rc, serving = 0, False
     try:
         ensure_ray(config)
+        signals = _Signals()  # again: ray.init put its own SIGTERM handler in (it ends the process)
         if config.driver_node:  # else the ingress, pinned there, would wait forever for a node that is not there
             check_driver_node(config)
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(ingress_app(config, settings), name=APP_NAME, route_prefix="/")
+        extra = {k: v for k, v in (("ssl_keyfile", settings.ssl_keyfile), ("ssl_certfile", settings.ssl_certfile),
+                                   ("root_path", settings.root_path)) if v}  # HTTPS, a proxy's path prefix
+        serve.start(http_options={"host": settings.host, "port": settings.port, **extra})
+        handle = serve.run(ingress_app(config, settings), name=APP_NAME, route_prefix="/")
+        handle.in_flight.remote().result(timeout_s=60)  # readies the handle the drain goes through
         _announce(settings, settings.port)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            pass
+        serving = signals.serving = True
+        signals.first.wait()
+        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
+                    settings.drain_timeout_s)
+        _drain_replica(handle, settings.drain_timeout_s, signals.again)
     except KeyboardInterrupt:
         pass
     except Exception as err:  # noqa: BLE001 - start-up failed: say why, then clean up
         print(f"strata serve: error: {err}", file=sys.stderr)
         rc = 1
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops waiting at once
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # from here, another Ctrl-C stops waiting at once
     if ray.is_initialized():  # else Serve's calls would start (or join) a Ray only to stop nothing
-        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
-                    settings.drain_timeout_s)
+        if not serving:
+            logger.info("shutting down: stopping Serve and the engine")
         _stop_serve(APP_NAME)
         ray.shutdown()
     return rc
+
+
+class _Signals:
+    """SIGINT / SIGTERM on the Ray backend: while starting, KeyboardInterrupt (start-up stops at
+    once); once `serving`, the first starts the drain and a second cuts it short."""
+
+    def __init__(self) -> None:
+        self.serving = False
+        self.first, self.again = threading.Event(), threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_: object) -> None:
+        if not self.serving:
+            raise KeyboardInterrupt
+        (self.again if self.first.is_set() else self.first).set()
+
+
+# Beyond the drain limit, how long the replica may take to cut requests and stop the engine.
+_REPLICA_STOP_S = 90.0
+
+
+def _drain_replica(handle, drain_timeout_s: float, again: threading.Event) -> None:
+    """Asks the replica (through the app's DeploymentHandle) to drain and stop its engine
+    (StrataIngress.drain) and waits for it; on `again` (a second signal) it asks the replica to
+    cut what is still in flight at once."""
+    try:
+        response = handle.drain.remote()
+        deadline = time.monotonic() + drain_timeout_s + _REPLICA_STOP_S
+        cut_asked = False
+        while time.monotonic() < deadline:
+            try:
+                finished, cut = response.result(timeout_s=0.5)
+            except TimeoutError:
+                if again.is_set() and not cut_asked:
+                    logger.info("second signal: cutting the requests still in flight now")
+                    handle.cut_now.remote()
+                    cut_asked = True
+                continue
+            logger.info("drain over: %d request(s) finished, %d cut", finished, cut)
+            return
+        logger.warning("the replica did not finish draining within %.0f s; stopping Serve anyway",
+                       drain_timeout_s + _REPLICA_STOP_S)
+    except Exception:  # noqa: BLE001 - deleting the app below still stops the replica and engine
+        logger.warning("the drain failed; stopping Serve", exc_info=True)
 
 
 def _stop_serve(app_name: str) -> None:
@@ -102,9 +162,49 @@ def _stop_serve(app_name: str) -> None:
         logger.warning("Serve shutdown failed", exc_info=True)
 
 
-def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
-    import uvicorn
+# After the drain, how long uvicorn may take to close the (idle) connections left.
+_UVICORN_CLOSE_S = 5
 
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, answering Ctrl-C / SIGTERM with the app's drain (app/server/drain.py) rather than
+    its own, which closes the listener at once and, at its limit, cancels the handlers (plain-text
+    500s, CancelledError tracebacks). Once the drain is over, uvicorn exits as usual."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float):
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Future | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self._loop is None or not self.started:  # still starting: uvicorn's own handling stops it
+            return super().handle_exit(sig, frame)
+        # Not recorded in uvicorn's captured signals: it would raise them again once it stopped,
+        # and the drain is the whole answer to them.
+        self._loop.call_soon_threadsafe(self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain_then_exit())
+        else:
+            logger.info("second signal: cutting the requests still in flight now")
+            self.drain.cut_now()
+
+    async def _drain_then_exit(self) -> None:
+        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
+                    self.drain_timeout_s)
+        finished, cut = await self.drain.run(self.drain_timeout_s)
+        logger.info("drain over: %d request(s) finished, %d cut", finished, cut)
+        self.should_exit = True
+
+
+def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     from strata.app.engines import start_engine
     from strata.app.model_source import load_tokenizer
     from strata.app.ray_serve_support import engine_start_errors
@@ -123,13 +223,15 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     except engine_start_errors() as err:  # another node is missing or unreachable: say which
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 1
-    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: ours
-    # turns SIGTERM into KeyboardInterrupt too, so the engine still shuts down below.
+    # Once serving, DrainingServer answers SIGINT/SIGTERM; before (and if uvicorn re-raises a
+    # signal from its start-up), ours turns SIGTERM into KeyboardInterrupt: the engine still stops.
     try:
         app = build_app(engine, settings, tokenizer)
-        server = uvicorn.Server(uvicorn.Config(
+        server = DrainingServer(uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
-            timeout_graceful_shutdown=int(settings.drain_timeout_s)))
+            timeout_graceful_shutdown=_UVICORN_CLOSE_S, ssl_keyfile=settings.ssl_keyfile,
+            ssl_certfile=settings.ssl_certfile, root_path=settings.root_path or ""), app.state.drain,
+            settings.drain_timeout_s)
 
         async def run() -> None:
             task = asyncio.create_task(server.serve())

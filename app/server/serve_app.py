@@ -5,8 +5,12 @@ it here, so they serve the same thing. The replica asks for no CPU (the ranks ho
 resources). At start it checks the model (preflight -> ModelFacts), loads the tokenizer once, and
 starts the engine through its engine factory (as Ray Serve LLM takes its engine class):
 `strata.app.engines.start_engine` unless another is given, which reserves the ranks' placement
-groups. On shutdown Serve drains in-flight requests for `drain_timeout_s`, then `__del__` stops
-the engine, releasing its actors and placement groups.
+groups. On shutdown `strata serve` calls `drain` (app/server/drain.py: 503 with Retry-After for
+new requests and /health, `drain_timeout_s` for those in flight, 503 for the rest), which then
+stops the engine, releasing its actors and placement groups; only then does it delete the app.
+Under `serve run` / `serve deploy`, Serve's own drain applies (it waits, without cutting, up to
+graceful_shutdown_timeout_s), then `__del__` stops the engine. Neither blocks the replica's
+event loop.
 """
 
 from __future__ import annotations
@@ -77,17 +81,40 @@ class StrataIngress:
         return self._api
 
     async def check_health(self) -> None:
-        """Serve restarts the replica (and with it the engine) when the engine stops answering."""
+        """Serve restarts the replica (and with it the engine) when the engine stops answering;
+        not once `drain` stopped it on purpose."""
+        if self._stopped:
+            return
         if not await self.client.healthy(self.settings.health_timeout_s):
             raise RuntimeError(f"the engine is not healthy (or did not answer within "
                                f"{self.settings.health_timeout_s} s)")
 
-    def __del__(self) -> None:
+    async def drain(self) -> tuple[int, int]:
+        """The shutdown `strata serve` asks for (app/server/drain.py), then the engine's stop.
+        Returns (finished, cut) of the requests in flight when it began."""
+        finished, cut = await self._api.state.drain.run(self.settings.drain_timeout_s)
+        await self._stop_engine()
+        return finished, cut
+
+    def in_flight(self) -> int:
+        """HTTP requests in flight. `strata serve` asks once at start-up, so that its handle's
+        router is ready when a signal comes (else the drain would start seconds late)."""
+        return self._api.state.drain.in_flight
+
+    def cut_now(self) -> None:
+        """A second Ctrl-C: `drain` cuts what is still in flight at once."""
+        self._api.state.drain.cut_now()
+
+    async def _stop_engine(self) -> None:
         if getattr(self, "_stopped", True):
             return
         self._stopped = True
         logger.info("shutting down the engine")
-        self.engine.shutdown()
+        # Its stop waits on the driver actor (up to a minute): off the replica's event loop.
+        await asyncio.to_thread(self.engine.shutdown)
+
+    async def __del__(self) -> None:
+        await self._stop_engine()  # Serve awaits an async __del__
 
 
 def ingress_app(config: EngineConfig, settings: ServerSettings,
@@ -101,7 +128,9 @@ def ingress_app(config: EngineConfig, settings: ServerSettings,
         # node (the head unless --driver-node), beside stage 0 and an HTTP proxy.
         ray_actor_options={"num_cpus": 0, "resources": driver_pin(config), "runtime_env": {"env_vars": rank_env()}},
         max_ongoing_requests=config.max_num_seqs + settings.max_waiting_requests + _EXTRA_ONGOING,
-        graceful_shutdown_timeout_s=settings.drain_timeout_s + 30,  # + the engine's own shutdown
+        # Serve's own drain (serve run / deploy: `strata serve` drains before it deletes the app,
+        # so here only the engine's stop is left), and the engine's stop.
+        graceful_shutdown_timeout_s=settings.drain_timeout_s + 30,
         graceful_shutdown_wait_loop_s=1.0,
         # --uvicorn-log-level means the same here: Serve's request log takes the place of uvicorn's.
         logging_config={"log_level": _SERVE_LOG_LEVEL[settings.uvicorn_log_level],
