@@ -27,6 +27,7 @@ from strata.app.vllm_flags import (
     check_vllm_options,
     human_readable_int,
 )
+from strata.app.vllm_server_flags import add_vllm_server_args, vllm_server_settings
 from strata.config import EngineConfig
 
 logger = logging.getLogger("strata")
@@ -106,6 +107,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--skip-tokenizer-init", action="store_true",
                      help="run without a tokenizer: prompts must be token ids, outputs carry no text "
                           "(config-only model directories, as for dummy-weight benchmarks)")
+    flt = p.add_argument_group("faults")
+    flt.add_argument("--step-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="a step running longer than this counts as a hung rank: the gang is rebuilt (default: 60)")
+    flt.add_argument("--max-recoveries", type=int, default=3,
+                     help="gang rebuilds allowed within --recovery-window; one more fails stop (default: 3)")
+    flt.add_argument("--recovery-window", type=float, default=600.0, metavar="SECONDS",
+                     help="the window --max-recoveries counts over (default: 600)")
     eng.add_argument("--attention-backend", choices=["triton", "reference"], default=None,
                      help="attention kernels (default: triton on a GPU, reference on CPU)")
 
@@ -158,6 +166,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="on Ctrl-C / SIGTERM, seconds in-flight requests may run before they are cut off")
     srv.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
                      default="info", help="log level of the HTTP server")
+    add_vllm_server_args(srv)
     p.set_defaults(func=run_serve)
     accept_vllm_spellings(p)
     return p
@@ -220,6 +229,8 @@ def engine_config_from_args(args: argparse.Namespace, backend: str, **fields: An
         "enforce_eager": args.enforce_eager, "cuda_graph_sizes": args.cuda_graph_sizes,
         "async_scheduling": args.async_scheduling,
         "attention_backend": args.attention_backend, "ray_address": args.address, "driver_node": args.driver_node,
+        "step_timeout_s": args.step_timeout, "max_recoveries": args.max_recoveries,
+        "recovery_window_s": args.recovery_window,
         **fields,
     })
 
@@ -240,6 +251,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
             host=args.host, port=args.port, served_model_name=names, max_waiting_requests=args.max_waiting_requests,
             max_n=args.max_n, max_tokens_cap=args.max_tokens_cap, drain_timeout_s=args.drain_timeout,
             uvicorn_log_level=args.uvicorn_log_level, generation_config=args.generation_config, **extra,
+            **vllm_server_settings(args),
         )
     except ValidationError as err:
         raise FlagError(describe_flags(err)) from None

@@ -5,8 +5,9 @@ Contract (vLLM's semantics):
 - Reported logprobs are those of the RAW model distribution (log_softmax of the logits as the
   model produced them), whatever penalties or truncation shaped the choice. A token's rank is
   1 + the number of tokens with a strictly higher logprob.
-- Processing order for the choice: min_tokens masking (eos and stop ids to -inf while the output
-  is shorter than min_tokens), repetition penalty over prompt + output tokens, frequency and
+- Processing order for the choice (vLLM's): allowed_token_ids (every other id to -inf), logit_bias
+  (added), bad_words (their ids to -inf) and min_tokens masking (eos and stop ids to -inf while
+  the output is shorter than min_tokens), repetition penalty over prompt + output tokens, frequency and
   presence penalties over output tokens, temperature. Greedy rows (temperature < 1e-5, or
   top_k == 1) take the argmax of the penalised logits (ties: the lowest token id); the others
   apply top-k, top-p, then min_p, and sample.
@@ -85,6 +86,7 @@ class SequenceSamplingState:
         self._min_tokens = o.min_tokens
         self._stop_ids = tuple(o.stop_token_ids)
         self._logprobs = o.logprobs or 0
+        self._logprob_ids = list(o.logprob_token_ids)
         self._flags = row_flags(o, self.is_greedy)
 
     @property
@@ -127,7 +129,10 @@ class LogprobReport:
     themselves: computed on the device, copied to the host without waiting (`launch`), read with
     one wait (`read`) when the caller needs them, which may be a step later."""
 
-    def __init__(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int):
+    def __init__(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int,
+                 chosen_ids: list[list[int]] | None = None):
+        """`chosen_ids[i]`, when not empty, are the ids row i reports instead of its top-k
+        (vLLM's logprob_token_ids)."""
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         chosen = logits.gather(1, token_ids.view(-1, 1))
         # Strictly higher logit <=> strictly higher logprob (same shift per row).
@@ -136,6 +141,11 @@ class LogprobReport:
         if k > 0:
             top_vals, top_ids = logits.topk(k, dim=-1)
             parts += [top_vals - lse, top_ids]
+        self._chosen_lens = [len(c) for c in chosen_ids] if chosen_ids and any(chosen_ids) else None
+        if self._chosen_lens is not None:
+            width = max(self._chosen_lens)
+            index = _tensor([c + [0] * (width - len(c)) for c in chosen_ids], torch.long, logits.device)
+            parts += [logits.gather(1, index) - lse, index]
         self.k = k
         self.token_ids = token_ids  # on the device: a later step can feed them as inputs
         self._event: torch.cuda.Event | None = None
@@ -155,6 +165,11 @@ class LogprobReport:
             tops = [list(zip(i, v, strict=True)) for i, v in zip(host[4], host[3], strict=True)]
         else:
             tops = [[] for _ in host[0]]
+        if self._chosen_lens is not None:
+            values, ids = host[-2], host[-1]
+            for r, n in enumerate(self._chosen_lens):
+                if n:
+                    tops[r] = list(zip(ids[r][:n], values[r][:n], strict=True))
         return host[1], host[2], tops, host[0]
 
 
@@ -176,6 +191,17 @@ class PendingSample:
         return [SampledToken(ids[i], lps[i], ranks[i], tops[i][: s._logprobs]) for i, s in enumerate(self.states)]
 
 
+def _apply_token_constraints(x: torch.Tensor, t: SamplingTensors) -> None:
+    """allowed_token_ids, then logit_bias, in place; index ops only (no host sync)."""
+    if t.allowed_rows is not None:
+        flat = x.view(-1)
+        keep = flat.index_select(0, t.allowed_index)
+        x.index_fill_(0, t.allowed_rows, float("-inf"))
+        flat.index_copy_(0, t.allowed_index, keep)
+    if t.bias_index is not None:
+        x.view(-1).index_add_(0, t.bias_index, t.bias_values)
+
+
 class Sampler:
     """Stateless; all per-sequence state lives in SequenceSamplingState."""
 
@@ -193,8 +219,10 @@ class Sampler:
         raw = logits.float()
         t = SamplingTensors(states, raw.shape[1], raw.device)
         # A processed copy when something edits in place; `raw` stays untouched for logprobs.
-        edited = t.min_tokens_index is not None or t.any_repetition or t.any_frequency
+        edited = (t.min_tokens_index is not None or t.any_repetition or t.any_frequency
+                  or t.bias_index is not None or t.allowed_rows is not None)
         x = raw.clone() if edited else raw
+        _apply_token_constraints(x, t)
         mask_min_tokens(x, states, t)
         apply_penalties(x, states, t)
 
@@ -209,7 +237,9 @@ class Sampler:
         k = min(max(s._logprobs for s in states), raw.shape[1])
         for s in states:
             s.num_sampled += 1
-        return PendingSample(LogprobReport(raw, token_ids, k), states)
+        vocab = raw.shape[1]  # ids beyond it (the engine's own check is the caller's) are left out, not gathered
+        chosen = [[t for t in s._logprob_ids if t < vocab] if s._logprob_ids else s._logprob_ids for s in states]
+        return PendingSample(LogprobReport(raw, token_ids, k, chosen), states)
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_ids: list[int], k: int

@@ -33,8 +33,8 @@ TEMPERATURE, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(6)  # columns
 _TOP_K, _SEED = range(2)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 # A row's needs as bits, so a batch's are one OR over its rows.
-F_GREEDY, F_SEEDED, F_TOP_P, F_TOP_K, F_MIN_P, F_REPETITION, F_FREQUENCY, F_MIN_TOKENS = (
-    1 << i for i in range(8)
+F_GREEDY, F_SEEDED, F_TOP_P, F_TOP_K, F_MIN_P, F_REPETITION, F_FREQUENCY, F_MIN_TOKENS, F_BANNED, F_BIAS, F_ALLOWED = (
+    1 << i for i in range(11)
 )
 
 
@@ -60,6 +60,7 @@ def row_flags(o: SamplerOptions, is_greedy: bool) -> int:
         | F_TOP_K * (o.top_k > 0) | F_MIN_P * (o.min_p > 0.0) | F_REPETITION * (o.repetition_penalty != 1.0)
         | F_FREQUENCY * (o.frequency_penalty != 0.0 or o.presence_penalty != 0.0)
         | F_MIN_TOKENS * (o.min_tokens > 0 and bool(o.stop_token_ids))
+        | F_BANNED * bool(o.banned_token_ids) | F_BIAS * bool(o.bias_token_ids) | F_ALLOWED * bool(o.allowed_token_ids)
     )
 
 
@@ -80,8 +81,10 @@ class SamplingTensors:
     repetition_penalty, frequency_penalty, presence_penalty, top_k (vocab where off), seed (int64
     bits, 0 where unseeded), position (tokens generated so far). `random_index` (which rows sample,
     None when all do), `seeded_index` (which of the sampling rows are seeded, None when all or none
-    are) and `min_tokens_index` (flat row * V + token ids to mask, None when none) are int64 device
-    tensors from the same copy.
+    are) and `min_tokens_index` (flat row * V + token ids to mask, None when none: min_tokens' stop
+    ids and bad_words) are int64 device tensors from the same copy. Rows with logit_bias or
+    allowed_token_ids add a copy of their own: `bias_index` / `bias_values` (flat ids, float32
+    values to add) and `allowed_rows` / `allowed_index` (the rows, and the flat ids they keep).
     """
 
     def __init__(self, states: list[SequenceSamplingState], vocab: int, device: torch.device) -> None:
@@ -113,12 +116,38 @@ class SamplingTensors:
             for i, s in enumerate(states) if positions[i] < s._min_tokens
             for t in s._stop_ids if 0 <= t < vocab
         ] if batch & F_MIN_TOKENS else []
+        if batch & F_BANNED:  # bad_words: masked at every position, as min_tokens' ids are early on
+            min_tokens_flat += [i * vocab + t for i, s in enumerate(states) for t in s.options.banned_token_ids
+                                if 0 <= t < vocab]
+        self.bias_index = self.bias_values = self.allowed_rows = self.allowed_index = None
+        if batch & (F_BIAS | F_ALLOWED):
+            self._upload_constraints(states, flags, vocab, device)
 
         self.floats = self.seed = self.position = None
         self.random_index = self.seeded_index = self.min_tokens_index = None
         self._raw_top_k = self._top_k = None
         if self.random_rows or self.any_repetition or self.any_frequency or min_tokens_flat:
             self._upload(states, positions, seeded, min_tokens_flat, device)
+
+    def _upload_constraints(self, states, flags, vocab, device) -> None:
+        """logit_bias and allowed_token_ids as flat indices (ids outside [0, vocab) dropped)."""
+        bias_ids, bias_values, rows, allowed = array("q"), array("f"), array("q"), array("q")
+        for i, (s, f) in enumerate(zip(states, flags, strict=True)):
+            o = s.options
+            if f & F_BIAS:
+                for t, v in zip(o.bias_token_ids, o.bias_values, strict=True):
+                    if 0 <= t < vocab:
+                        bias_ids.append(i * vocab + t)
+                        bias_values.append(v)
+            if f & F_ALLOWED:
+                rows.append(i)
+                allowed.extend(i * vocab + t for t in o.allowed_token_ids if 0 <= t < vocab)
+        if bias_ids:
+            self.bias_index = to_device(torch.frombuffer(bias_ids, dtype=torch.int64), device)
+            self.bias_values = to_device(torch.frombuffer(bias_values, dtype=torch.float32), device)
+        if rows:
+            self.allowed_rows = to_device(torch.frombuffer(rows, dtype=torch.int64), device)
+            self.allowed_index = to_device(torch.tensor(allowed.tolist(), dtype=torch.int64), device)
 
     def _upload(self, states, positions, seeded, min_tokens_flat, device) -> None:
         """One copy: the rows' records, then positions and the index lists as int64."""

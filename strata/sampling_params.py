@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Temperatures below this are greedy (argmax); the sampler uses the same bound.
 GREEDY_EPS = 1e-5
@@ -28,6 +28,7 @@ DEFAULT_MAX_LOGPROBS = 20
 INT64_MAX = 2**63 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 def _is_number(value: object) -> bool:
@@ -59,6 +60,11 @@ class SamplingParams:
     logprobs / prompt_logprobs: how many top alternatives to report per position (None: none).
     skip_special_tokens: leave special tokens out of the text. spaces_between_special_tokens: only
     True (the fast tokenizers' behaviour); False raises ValueError rather than being ignored.
+    logit_bias: {token id: value in [-100, 100]} added to the logits before sampling.
+    allowed_token_ids: sample only among these ids. logprob_token_ids: report these ids' logprobs
+    at each position instead of the top-k (logprobs becomes their count). bad_words: words never generated; the caller
+    resolves them to token ids with its tokenizer (`set_bad_words_token_ids`) before the engine
+    takes the request (strata.app.request_check). Ids are checked against the vocabulary there too.
     """
 
     n: int = 1
@@ -80,6 +86,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logprob_token_ids: list[int] | None = None
+    _bad_words_token_ids: list[int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.seed == -1:  # vLLM's "no seed" spelling
@@ -91,6 +102,15 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.bad_words = list(self.bad_words) if self.bad_words else None
+        if self.logprob_token_ids is not None:
+            # vLLM's: these ids' logprobs at each position, in place of the top-k (so as many of them).
+            self.logprob_token_ids = list(self.logprob_token_ids)
+            self.logprobs = len(self.logprob_token_ids)
         self.verify()
         if self.temperature < GREEDY_EPS:
             # Truncation cannot change an argmax; reset it so it is never applied by accident.
@@ -161,6 +181,7 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_token_ids must be non-negative 64-bit integers, got {_head(self.stop_token_ids)}."
                 )
+        self._verify_token_constraints()
         if self.spaces_between_special_tokens is not True:
             # Honoured or refused, never dropped: transformers' fast tokenizers and the tokenizers
             # library's DecodeStream (how every output is detokenized) have no such option.
@@ -169,6 +190,50 @@ class SamplingParams:
                 "Strata detokenizes with fast tokenizers (DecodeStream), which cannot change how "
                 "special tokens are spaced."
             )
+
+    def _verify_token_constraints(self) -> None:
+        for tid, value in (self.logit_bias or {}).items():
+            if not _is_int(tid) or not 0 <= tid <= INT64_MAX:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {tid!r}.")
+            if not _is_number(value) or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r} for token {tid}.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (it would allow no token at all).")
+            for t in self.allowed_token_ids:
+                if not _is_int(t) or not 0 <= t <= INT64_MAX:
+                    raise ValueError(f"allowed_token_ids must be non-negative token ids, got "
+                                     f"{_head(self.allowed_token_ids)}.")
+        if self.logprob_token_ids is not None:
+            if not self.logprob_token_ids:
+                raise ValueError("logprob_token_ids must not be empty.")
+            for t in self.logprob_token_ids:
+                if not _is_int(t) or not 0 <= t <= INT64_MAX:
+                    raise ValueError(f"logprob_token_ids must be non-negative token ids, got "
+                                     f"{_head(self.logprob_token_ids)}.")
+        for w in self.bad_words or []:
+            if not isinstance(w, str) or not w:
+                raise ValueError(f"bad_words must contain only non-empty strings, got {_head(self.bad_words)}.")
+
+    def set_bad_words_token_ids(self, encode) -> None:
+        """Resolves `bad_words` with `encode(text) -> ids` (no special tokens), with vLLM's meaning:
+        each word as written (leading spaces dropped), and with one leading space when that is a
+        different token sequence of the same length. Only words of one token can be banned without
+        the output so far on the device, so a word of several tokens raises ValueError."""
+        ids: list[int] = []
+        for word in self.bad_words or []:
+            plain = encode(word.lstrip())
+            if len(plain) != 1:
+                raise ValueError(f"bad_words: {word!r} is {len(plain)} tokens ({plain[:8]}); Strata bans words of "
+                                 f"one token only.")
+            spaced = encode(" " + word.lstrip())
+            ids += plain + (spaced if len(spaced) == 1 else [])
+        self._bad_words_token_ids = sorted(set(ids))
+
+    @property
+    def bad_words_token_ids(self) -> list[int] | None:
+        """The banned ids `set_bad_words_token_ids` resolved (None until it ran)."""
+        return self._bad_words_token_ids
 
     def _seed_range_message(self) -> str:
         top = "2**64 - 1" if self.n <= 1 else f"2**64 - {self.n} (completion i of n={self.n} uses seed + i)"

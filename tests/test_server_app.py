@@ -65,7 +65,7 @@ async def settle() -> None:
     ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs", "max_logprobs"),
     ('{"prompt": []}', 400, "prompt", "empty"),
     ('{"prompt": "hi", "best_of": 3}', 400, "best_of", ""),
-    ('{"prompt": "hi", "logit_bias": {"1": 5}}', 400, "logit_bias", ""),
+    ('{"prompt": "hi", "logit_bias": {"1": 500}}', 400, "logit_bias", "[-100, 100]"),
 ])
 @sync
 async def test_completion_errors(body, status, param, text):

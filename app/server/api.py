@@ -25,17 +25,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from strata.app.output.processor import OutputProcessor
 from strata.app.server.chat import ChatServing
 from strata.app.server.completions import CompletionServing
+from strata.app.server.drain import Drain, DrainMiddleware
 from strata.app.server.engine_client import EngineClient
 from strata.app.server.errors import error_response, install_error_handlers, model_not_found
 from strata.app.server.metrics import ServerMetrics
 from strata.app.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -43,17 +43,21 @@ from strata.app.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from strata.app.server.protocol_chat import ChatCompletionRequest
+from strata.app.server.protocol_completions import CompletionRequest
 from strata.app.server.settings import ServerSettings
 from strata.app.server.tokenizer import ServerTokenizer
+from strata.app.server.vllm_routes import install_vllm_extras, route_path
 from strata.engine_protocol import Engine, outside_vocabulary
 
 logger = logging.getLogger("strata.server")
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping"})  # /ping: SageMaker's health check, which sends no key
 # The largest request body taken (413 beyond): a prompt of the longest context in any script,
 # JSON-escaped, fits many times over. A module constant until ServerSettings has a field for it.
 MAX_BODY_BYTES = 4 << 20
 METRICS_WAIT_S = 1.0  # /metrics waits at most this long for fresh engine numbers
+HEALTH_WAIT_S = 0.8  # /health answers within a second, whatever the engine is doing
 
 
 @cache
@@ -74,7 +78,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or route_path(scope) in OPEN_PATHS or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if secrets.compare_digest(given, self.expected):
@@ -167,6 +171,7 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     names = settings.served_model_name or ["strata"]
     client = EngineClient(engine)
     tokens = ServerTokenizer(tokenizer)
+    tokens.default_template = settings.chat_template
     processor = OutputProcessor(tokenizer)
     metrics = ServerMetrics(names[0])
     completions = CompletionServing(client, tokens, processor, settings, names, metrics)
@@ -199,8 +204,12 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     app = FastAPI(title="Strata OpenAI-compatible API", version=strata_version(), lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)
-    if settings.api_key:  # added last, so it runs first: a stranger's body is never read
+    if settings.api_key:  # added after the body limit, so it runs first: a stranger's body is never read
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    install_vllm_extras(app, settings, tokens)  # outside the key check: a CORS preflight needs no key
+    # Outermost: during the shutdown drain every request, /health too, gets 503 (app/server/drain.py).
+    app.state.drain = Drain(settings.retry_after_s)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.state.client, app.state.settings, app.state.metrics = client, settings, metrics
     app.state.tokenizer = tokens
 
@@ -210,20 +219,34 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):
-        return await unless_disconnected(request, completions.create(body))
+        return await unless_disconnected(request, completions.create(body, request.headers.get("x-request-id")))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        return await unless_disconnected(request, chat.create(body))
+        return await unless_disconnected(request, chat.create(body, request.headers.get("x-request-id")))
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=n, root=names[0], max_model_len=client.max_model_len) for n in names])
+        return ModelList(data=[ModelCard(id=n, root=settings.model_root or names[0],
+                                         max_model_len=client.max_model_len) for n in names])
 
     @app.get("/health")
     async def health() -> Response:
-        ok = await client.healthy(settings.health_timeout_s)
-        return Response(status_code=200 if ok else 503)
+        """200 only while the engine is serving; the body says its state, the last fault (which
+        rank, why) and how many recoveries there were. Waits at most HEALTH_WAIT_S."""
+        state, answered = await client.health(min(HEALTH_WAIT_S, settings.health_timeout_s))
+        body = {"state": state.state, "reason": state.reason, "failed_rank": state.failed_rank,
+                "recoveries": state.recoveries, "answered": answered}
+        if not answered:
+            body["reason"] = f"the engine did not answer within {min(HEALTH_WAIT_S, settings.health_timeout_s):g} s"
+        metrics.update_health(state)
+        return JSONResponse(body, status_code=200 if answered and state.serving else 503)
+
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
+    async def ping() -> Response:
+        """SageMaker's health check (vLLM's /ping): the same answer as /health."""
+        return await health()
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

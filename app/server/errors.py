@@ -46,6 +46,8 @@ _KNOWN_PARAMS = {
     "repetition_penalty", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
     "top_logprobs", "prompt_logprobs", "prompt", "messages", "model", "best_of", "max_completion_tokens",
     "tokens", "chat_template", "suffix", "echo", "response_format", "tools", "user",
+    "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "truncation_side",
+    "logprob_token_ids", "continue_final_message", "stream_options", "chat_template_kwargs",
 }
 
 

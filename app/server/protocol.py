@@ -1,9 +1,13 @@
-"""The OpenAI wire format: pydantic models for every request and response body we speak.
+"""The OpenAI wire format's shared pieces: the base model every request uses, errors, usage, the
+sampling fields completions and chat share, /v1/models and /tokenize. The two generation APIs
+have their own files (protocol_completions.py, protocol_chat.py); which vLLM field Strata
+honours and which it refuses is vllm_fields.py's table.
 
-Requests accept the OpenAI fields plus vLLM's sampling extras (top_k, min_p, ...), with OpenAI's
-defaults; unknown fields are ignored, as vLLM does. Values are only type-checked here: their
-ranges are SamplingParams' business, so one place words every "temperature must be ..." error.
-Two checks are the wire's own: every string is valid Unicode (JSON's `"\ud800"` decodes to a lone
+Requests accept the OpenAI fields plus vLLM's extras, with vLLM's defaults. A field neither knows
+is accepted and logged as ignored, as vLLM does; a field vLLM knows but Strata cannot honour is a
+400 naming it (vllm_fields.py), never dropped. Values are only type-checked here: their ranges
+are SamplingParams' business, so one place words every "temperature must be ..." error.
+Two checks are the wire's own: every string is valid Unicode (JSON's `"\\ud800"` decodes to a lone
 surrogate, which no tokenizer takes), and a message's role is one of OpenAI's.
 """
 
@@ -13,7 +17,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 TokenIds = list[StrictInt]
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -33,7 +37,10 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A request body: undeclared fields are kept (`model_extra`) so the route can refuse the ones
+    it cannot honour and log the rest as ignored (vllm_fields.check_fields), as vLLM does."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 # ---- errors ----
@@ -52,13 +59,37 @@ class ErrorResponse(BaseModel):
 # ---- shared pieces ----
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: bool | None = True  # vLLM's default once stream_options is given
+    continuous_usage_stats: bool | None = False
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # Strata has no prefix cache: nothing is ever cached
 
 
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --enable-prompt-tokens-details
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_details(self, handler):
+        data = handler(self)
+        if data.get("prompt_tokens_details", 0) is None:
+            del data["prompt_tokens_details"]
+        return data
+
+
+class Logprob(BaseModel):
+    """One prompt position's entry in vLLM's `prompt_logprobs` ({token id: Logprob})."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 class SamplingFields(OpenAIModel):
@@ -73,7 +104,7 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: Text | None = None
+    user: Text | None = None  # names the end user; vLLM ignores it too (logged with the request)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras
@@ -86,6 +117,16 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[Text] = Field(default_factory=list)
+    prompt_logprobs: int | None = None
+    logprob_token_ids: Annotated[list[StrictInt], Field(min_length=1)] | None = None
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    request_id: Text | None = None
+    echo: bool = False
 
     def to_sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams keywords for the fields the client set (None keeps vLLM's default)."""
@@ -95,6 +136,8 @@ class SamplingFields(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            allowed_token_ids=self.allowed_token_ids, logit_bias=self._logit_bias(), bad_words=self.bad_words,
+            logprob_token_ids=self.logprob_token_ids,
         )
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty"):
@@ -103,53 +146,19 @@ class SamplingFields(OpenAIModel):
                 kwargs[name] = value
         return kwargs
 
-
-# ---- /v1/completions ----
-
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's completions default
-
-
-class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | TokenIds | list[TokenIds]
-    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: Text | None = None
-
-    def requested_max_tokens(self, cap: int | None) -> int | None:
-        """max_tokens as given (null: up to the context length), else OpenAI's default of 16,
-        lowered to the server's cap: a client that says nothing is never refused for it."""
-        if "max_tokens" in self.model_fields_set:
-            return self.max_tokens
-        return DEFAULT_COMPLETION_MAX_TOKENS if cap is None else min(DEFAULT_COMPLETION_MAX_TOKENS, cap)
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                out[int(key)] = value
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        return out
 
 
-class CompletionLogprobs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-# ---- /v1/chat/completions ----
+# ---- chat messages (chat and /tokenize) ----
 
 class TextPart(OpenAIModel):
     type: Literal["text"]
@@ -167,80 +176,22 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    chat_template: Text | None = None
-
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
 # ---- /v1/models ----
+
+class ModelPermission(BaseModel):
+    id: str = Field(default_factory=lambda: f"modelperm-{time.time_ns():x}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
 
 class ModelCard(BaseModel):
     id: str
@@ -248,7 +199,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "strata"
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(BaseModel):

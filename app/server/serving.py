@@ -1,6 +1,9 @@
 """What completions and chat share: checks every request passes before the engine sees it
 (model name, caps, context length, sampling values, backpressure, the engine's own limits),
-SamplingParams, and running a request through the engine and the output processor.
+SamplingParams, and running a request through the engine and the output processor; and what
+both shape alike with vLLM's meaning: the response id (X-Request-Id, else `request_id`), prompt
+truncation (`truncate_prompt_tokens`), usage (with --enable-prompt-tokens-details) and which
+stream chunks carry it (`stream_options`, --enable-force-include-usage).
 
 Each check raises APIError with the status and wording the OpenAI/vLLM clients expect. A request
 that passes is sent to the engine as token ids, once per completion (the output processor fans
@@ -21,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from strata.app.output.processor import CompletionUpdate, OutputProcessor, RequestProcessor
-from strata.app.request_check import check_request
+from strata.app.request_check import check_request, resolve_bad_words
 from strata.app.server.engine_client import EngineClient
-from strata.app.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded
+from strata.app.server.errors import bad_request, from_value_error, model_not_found, overloaded
 from strata.app.server.metrics import ServerMetrics
-from strata.app.server.protocol import SamplingFields, UsageInfo
+from strata.app.server.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from strata.app.server.request_log import log_request
 from strata.app.server.settings import ServerSettings
 from strata.app.server.streaming import merge, peek
 from strata.app.server.tokenizer import ServerTokenizer
@@ -65,11 +69,6 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def clamp_logprob(value: float) -> float:
-    # JSON has no -inf; vLLM reports it as -9999.0.
-    return max(value, -9999.0)
-
-
 class Serving:
     def __init__(self, client: EngineClient, tokenizer: ServerTokenizer, processor: OutputProcessor,
                  settings: ServerSettings, model_names: list[str], metrics: ServerMetrics):
@@ -92,8 +91,20 @@ class Serving:
         if request.n > self.settings.max_n:
             raise bad_request(f"n must be at most {self.settings.max_n} (the server's max_n), got {request.n}.",
                               "n")
-        if request.logit_bias:
-            raise bad_request("logit_bias is not supported.", "logit_bias")
+        best_of = getattr(request, "best_of", None) or (request.model_extra or {}).get("best_of")
+        if best_of is not None and best_of != request.n:
+            raise bad_request(f"best_of is not supported (it may only equal n={request.n}), got {best_of!r}.",
+                              "best_of")
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+        if request.logprob_token_ids is not None and getattr(request, "logprobs", None) in (None, False):
+            raise bad_request("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs are not available when `stream=True`.", "prompt_logprobs")
+        try:
+            request._logit_bias()
+        except ValueError as err:
+            raise from_value_error(err, "logit_bias") from None
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         if len(stop) > MAX_STOP_STRINGS:
             raise bad_request(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", "stop")
@@ -131,9 +142,51 @@ class Serving:
         The handlers always pass max_tokens, so a default max_tokens does not apply here."""
         defaults = {k: v for k, v in (self.settings.default_sampling_params or {}).items() if k != "max_tokens"}
         try:
-            return SamplingParams(**{**defaults, **kwargs})
+            params = SamplingParams(**{**defaults, **kwargs})
+            resolve_bad_words(self.tokenizer.tokenizer, params)
+            return params
         except ValueError as err:
             raise from_value_error(err) from None
+
+    def response_id(self, prefix: str, request: SamplingFields, header_id: str | None) -> tuple[str, str]:
+        """(the response's id, the base of its engine request ids). The id is vLLM's: `prefix-` +
+        the X-Request-Id header, else the body's request_id, else a random id. A client's id need
+        not be unique, so its engine ids get a random tail."""
+        given = header_id or request.request_id
+        if not given:
+            rid = random_id(prefix)
+            return rid, rid
+        return f"{prefix}-{given}", f"{prefix}-{given}-{uuid.uuid4().hex[:8]}"
+
+    def truncate(self, ids: list[int], request: SamplingFields) -> list[int]:
+        """The prompt after truncate_prompt_tokens (-1: max_model_len) from truncation_side
+        (left, the default: keep the last tokens; right: keep the first)."""
+        k = request.truncate_prompt_tokens
+        if k is None:
+            return ids
+        limit = self.client.max_model_len
+        if k == -1:
+            k = limit
+        if k > limit:
+            raise bad_request(f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({limit}). "
+                              f"Please request a smaller truncation size.", "truncate_prompt_tokens")
+        if len(ids) <= k:
+            return ids
+        return ids[:k] if request.truncation_side == "right" else ids[len(ids) - k:]
+
+    def usage(self, prompt_tokens: int, outputs: list[RequestOutput]) -> UsageInfo:
+        info = usage(prompt_tokens, outputs)
+        if self.settings.enable_prompt_tokens_details:
+            info.prompt_tokens_details = PromptTokensDetails(cached_tokens=0)
+        return info
+
+    def stream_usage(self, request: SamplingFields) -> tuple[bool, bool]:
+        """(usage chunk at the end, usage in every chunk), as vLLM decides them."""
+        options, forced = request.stream_options, self.settings.enable_force_include_usage
+        if options is None:
+            return forced, False
+        include = bool(options.include_usage) or forced
+        return include, include and bool(options.continuous_usage_stats)
 
     def admit(self, num_seqs: int) -> None:
         """503 with Retry-After when admitting these sequences would queue more than allowed."""
@@ -159,6 +212,8 @@ class Serving:
         a request the engine refuses (ValueError -> 400, naming `prompt_param` unless it names
         a field) fails here, before any response header is sent. `arrival` (a perf_counter
         time) starts each request's latency metrics."""
+        for r in requests:
+            log_request(self.settings, r.request_id, r.prompt, r.prompt_token_ids, r.params)
         processors = [self.processor.start(r.request_id, r.prompt, r.prompt_token_ids, r.params)
                       for r in requests]
         streams = [self.metrics.timed(self._request_updates(rp), arrival, len(rp.engine_requests))
@@ -202,9 +257,3 @@ def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
                      total_tokens=prompt_tokens + completion)
 
-
-def check_unsupported(request: Any, **fields: str) -> None:
-    """400 for each named field the client set (to anything truthy) that we cannot honour."""
-    for name, why in fields.items():
-        if getattr(request, name, None):
-            raise APIError(400, f"{name} is not supported{': ' + why if why else ''}.", name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from strata.model_facts import ModelFacts
@@ -61,11 +61,53 @@ class ServerSettings(BaseModel):
     top_k, min_p, repetition_penalty, max_tokens). None: not resolved yet; `for_model` reads them
     from `generation_config`."""
 
+    model_root: str | None = None
+    """/v1/models' `root`: the model as given (vLLM's model path); `for_model` fills it in."""
+    # vLLM's server flags, same names and meanings
+    chat_template: str | None = None
+    """The chat template's text (--chat-template: a file, or the template inline), instead of the
+    tokenizer's; the operator's, so it renders in process (a request's renders in the sandbox)."""
+    response_role: str = "assistant"
+    """The role of chat replies when the request asks for a generation prompt."""
+    root_path: str | None = None
+    """The path prefix a proxy serves the API under (FastAPI's root_path)."""
+    enable_prompt_tokens_details: bool = False
+    """usage.prompt_tokens_details ({"cached_tokens": 0}: there is no prefix cache)."""
+    enable_force_include_usage: bool = False
+    """Usage in every stream's last chunk, whatever stream_options says."""
+    enable_request_id_headers: bool = False
+    """An X-Request-Id header on every response (the request's, else a fresh one)."""
+    return_tokens_as_token_ids: bool = False
+    """Logprob tokens as 'token_id:N' unless a request says otherwise."""
+    enable_tokenizer_info_endpoint: bool = False
+    """GET /tokenizer_info (the tokenizer's configuration; it may name special tokens)."""
+    enable_server_load_tracking: bool = False
+    """GET /load: requests in flight on this server."""
+    enable_log_requests: bool = False
+    """Log each request's prompt and parameters (users' data: off by default)."""
+    max_log_len: int | None = Field(None, ge=0)
+    """Characters of prompt text (and prompt ids) a request log line keeps; None: all."""
+    allowed_origins: list[str] | None = None
+    """CORS origins ("*" for any). None: no CORS headers at all, so browsers on other origins are
+    refused (vLLM allows every origin by default; an open API should say so)."""
+    allowed_credentials: bool = False
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    """HTTPS: the key and certificate files (both or neither)."""
+
+    @model_validator(mode="after")
+    def _ssl_pair(self) -> ServerSettings:
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together: give both or neither")
+        return self
+
     def for_model(self, facts: ModelFacts) -> ServerSettings:
         """A copy completed from the model: the served name (when none was given) and the request
         defaults (when not given, read once from `generation_config`; logged). Raises ValueError
         for a --generation-config folder without a generation_config.json."""
-        update: dict[str, object] = {}
+        update: dict[str, object] = {"model_root": self.model_root or facts.served_name}
         if not self.served_model_name:
             update["served_model_name"] = [facts.served_name]
         if self.default_sampling_params is None:

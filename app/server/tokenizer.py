@@ -40,6 +40,8 @@ class ServerTokenizer:
         self._long_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-tokenizer-long")
         self._long_tokenizer: Any | None = None  # a copy, made on the long thread when first needed
         self.templates = TemplateSandbox()
+        self.default_template: str | None = None
+        """The server's --chat-template (the operator's: rendered in process), else the tokenizer's."""
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args, **kwargs))
@@ -66,9 +68,11 @@ class ServerTokenizer:
         return _encode(self._long_tokenizer, text, add_special_tokens)
 
     async def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
-                                  chat_template: str | None = None) -> str:
+                                  chat_template: str | None = None, template_kwargs: dict | None = None) -> str:
         """The templated prompt's text. A template that fails is the request's fault (400); one
-        the request brought renders in the sandbox, bounded."""
+        the request brought renders in the sandbox, bounded. `template_kwargs` (continue_final_message,
+        documents, chat_template_kwargs...) go to the template as in transformers."""
+        template_kwargs = template_kwargs or {}
         if self.tokenizer is None:
             raise ValueError(f"messages: the chat template failed: {NO_TOKENIZER}")
         if chat_template is not None:
@@ -76,19 +80,23 @@ class ServerTokenizer:
                 raise ValueError(f"chat_template may be at most {TEMPLATE_MAX_CHARS} characters long, "
                                  f"got {len(chat_template)}.")
             context = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
-            return await self.templates.render(chat_template, conversation, add_generation_prompt, context)
+            return await self.templates.render(chat_template, conversation, add_generation_prompt,
+                                               {**context, **template_kwargs})
         try:
+            if self.default_template is not None:
+                template_kwargs = {**template_kwargs, "chat_template": self.default_template}
             return await self._run(self.tokenizer.apply_chat_template, conversation, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt, **template_kwargs)
         except Exception as err:  # noqa: BLE001 - a template error is the request's fault
             raise ValueError(f"messages: the chat template failed: {err}") from None
 
     async def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True,
-                          chat_template: str | None = None) -> tuple[str, list[int]]:
+                          chat_template: str | None = None, template_kwargs: dict | None = None,
+                          add_special_tokens: bool = False) -> tuple[str, list[int]]:
         """(templated text, its token ids). The template holds the special tokens, so none are
-        added again: the ids are exactly the templated prompt's."""
-        text = await self.apply_chat_template(conversation, add_generation_prompt, chat_template)
-        return text, await self.encode(text, add_special_tokens=False)
+        added again (unless asked): the ids are exactly the templated prompt's."""
+        text = await self.apply_chat_template(conversation, add_generation_prompt, chat_template, template_kwargs)
+        return text, await self.encode(text, add_special_tokens=add_special_tokens)
 
     async def decode(self, token_ids: list[int]) -> str:
         try:

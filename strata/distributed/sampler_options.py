@@ -34,6 +34,12 @@ class SamplerOptions:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # logit_bias as two parallel lists (msgpack maps with int keys do not round-trip by default)
+    bias_token_ids: list[int] = field(default_factory=list)
+    bias_values: list[float] = field(default_factory=list)
+    allowed_token_ids: list[int] = field(default_factory=list)  # empty: every token allowed
+    banned_token_ids: list[int] = field(default_factory=list)  # bad_words, resolved to ids
+    logprob_token_ids: list[int] = field(default_factory=list)  # reported instead of the top-k
 
     @classmethod
     def from_params(cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...]) -> SamplerOptions:
@@ -51,4 +57,9 @@ class SamplerOptions:
             stop_token_ids=params.all_stop_token_ids(list(eos_token_ids)),
             logprobs=params.logprobs,
             prompt_logprobs=params.prompt_logprobs,
+            bias_token_ids=list((params.logit_bias or {}).keys()),
+            bias_values=[float(v) for v in (params.logit_bias or {}).values()],
+            allowed_token_ids=list(params.allowed_token_ids or []),
+            banned_token_ids=list(params.bad_words_token_ids or []),
+            logprob_token_ids=list(params.logprob_token_ids or []),
         )
