@@ -27,8 +27,18 @@ import uvicorn
 
 from strata.app.model_source import preflight
 from strata.app.server.drain import Drain
+from strata.app.server.fail_stop import (
+    ASK_S,
+    FAIL_STOP_DRAIN_S,
+    FAIL_STOP_EXIT_CODE,
+    FAIL_STOP_LINGER_S,
+    POLL_S,
+    log_fail_stop,
+    wait_for_fail_stop,
+)
 from strata.app.server.settings import ServerSettings
 from strata.config import EngineConfig
+from strata.engine_protocol import EngineHealth
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata")
@@ -84,14 +94,18 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
         extra = {k: v for k, v in (("ssl_keyfile", settings.ssl_keyfile), ("ssl_certfile", settings.ssl_certfile),
                                    ("root_path", settings.root_path)) if v}  # HTTPS, a proxy's path prefix
         serve.start(http_options={"host": settings.host, "port": settings.port, **extra})
-        handle = serve.run(ingress_app(config, settings), name=APP_NAME, route_prefix="/")
+        handle = serve.run(ingress_app(config, settings, fail_stop_exits=True), name=APP_NAME, route_prefix="/")
         handle.in_flight.remote().result(timeout_s=60)  # readies the handle the drain goes through
         _announce(settings, settings.port)
         serving = signals.serving = True
-        signals.first.wait()
-        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine",
-                    settings.drain_timeout_s)
-        _drain_replica(handle, settings.drain_timeout_s, signals.again)
+        failed = _wait_for_signal_or_fail_stop(handle, signals.first)
+        drain_s = settings.drain_timeout_s
+        if failed is not None:
+            log_fail_stop(failed)
+            rc, drain_s = FAIL_STOP_EXIT_CODE, FAIL_STOP_DRAIN_S
+            signals.first.wait(FAIL_STOP_LINGER_S)
+        logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine", drain_s)
+        _drain_replica(handle, drain_s, signals.again)
     except KeyboardInterrupt:
         pass
     except Exception as err:  # noqa: BLE001 - start-up failed: say why, then clean up
@@ -120,6 +134,21 @@ class _Signals:
         if not self.serving:
             raise KeyboardInterrupt
         (self.again if self.first.is_set() else self.first).set()
+
+
+def _wait_for_signal_or_fail_stop(handle, signal_seen: threading.Event) -> EngineHealth | None:
+    """Waits for a signal (returns None) or for the engine to fail stop (returns its health),
+    asking the replica every POLL_S; a replica that cannot answer (Serve restarting it) is asked
+    again, not taken for failed."""
+    while not signal_seen.wait(POLL_S):
+        try:
+            health = handle.engine_health.remote().result(timeout_s=ASK_S)
+        except Exception:  # noqa: BLE001 - no answer is no verdict
+            logger.debug("health poll failed", exc_info=True)
+            continue
+        if health is not None and health.state == "failed":
+            return health
+    return None
 
 
 # Beyond the drain limit, how long the replica may take to cut requests and stop the engine.
@@ -177,6 +206,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining: asyncio.Future | None = None
+        self.exit_code = 0
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -203,6 +233,17 @@ class DrainingServer(uvicorn.Server):
         logger.info("drain over: %d request(s) finished, %d cut", finished, cut)
         self.should_exit = True
 
+    async def exit_on_fail_stop(self, engine_health) -> None:
+        """Once the engine has failed stop: FAIL_STOP_LINGER_S of 503s with the reason, a short
+        drain, then uvicorn exits with FAIL_STOP_EXIT_CODE (app/server/fail_stop.py)."""
+        log_fail_stop(await wait_for_fail_stop(engine_health))
+        self.exit_code = FAIL_STOP_EXIT_CODE
+        await asyncio.sleep(FAIL_STOP_LINGER_S)
+        if self._draining is None:  # else a signal's drain is under way and will exit
+            self._draining = asyncio.ensure_future(self.drain.run(FAIL_STOP_DRAIN_S))
+            await self._draining
+            self.should_exit = True
+
 
 def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     from strata.app.engines import start_engine
@@ -225,6 +266,7 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
         return 1
     # Once serving, DrainingServer answers SIGINT/SIGTERM; before (and if uvicorn re-raises a
     # signal from its start-up), ours turns SIGTERM into KeyboardInterrupt: the engine still stops.
+    server: DrainingServer | None = None
     try:
         app = build_app(engine, settings, tokenizer)
         server = DrainingServer(uvicorn.Config(
@@ -240,7 +282,11 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
             if server.started:
                 sockets = [s for srv in server.servers for s in srv.sockets]
                 _announce(settings, sockets[0].getsockname()[1] if sockets else settings.port)
-            await task
+            watch = asyncio.create_task(server.exit_on_fail_stop(engine.health))
+            try:
+                await task
+            finally:
+                watch.cancel()
 
         asyncio.run(run())
     except KeyboardInterrupt:
@@ -248,7 +294,7 @@ def serve_with_uvicorn(config: EngineConfig, settings: ServerSettings) -> int:
     finally:
         logger.info("stopping the engine")
         engine.shutdown()
-    return 0
+    return server.exit_code if server is not None else 0
 
 
 def serve_headless(config: EngineConfig, settings: ServerSettings) -> int:

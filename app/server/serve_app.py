@@ -29,7 +29,7 @@ from strata.app.server.api import build_app as build_fastapi_app
 from strata.app.server.engine_client import EngineClient
 from strata.app.server.settings import ServerSettings
 from strata.config import EngineConfig, describe_validation_error
-from strata.engine_protocol import Engine
+from strata.engine_protocol import Engine, EngineHealth
 from strata.model_facts import ModelFacts
 
 logger = logging.getLogger("strata.server")
@@ -60,9 +60,10 @@ logger = logging.getLogger("strata")
 @serve.ingress()
 class StrataIngress:
     async def __init__(self, engine_config: dict[str, Any], server_settings: dict[str, Any],
-                       engine_factory: EngineFactory | None = None):
+                       engine_factory: EngineFactory | None = None, fail_stop_exits: bool = False):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._stopped = True  # until there is an engine to stop
+        self._fail_stop_exits = fail_stop_exits
         self.config = EngineConfig.model_validate(engine_config)
         settings = ServerSettings.model_validate(server_settings)
         facts = await asyncio.to_thread(preflight, self.config)
@@ -81,13 +82,17 @@ class StrataIngress:
         return self._api
 
     async def check_health(self) -> None:
-        """Serve restarts the replica (and with it the engine) when the engine stops answering;
-        not once `drain` stopped it on purpose."""
+        """Serve restarts the replica (and with it the engine) when the engine stops answering or
+        has failed stop; not once `drain` stopped it on purpose, nor after a fail-stop under
+        `strata serve`, which then exits for its own supervisor (app/server/fail_stop.py)."""
         if self._stopped:
             return
-        if not await self.client.healthy(self.settings.health_timeout_s):
-            raise RuntimeError(f"the engine is not healthy (or did not answer within "
-                               f"{self.settings.health_timeout_s} s)")
+        health, answered = await self.client.health(self.settings.health_timeout_s)
+        if not answered:
+            raise RuntimeError(f"the engine did not answer within {self.settings.health_timeout_s} s")
+        # Recovering is alive: restarting the replica then would lose every request the recovery keeps.
+        if health.state == "failed" and not self._fail_stop_exits:
+            raise RuntimeError(f"the engine has failed stop: {health.reason}")
 
     async def drain(self) -> tuple[int, int]:
         """The shutdown `strata serve` asks for (app/server/drain.py), then the engine's stop.
@@ -95,6 +100,12 @@ class StrataIngress:
         finished, cut = await self._api.state.drain.run(self.settings.drain_timeout_s)
         await self._stop_engine()
         return finished, cut
+
+    async def engine_health(self) -> EngineHealth | None:
+        """The engine's state, for `strata serve`'s fail-stop watch; None when it did not answer
+        within the health timeout."""
+        health, answered = await self.client.health(self.settings.health_timeout_s)
+        return health if answered else None
 
     def in_flight(self) -> int:
         """HTTP requests in flight. `strata serve` asks once at start-up, so that its handle's
@@ -117,10 +128,12 @@ class StrataIngress:
         await self._stop_engine()  # Serve awaits an async __del__
 
 
-def ingress_app(config: EngineConfig, settings: ServerSettings,
-                engine_factory: EngineFactory | None = None) -> Application:
+def ingress_app(config: EngineConfig, settings: ServerSettings, engine_factory: EngineFactory | None = None,
+                fail_stop_exits: bool = False) -> Application:
     """The Serve application for these settings (what `serve.run` takes). `engine_factory`
-    (None: strata.app.engines.start_engine) travels to the replica pickled, as a bound argument."""
+    (None: strata.app.engines.start_engine) travels to the replica pickled, as a bound argument.
+    `fail_stop_exits`: `strata serve` exits after a fail-stop, so the replica's health check must
+    not have Serve restart it (and start a second engine) meanwhile."""
     from strata.app.ray_serve_support import driver_pin, rank_env
 
     return StrataIngress.options(
@@ -135,7 +148,7 @@ def ingress_app(config: EngineConfig, settings: ServerSettings,
         # --uvicorn-log-level means the same here: Serve's request log takes the place of uvicorn's.
         logging_config={"log_level": _SERVE_LOG_LEVEL[settings.uvicorn_log_level],
                         "enable_access_log": settings.uvicorn_log_level in ("info", "debug", "trace")},
-    ).bind(config.model_dump(), settings.model_dump(), engine_factory)
+    ).bind(config.model_dump(), settings.model_dump(), engine_factory, fail_stop_exits)
 
 
 def split_args(args: dict[str, Any]) -> tuple[EngineConfig, ServerSettings]:
