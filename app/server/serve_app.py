@@ -89,10 +89,10 @@ class StrataIngress:
             return
         health, answered = await self.client.health(self.settings.health_timeout_s)
         if not answered:
-            raise RuntimeError(f"the engine did not answer within {self.settings.health_timeout_s} s")
+            raise RuntimeError(f"the engine is not healthy: no answer within {self.settings.health_timeout_s} s")
         # Recovering is alive: restarting the replica then would lose every request the recovery keeps.
         if health.state == "failed" and not self._fail_stop_exits:
-            raise RuntimeError(f"the engine has failed stop: {health.reason}")
+            raise RuntimeError(f"the engine is not healthy: it failed stop ({health.reason})")
 
     async def drain(self) -> tuple[int, int]:
         """The shutdown `strata serve` asks for (app/server/drain.py), then the engine's stop.
