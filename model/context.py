@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.distributed.process_groups import GroupCoordinator
+from strata.config import EpDispatch
+from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 
 
 @dataclass
@@ -25,6 +26,11 @@ class ModelContext:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     enable_expert_parallel: bool = False  # read by MoE layers: whole experts per rank
+    # The expert-parallel group (strata.distributed.rank_layout.ep_group_ranks); None: the tp
+    # group itself, which has the same ranks while dp_size is 1 (tests that build one group).
+    ep_group: GroupCoordinator | None = None
+    ep_dispatch: EpDispatch = "auto"  # see EngineConfig.ep_dispatch
+    ep_alltoall_min_tokens: int = 512
     # Registered name of the attention backend (strata.model.layers.attention_backend); None: the
     # default for `device` (the reference, gather + SDPA, which is the CPU oracle).
     attention_backend: str | None = None
@@ -36,6 +42,13 @@ class ModelContext:
     @property
     def tp_size(self) -> int:
         return self.tp.size
+
+    @property
+    def ep(self) -> GroupCoordinator:
+        """The group MoE layers place whole experts on and dispatch over; one rank without EP."""
+        if not self.enable_expert_parallel:
+            return single_rank_group()
+        return self.ep_group if self.ep_group is not None else self.tp
 
     @property
     def is_first_stage(self) -> bool:

@@ -15,6 +15,7 @@ ExecutorBackend = Literal["auto", "ray", "mp"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 LoadFormat = Literal["auto", "safetensors", "dummy"]
 AttentionBackendName = Literal["triton", "reference"]
+EpDispatch = Literal["auto", "allgather", "alltoall"]
 
 
 class EngineConfig(BaseModel):
@@ -41,7 +42,19 @@ class EngineConfig(BaseModel):
     """Explicit layers per stage, e.g. [8, 8, 7, 7] (or STRATA_PP_LAYER_PARTITION); None splits
     evenly. Checked against the model's layer count before any rank starts."""
     enable_expert_parallel: bool = False
-    """Place whole MoE experts on ranks instead of splitting every expert across tp ranks."""
+    """Place whole MoE experts on ranks instead of splitting every expert across tp ranks. The
+    experts' ranks form an expert-parallel group of their own (the stage's tp ranks today)."""
+    ep_dispatch: EpDispatch = "auto"
+    """How expert parallelism moves tokens to their experts' ranks and back.
+    allgather: every EP rank has every token (attention's output is replicated), computes its
+    experts' pairs and one all-reduce combines them; no host sync, so decode CUDA graphs use it.
+    alltoall: each rank sends only its share of the tokens' rows to the ranks of their experts
+    (all_to_all_single) and gets the results back; the split sizes are host values, one device
+    sync per MoE layer, so it is never captured (graphs keep allgather).
+    auto: alltoall for batches of at least ep_alltoall_min_tokens when it moves fewer bytes
+    (ep_size > 2 x top_k while every EP rank holds every token), else allgather."""
+    ep_alltoall_min_tokens: int = Field(512, ge=1)
+    """auto's batch size (tokens in one step) from which alltoall may be chosen."""
     distributed_executor_backend: ExecutorBackend = "auto"
     """ray: rank actors on a Ray cluster; mp: local processes; auto: ray."""
 
@@ -79,6 +92,10 @@ class EngineConfig(BaseModel):
     attention_backend: AttentionBackendName | None = None
     """Attention kernels: "triton" (paged attention in Triton, the GPU default) or "reference"
     (gather + SDPA: exact, slow, the CPU default); None picks by device."""
+
+    expert_load_interval: int = Field(64, ge=1)
+    """MoE: steps between reads of the ranks' expert load counters (one copy to the host each);
+    the counts also come in when the engine runs out of work, so a report is never left behind."""
 
     placement_timeout_s: float = Field(30.0, gt=0)
     """How long to wait for the placement group before failing with what the cluster has."""

@@ -3,7 +3,8 @@
 One torch.multiprocessing spawn of 4 gloo ranks runs every case (process start-up dominates on two
 cores): tp=2 cases on the pairs [0, 1] and [2, 3] at once, tp=4 cases on all four. The tp=2 x pp=2
 case holds both pipeline stages in each process (the pipeline hand-off is test_model_tp's subject;
-here it checks that EP and the layer split compose).
+here it checks that EP and the layer split compose). EP runs over groups of its own (the same ranks
+as tp), by all-gather (auto, at these sizes) and by all-to-all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from strata.config import EpDispatch
 from strata.distributed.process_groups import GroupCoordinator, single_rank_group
 from strata.model.architectures.registry import check_tp_compatible
 from strata.model.context import ModelContext
@@ -52,6 +54,7 @@ class Case:
     ep: bool
     pp: int = 1
     stacked: bool = False  # load transformers 5's stacked expert tensors
+    dispatch: EpDispatch = "auto"
 
 
 CASES = {
@@ -64,6 +67,12 @@ CASES = {
         ("tp2-pp2-ep", 2, True, 2),
     ]
 }
+CASES.update({
+    f"{arch}-{name}-alltoall": Case(arch, tp, True, pp, dispatch="alltoall")
+    for arch in MOE_ARCHS
+    for name, tp, pp in [("tp2-ep", 2, 1), ("tp4-ep", 4, 1)]
+})
+CASES["qwen2_moe-tp2-pp2-ep-alltoall"] = Case("qwen2_moe", 2, True, 2, dispatch="alltoall")
 CASES["qwen2_moe-stacked-tp2"] = Case("qwen2_moe", 2, False, stacked=True)
 CASES["mixtral-stacked-tp4-ep"] = Case("mixtral", 4, True, stacked=True)
 
@@ -75,6 +84,7 @@ def _worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         groups = tp_groups(rank, WORLD)
+        ep_groups = tp_groups(rank, WORLD)  # communicators of their own, over the same ranks
         tokens = torch.load(os.path.join(out_dir, "tokens.pt"))
         results = []
         for case, path in jobs:
@@ -84,7 +94,8 @@ def _worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None:
                     path,
                     cfg,
                     ModelContext(
-                        tp=groups[case.tp], pp_rank=p, pp_size=case.pp, enable_expert_parallel=case.ep
+                        tp=groups[case.tp], pp_rank=p, pp_size=case.pp, enable_expert_parallel=case.ep,
+                        ep_group=ep_groups[case.tp], ep_dispatch=case.dispatch,
                     ),
                     progress=False,
                 )

@@ -85,7 +85,7 @@ class EngineCore:
         self.pipeline_depth = 2 if self.async_steps else config.pipeline_parallel_size
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepPlan, StepResult | StepFuture | None]] = (
             collections.deque())
-        self.expert_load = ExpertLoad()
+        self.expert_load = ExpertLoad(config.expert_load_interval)
         self.is_moe = is_moe
 
     # ---- requests in ----
@@ -181,7 +181,20 @@ class EngineCore:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d: %d sequences, %d tokens; host %.3f ms, executor %.3f ms", plan.step_id,
                          len(scheduled.chunks), scheduled.num_tokens, host_s * 1e3, executor_s * 1e3)
+        if self.expert_load.pending and not self.has_unfinished():
+            self._flush_expert_load()
         return deltas
+
+    def _flush_expert_load(self) -> None:
+        """Out of work: one empty plan collects the counts of the steps since the last report."""
+        self.expert_load.flushed()
+        plan = PlanBuilder(next(self._step_ids), report_expert_load=True).build()
+        submitted = self.executor.submit(plan)
+        if submitted is None:
+            result = self.executor.collect(plan)
+        else:
+            result = submitted if isinstance(submitted, StepResult) else submitted.result()
+        self.expert_load.add(result.expert_load)
 
     def _micro_batch_cap(self) -> int | None:
         """With pipeline stages, an equal share of the sequences per micro-batch: one batch of
@@ -194,7 +207,8 @@ class EngineCore:
     def _build_plan(self, scheduled: SchedulerOutput) -> StepPlan:
         """The scheduler's output as changes for the ranks' persistent batches (see
         strata.distributed.step_plan): a decode costs a few ints, whatever the context length."""
-        plan = PlanBuilder(next(self._step_ids), scheduled.finished_seq_ids, self.is_moe)
+        report = self.is_moe and self.expert_load.due()
+        plan = PlanBuilder(next(self._step_ids), scheduled.finished_seq_ids, report)
         add = plan.add
         for ch in scheduled.chunks:
             seq = ch.seq

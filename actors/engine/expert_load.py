@@ -1,5 +1,9 @@
 """The MoE expert load report: tokens routed to each expert and to each expert-parallel rank,
-summed on the driver from every stage's per-step counts, so imbalance shows in logs and metrics."""
+summed on the driver from every stage's counts, so imbalance shows in logs and metrics.
+
+The ranks count on the device; reading the counters is a copy to the host, so a plan asks for
+them only every `interval` steps (`due`), and once more when the engine runs out of work
+(`pending`), so the report never lags behind a finished batch."""
 
 from __future__ import annotations
 
@@ -10,11 +14,30 @@ logger = logging.getLogger("strata")
 
 
 class ExpertLoad:
-    def __init__(self, log_every_s: float = 30.0):
+    def __init__(self, interval: int = 64, log_every_s: float = 30.0):
+        self.interval = interval
+        self._unreported = 0  # steps run since the last plan that asked for the counters
         self.per_expert: dict[int, list[int]] = {}  # global layer -> tokens per expert
         self.per_rank: dict[int, list[int]] = {}  # global layer -> token-expert pairs per EP rank
         self._log_every_s = log_every_s
         self._last_log = time.monotonic()
+
+    def due(self) -> bool:
+        """Called once per step planned: whether this step's plan asks for the counters."""
+        self._unreported += 1
+        if self._unreported < self.interval:
+            return False
+        self._unreported = 0
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Steps have run whose counts no plan has asked for yet."""
+        return self._unreported > 0
+
+    def flushed(self) -> None:
+        """A plan asks for the counters outside the cadence (the engine ran out of work)."""
+        self._unreported = 0
 
     def add(self, stage_reports: list[dict]) -> None:
         for report in stage_reports:

@@ -86,13 +86,15 @@ class RankWorker:
         if self.coords.world_size > 1:
             ifname = set_socket_ifname_for(ip)
             _log_network(self.coords.rank, ip, ifname)
-        self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device, listener=listener)
+        self.groups = init_rank_groups(self.coords, master_addr, master_port, self.device, listener=listener,
+                                       expert_parallel=cfg.enable_expert_parallel)
         hf_config = AutoConfig.from_pretrained(self.facts.model_dir)
         dtype = resolve_dtype(cfg, hf_config, self.device)
         layer_range = layer_range_for_stage(list(self.facts.layer_partition), self.coords.pp_rank)
         ctx = ModelContext(tp=self.groups.tp, pp_rank=self.coords.pp_rank, pp_size=self.coords.pp_size,
                            layer_range=layer_range, dtype=dtype, device=self.device,
-                           enable_expert_parallel=cfg.enable_expert_parallel,
+                           enable_expert_parallel=cfg.enable_expert_parallel, ep_group=self.groups.ep,
+                           ep_dispatch=cfg.ep_dispatch, ep_alltoall_min_tokens=cfg.ep_alltoall_min_tokens,
                            attention_backend=cfg.attention_backend)
         load_started = time.time()
         with PeakAnonMemory() as load_memory:

@@ -120,7 +120,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         layers = self.moe_layers()
         if not layers:
             return {"layers": [], "per_expert": [], "per_rank": []}
-        ep = self.ctx.tp_size if self.ctx.enable_expert_parallel else 1
+        ep = self.ctx.ep.size
         counts = torch.stack([experts.take_counts() for _, experts in layers]).cpu()
         return {
             "layers": [i for i, _ in layers],

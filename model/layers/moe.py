@@ -1,13 +1,14 @@
 """Routed experts of a Mixture-of-Experts layer, split by tensor parallelism or placed whole on ranks.
 
-Two placements, chosen by `ModelContext.enable_expert_parallel` (the EP group is the tp group):
+Two placements, chosen by `ModelContext.enable_expert_parallel`:
 
     split (default): every rank holds every expert, each cut like a dense MLP: rows
         [r*I/tp, (r+1)*I/tp) of gate and up, the same columns of down.
-    expert parallel: rank r holds experts [r*E/ep, (r+1)*E/ep) whole.
+    expert parallel: rank r of the EP group (`ModelContext.ep`, a group of its own beside tp)
+        holds experts [r*E/ep, (r+1)*E/ep) whole; tokens reach them as `moe_dispatch` says.
 
-Either way a rank computes its partial sum of the layer's output for every token, so the layer ends
-with one all-reduce over the tp group (`SparseMoeBlock`), never one per expert. Attention stays
+Split, or EP by allgather, a rank computes its partial sum of the layer's output for every token,
+so the layer ends with one all-reduce (`SparseMoeBlock`), never one per expert. Attention stays
 tensor-parallel in both.
 
 Two computations of the same sum (`FusedMoE.backend`): on CUDA the fused path
@@ -29,6 +30,7 @@ from torch import nn
 from strata.model.context import ModelContext
 from strata.model.kernels import triton_available
 from strata.model.layers.linear import LoadedSlice, ReplicatedLinear, copy_checked, read_narrow, slice_shape
+from strata.model.layers.moe_dispatch import all_to_all_experts, choose_dispatch
 from strata.model.layers.moe_router import TopKRouter
 
 ExpertPart = Literal["gate", "up", "down", "gate_up"]
@@ -66,15 +68,16 @@ class FusedMoE(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, ctx: ModelContext):
         super().__init__()
-        size, rank = ctx.tp_size, ctx.tp_rank
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.expert_parallel = ctx.enable_expert_parallel
         if self.expert_parallel:
+            size, rank = ctx.ep.size, ctx.ep.rank
             if num_experts % size:
                 raise ValueError(f"expert parallel size {size} does not divide num_experts={num_experts}")
             self.num_local, self.inter_local = num_experts // size, intermediate_size
             self.expert_start, self.inter_start = rank * self.num_local, 0
         else:
+            size, rank = ctx.tp_size, ctx.tp_rank
             if intermediate_size % size:
                 raise ValueError(
                     f"tensor_parallel_size={size} does not divide the experts' intermediate size "
@@ -142,22 +145,31 @@ class FusedMoE(nn.Module):
             )
         return [ExpertShard(e, p) for e in self.local_experts for p in ("gate", "up")]
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], routing [T, k] -> this rank's unreduced share of sum_k weight * expert(x), [T, H]."""
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, count: bool = True
+    ) -> torch.Tensor:
+        """x [T, H], routing [T, k] -> this rank's unreduced share of sum_k weight * expert(x), [T, H].
+        With `count` the pairs are added to `expert_counts` (off for rows an all-to-all brought)."""
         backend = self.backend
         if backend == "auto" and not (x.is_cuda and triton_available()):
             backend = "reference"
         if backend == "reference":
-            return self.forward_reference(x, topk_weights, topk_ids)
+            return self.forward_reference(x, topk_weights, topk_ids, count)
         from strata.model.kernels.fused_moe import fused_moe  # Triton: imported where it runs
 
         return fused_moe(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.num_experts,
-            self.expert_start, self.expert_counts, backend=None if backend == "auto" else backend,
+            self.expert_start, self.expert_counts if count else None,
+            backend=None if backend == "auto" else backend,
         )
 
+    def count(self, topk_ids: torch.Tensor) -> None:
+        """Adds the pairs of `topk_ids` to `expert_counts`, on the device."""
+        flat = topk_ids.reshape(-1)
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
+
     def forward_reference(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, count: bool = True
     ) -> torch.Tensor:
         """`forward` as Hugging Face computes it: the kernels' reference, and the path off CUDA.
 
@@ -170,7 +182,8 @@ class FusedMoE(nn.Module):
         # sync). The load counters stay on the device until `take_counts` is asked for them.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat_ids.device)
         counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
-        self.expert_counts += counts
+        if count:
+            self.expert_counts += counts
         order = torch.argsort(flat_ids, stable=True)  # stable: a token's pairs add in expert order, as HF
         per_expert = counts.tolist()  # the layer's one host sync: the matmul sizes
         first = sum(per_expert[: self.expert_start])
@@ -205,7 +218,10 @@ class SparseMoeBlock(nn.Module):
     `shared_expert` must return its unreduced tensor-parallel partial (a LlamaMLP built with
     reduce_results=False). With `shared_expert_gate` it is scaled per token by sigmoid(x g^T); that
     factor is the same on every rank, so it commutes with the reduction and the shared expert rides
-    in the routed experts' all-reduce (Qwen2-MoE).
+    in the routed experts' all-reduce (Qwen2-MoE). Under expert parallelism that all-reduce runs
+    over the EP group, whose ranks are the tp group's while dp_size is 1 (checked here), so the
+    shared expert's tp partial still rides in it. An alltoall step (`moe_dispatch`) returns the
+    routed sum already combined; the shared expert then has an all-reduce of its own.
     """
 
     def __init__(
@@ -220,18 +236,38 @@ class SparseMoeBlock(nn.Module):
         shared_expert_gate: bool = False,
     ):
         super().__init__()
-        self.tp = ctx.tp
+        self.tp, self.ep = ctx.tp, ctx.ep
+        if self.ep.size > 1 and self.ep.ranks != self.tp.ranks:
+            raise NotImplementedError(f"an EP group {self.ep.ranks} beyond the tp group {self.tp.ranks} needs "
+                                      "data parallelism, which is not built yet")
+        self.dispatch_mode, self.alltoall_min_tokens = ctx.ep_dispatch, ctx.ep_alltoall_min_tokens
         self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize, ctx)
         self.experts = FusedMoE(hidden_size, num_experts, intermediate_size, ctx)
         self.shared_expert = shared_expert
         self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, ctx) if shared_expert_gate else None
+        # Split experts are tp partials; whole experts are EP partials (same ranks, see above).
+        self.combine = self.ep if self.experts.expert_parallel else self.tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        mode = choose_dispatch(self.dispatch_mode, x.shape[0], self.ep.size, self.gate.top_k,
+                               self.alltoall_min_tokens, x.is_cuda)
+        if mode == "alltoall":
+            self.experts.count(ids)  # every rank counts every pair, as under allgather
+            out = all_to_all_experts(x, weights, ids, self.experts, self.ep)
+            shared = self._shared(x)
+            return out if shared is None else out + self.tp.all_reduce(shared)
         out = self.experts(x, weights, ids)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        shared = self._shared(x)
+        if shared is not None:
             out = out + shared
-        return self.tp.all_reduce(out)
+        return self.combine.all_reduce(out)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's unreduced tp partial, gated, or None."""
+        if self.shared_expert is None:
+            return None
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from strata.distributed.rank_layout import RankCoords, pp_group_ranks, tp_group_ranks
+from strata.distributed.rank_layout import RankCoords, ep_group_ranks, pp_group_ranks, tp_group_ranks
 from strata.distributed.sockets import bind_listener
 
 logger = logging.getLogger("strata")
@@ -57,6 +57,16 @@ class GroupCoordinator:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_to_all(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        """Rows [sum(send_splits[:j]), +send_splits[j]) of `x` go to group rank j; returns the rows
+        received, rank by rank. The splits are host values (each side must know what it gets), so
+        a caller that counts on the device syncs once to learn them: never inside a CUDA graph."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=self.group)
+        return out
+
     def isend(self, x: torch.Tensor, dst_in_group: int) -> dist.Work:
         return dist.isend(x, dst=self.ranks[dst_in_group], group=self.group)
 
@@ -75,6 +85,9 @@ class RankGroups:
     coords: RankCoords
     tp: GroupCoordinator
     pp: GroupCoordinator  # the ranks holding this tensor slice in every stage, in stage order
+    # The MoE layers' group (whole experts per rank, tokens dispatched to them): the stage's tp
+    # ranks today (rank_layout.ep_group_ranks), a communicator of its own; size 1 without EP.
+    ep: GroupCoordinator
     control: dist.ProcessGroup | None  # gloo over all ranks, for msgpack bytes
 
 
@@ -95,14 +108,15 @@ def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: 
 
 def init_rank_groups(
     coords: RankCoords, master_addr: str, master_port: int, device: torch.device, timeout_s: float = 600.0,
-    listener: socket.socket | None = None,
+    listener: socket.socket | None = None, expert_parallel: bool = False,
 ) -> RankGroups:
-    """Joins the world and builds the tp, pp and control groups (all ranks, same order).
-    Rank 0 may pass the socket it already listens on for the store (see `rendezvous_store`)."""
+    """Joins the world and builds the tp, pp, ep (with `expert_parallel`) and control groups (all
+    ranks, same order). Rank 0 may pass the socket it already listens on for the store (see
+    `rendezvous_store`)."""
     if coords.world_size == 1:
         if listener is not None:
             listener.close()
-        return RankGroups(coords, single_rank_group(), single_rank_group(), None)
+        return RankGroups(coords, single_rank_group(), single_rank_group(), single_rank_group(), None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = rendezvous_store(coords.rank, coords.world_size, master_addr, master_port, timeout_s, listener)
     dist.init_process_group(
@@ -126,7 +140,15 @@ def init_rank_groups(
         group = dist.new_group(ranks) if pp_size > 1 else None
         if t == coords.tp_rank:
             pp = GroupCoordinator(ranks, coords.rank, group)
+    ep = GroupCoordinator([coords.rank], coords.rank, None)
+    if expert_parallel and tp_size > 1:  # without EP every rank holds a slice of every expert
+        for stage in range(pp_size):
+            ranks = ep_group_ranks(stage, tp_size)
+            group = dist.new_group(ranks)
+            if stage == coords.pp_rank:
+                ep = GroupCoordinator(ranks, coords.rank, group)
     control = dist.new_group(list(range(coords.world_size)), backend="gloo") if backend != "gloo" else None
     control = control or dist.group.WORLD
-    logger.info("rank %d joined: %s backend, tp group %s, pp group %s", coords.rank, backend, tp.ranks, pp.ranks)
-    return RankGroups(coords, tp, pp, control)
+    logger.info("rank %d joined: %s backend, tp group %s, pp group %s, ep group %s", coords.rank, backend,
+                tp.ranks, pp.ranks, ep.ranks)
+    return RankGroups(coords, tp, pp, ep, control)

@@ -6,7 +6,13 @@ Worked example, tp=4, pp=2 (8 ranks): ranks 0-3 are pipeline stage 0 with tensor
 ranks 4-7 are stage 1. Rank 6 is (pp_rank=1, tp_rank=2). Its tensor-parallel group is
 [4, 5, 6, 7]; its pipeline group (the ranks holding tensor slice 2 of every stage) is [2, 6].
 Each stage's leader is its tensor rank 0 (ranks 0 and 4); the sampling rank is the last stage's
-leader (rank 4). Expert parallelism reuses the tensor-parallel group (ep_rank = tp_rank).
+leader (rank 4).
+
+Expert parallelism has a group of its own, built beside the tensor-parallel one: EP = DP x TP, as
+in vLLM, so ep_rank = dp_rank * tp_size + tp_rank. With no data parallelism yet (dp_size = 1) the
+EP group of stage k holds the same ranks as its tp group, ep_rank = tp_rank: rank 6 above is
+ep_rank 2 of EP group [4, 5, 6, 7]. The group is still a communicator of its own, so that MoE
+layers never talk over the tp group and a later DP dimension only changes `ep_group_ranks`.
 
 Across nodes (the mp backend's --nnodes), node k runs the k-th contiguous block of W / N ranks:
 with tp=4, pp=2 on 2 nodes, node 0 runs ranks 0-3 (stage 0) and node 1 ranks 4-7 (stage 1), so
@@ -87,6 +93,12 @@ def tp_group_ranks(pp_rank: int, tp_size: int) -> list[int]:
 def pp_group_ranks(tp_rank: int, tp_size: int, pp_size: int) -> list[int]:
     """The ranks holding tensor slice `tp_rank` of every stage: a pipeline group, in stage order."""
     return [global_rank(s, tp_rank, tp_size) for s in range(pp_size)]
+
+
+def ep_group_ranks(pp_rank: int, tp_size: int) -> list[int]:
+    """Stage `pp_rank`'s expert-parallel group, in ep-rank order (dp_size = 1: its tp ranks; with
+    data parallelism it will list every replica's tp ranks of the stage, replica by replica)."""
+    return tp_group_ranks(pp_rank, tp_size)
 
 
 def stage_leader(pp_rank: int, tp_size: int) -> int:
