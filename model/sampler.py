@@ -5,6 +5,9 @@ Contract (vLLM's semantics):
 - Reported logprobs are those of the RAW model distribution (log_softmax of the logits as the
   model produced them), whatever penalties or truncation shaped the choice. A token's rank is
   1 + the number of tokens with a strictly higher logprob.
+- A row with a structured-output grammar (model/grammar_mask.py) first has every token its
+  grammar does not allow set to -inf, as vLLM applies its grammar bitmask before the sampler:
+  its reported logprobs are those of that masked distribution; a row without one is untouched.
 - Processing order for the choice (vLLM's): allowed_token_ids (every other id to -inf), logit_bias
   (added), bad_words (their ids to -inf) and min_tokens masking (eos and stop ids to -inf while
   the output is shorter than min_tokens), repetition penalty over prompt + output tokens, frequency and
@@ -37,6 +40,7 @@ import torch
 
 from strata.distributed.sampler_options import SamplerOptions
 from strata.model import sampling_noise
+from strata.model.grammar_mask import GrammarState, apply_bitmask, fill_bitmask
 from strata.model.penalties import apply_penalties, mask_min_tokens
 from strata.model.sampling_tensors import MIN_P, TEMPERATURE, TOP_P, SamplingTensors, pack_row, row_flags, to_device
 from strata.sampling_params import GREEDY_EPS
@@ -69,6 +73,8 @@ class SequenceSamplingState:
         # Tokens sampled for it so far, counted when a draw is launched: with async scheduling
         # the next draw starts before this one's token reaches `output_token_ids`.
         self.num_sampled = len(self.output_token_ids)
+        self.grammar: GrammarState | None = None
+        """The structured-output matcher, when the options carry a grammar (the rank sets it)."""
 
     @property
     def options(self) -> SamplerOptions:
@@ -218,6 +224,11 @@ class Sampler:
             return PendingSample(None, states)
         raw = logits.float()
         t = SamplingTensors(states, raw.shape[1], raw.device)
+        grammar_rows = [i for i, s in enumerate(states) if s.grammar is not None] if t.any_grammar else []
+        if grammar_rows:
+            raw = raw.clone() if raw is logits else raw  # the caller's logits stay as the model made them
+            packed = fill_bitmask(states, grammar_rows, raw.shape[1], [s.num_sampled for s in states])
+            apply_bitmask(raw, to_device(packed, raw.device), len(grammar_rows))
         # A processed copy when something edits in place; `raw` stays untouched for logprobs.
         edited = (t.min_tokens_index is not None or t.any_repetition or t.any_frequency
                   or t.bias_index is not None or t.allowed_rows is not None)
@@ -235,6 +246,8 @@ class Sampler:
                 token_ids.index_copy_(0, rows, self._sample_random(x[rows], t))
 
         k = min(max(s._logprobs for s in states), raw.shape[1])
+        for i in grammar_rows:
+            states[i].grammar.drawn(states[i].num_sampled, token_ids, i)
         for s in states:
             s.num_sampled += 1
         vocab = raw.shape[1]  # ids beyond it (the engine's own check is the caller's) are left out, not gathered

@@ -33,9 +33,8 @@ TEMPERATURE, TOP_P, MIN_P, REPETITION, FREQUENCY, PRESENCE = range(6)  # columns
 _TOP_K, _SEED = range(2)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 # A row's needs as bits, so a batch's are one OR over its rows.
-F_GREEDY, F_SEEDED, F_TOP_P, F_TOP_K, F_MIN_P, F_REPETITION, F_FREQUENCY, F_MIN_TOKENS, F_BANNED, F_BIAS, F_ALLOWED = (
-    1 << i for i in range(11)
-)
+(F_GREEDY, F_SEEDED, F_TOP_P, F_TOP_K, F_MIN_P, F_REPETITION, F_FREQUENCY, F_MIN_TOKENS, F_BANNED, F_BIAS, F_ALLOWED,
+ F_GRAMMAR) = (1 << i for i in range(12))
 
 
 def _f32(value: float) -> float:
@@ -61,6 +60,7 @@ def row_flags(o: SamplerOptions, is_greedy: bool) -> int:
         | F_FREQUENCY * (o.frequency_penalty != 0.0 or o.presence_penalty != 0.0)
         | F_MIN_TOKENS * (o.min_tokens > 0 and bool(o.stop_token_ids))
         | F_BANNED * bool(o.banned_token_ids) | F_BIAS * bool(o.bias_token_ids) | F_ALLOWED * bool(o.allowed_token_ids)
+        | F_GRAMMAR * bool(o.grammar_kind)
     )
 
 
@@ -110,6 +110,7 @@ class SamplingTensors:
         self.top_k_max = max(ks) if ks else 0  # 0: no sampling row truncates by top-k
         self.any_repetition = bool(batch & F_REPETITION)
         self.any_frequency = bool(batch & F_FREQUENCY)
+        self.any_grammar = bool(batch & F_GRAMMAR)  # rows whose options carry a structured-output grammar
         positions = [s.num_sampled for s in states]  # where each seeded stream stands
         min_tokens_flat = [
             i * vocab + t

@@ -3,6 +3,7 @@
 from strata.config import EngineConfig
 from strata.outputs import CompletionOutput, Logprob, RequestOutput
 from strata.sampling_params import SamplingParams
+from strata.structured_outputs import StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -14,4 +15,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "Logprob"]

@@ -20,6 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from strata.structured_outputs import StructuredOutputsParams
+
 # Temperatures below this are greedy (argmax); the sampler uses the same bound.
 GREEDY_EPS = 1e-5
 # The engine's default cap on logprobs / prompt_logprobs (vLLM's max_logprobs).
@@ -65,6 +67,8 @@ class SamplingParams:
     at each position instead of the top-k (logprobs becomes their count). bad_words: words never generated; the caller
     resolves them to token ids with its tokenizer (`set_bad_words_token_ids`) before the engine
     takes the request (strata.app.request_check). Ids are checked against the vocabulary there too.
+    structured_outputs: a StructuredOutputsParams (or a dict of its fields) the output must follow
+    (strata/structured_outputs.py); its schema or grammar is compiled, and so checked, at admission.
     """
 
     n: int = 1
@@ -90,6 +94,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     logprob_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     _bad_words_token_ids: list[int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +116,11 @@ class SamplingParams:
             # vLLM's: these ids' logprobs at each position, in place of the top-k (so as many of them).
             self.logprob_token_ids = list(self.logprob_token_ids)
             self.logprobs = len(self.logprob_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as err:
+                raise ValueError(f"structured_outputs: {err}") from None
         self.verify()
         if self.temperature < GREEDY_EPS:
             # Truncation cannot change an argmax; reset it so it is never applied by accident.
@@ -182,6 +192,11 @@ class SamplingParams:
                     f"stop_token_ids must be non-negative 64-bit integers, got {_head(self.stop_token_ids)}."
                 )
         self._verify_token_constraints()
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                                 f"{type(self.structured_outputs).__name__}.")
+            self.structured_outputs.verify()
         if self.spaces_between_special_tokens is not True:
             # Honoured or refused, never dropped: transformers' fast tokenizers and the tokenizers
             # library's DecodeStream (how every output is detokenized) have no such option.

@@ -4,7 +4,8 @@
     4  strata.actors, strata.placement   (side by side: neither imports the other)
     3  strata.model
     2  strata.distributed
-    1  the records at strata's root: strata.config, strata.sampling_params, strata.outputs,
+    1  the records at strata's root: strata.config, strata.sampling_params (and its
+       strata.structured_outputs), strata.outputs,
        strata.model_facts, strata.engine_protocol
 
 A module may import from its own floor or any floor below. strata/__init__.py is exempt (it
@@ -29,7 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 FLOOR_NAMES = {5: "app", 4: "actors/placement", 3: "model", 2: "distributed", 1: "records"}
-RECORDS = ("config", "sampling_params", "outputs", "model_facts", "engine_protocol")
+RECORDS = ("config", "sampling_params", "structured_outputs", "outputs", "model_facts", "engine_protocol")
 SUBPACKAGE_FLOORS = {"app": 5, "actors": 4, "placement": 4, "model": 3, "distributed": 2}
 SIBLINGS = ("strata.actors", "strata.placement")  # one floor, and neither imports the other
 EXEMPT = {"strata"}  # the public face

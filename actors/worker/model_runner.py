@@ -3,13 +3,15 @@ forward -> (last stage) logits -> sample.
 
 The same code runs on every rank; what a rank does depends on its coordinates: the first stage
 embeds tokens, other stages receive hidden states from the previous stage, the last stage
-computes logits, and only the sampling rank (tensor rank 0 of the last stage) samples. Every
+computes logits, and only the sampling rank (tensor rank 0 of the last stage) samples (and
+keeps the structured-output matchers, made from `grammars` when a sequence is announced). Every
 rank applies every plan to its PersistentBatch (the plan carries only changes) and reads the
 step's inputs from it as numpy (StepInputs).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -27,16 +29,21 @@ from strata.distributed.sampler_options import SamplerOptions
 from strata.distributed.step_plan import PENDING_TOKEN, StepPlan
 from strata.distributed.step_result import PromptLogprobs, StepResult
 from strata.model.architectures.intermediate import IntermediateTensors
+from strata.model.grammar import GrammarSource
+from strata.model.grammar_mask import GrammarState
 from strata.model.sampler import Sampler, SequenceSamplingState
+
+logger = logging.getLogger("strata.worker")
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], groups: RankGroups, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device, max_num_seqs: int = 256,
                  max_model_len: int = 2048, max_num_batched_tokens: int = 2048,
-                 graph_sizes: list[int] | None = None):
+                 graph_sizes: list[int] | None = None, grammars: GrammarSource | None = None):
         """`graph_sizes`: decode batch sizes to capture CUDA graphs for (`capture_graphs`); None: every
-        step runs eagerly."""
+        step runs eagerly. `grammars`: where the sampling rank compiles structured-output grammars
+        from (None: without a tokenizer, a structured request is restricted to its stop tokens)."""
         self.model = model
         self.kv_caches = kv_caches
         self.groups = groups
@@ -46,6 +53,7 @@ class ModelRunner:
         self.dtype = dtype
         self.device = device
         self.sampler = Sampler()
+        self.grammars = grammars
         # Sizes are hints: the batch grows when a plan needs more.
         self.batch = PersistentBatch(block_size, max_num_seqs=max_num_seqs,
                                      max_blocks_per_seq=-(-max_model_len // block_size),
@@ -78,9 +86,22 @@ class ModelRunner:
             # A sequence is announced once; a preempted one keeps its state (and its generator's
             # position), so seeded sampling continues exactly where it was.
             if new.seq_id not in self.sampling_states:
-                self.sampling_states[new.seq_id] = SequenceSamplingState(
-                    SamplerOptions(**new.options), new.prompt_token_ids.tolist()
-                )
+                state = SequenceSamplingState(SamplerOptions(**new.options), new.prompt_token_ids.tolist())
+                spec = state.options.grammar()
+                if spec is not None:
+                    state.grammar = self._grammar_state(spec, state.options.stop_token_ids)
+                self.sampling_states[new.seq_id] = state
+
+    def _grammar_state(self, spec, stop_token_ids: list[int]) -> GrammarState:
+        """A fresh matcher for one sequence. The server compiled the same spec at admission, so a
+        failure here is the rank's setup (no tokenizer), not the request: the row then only ends."""
+        try:
+            if self.grammars is None:
+                raise ValueError("this rank has no tokenizer to compile grammars with")
+            return GrammarState(self.grammars.compiler().compile(spec), stop_token_ids)
+        except (ValueError, OSError, RuntimeError) as err:  # OSError: the tokenizer files did not load
+            logger.error("structured output unavailable (%s): the request is restricted to its stop tokens", err)
+            return GrammarState(None, stop_token_ids or list(self.grammars.eos_token_ids if self.grammars else []))
 
     def _resume_sampling_states(self, plan: StepPlan) -> None:
         """A sequence announced with outputs already (resumed on a rebuilt gang after a fault:

@@ -33,6 +33,7 @@ from strata.distributed.rank_layout import rank_coords
 from strata.distributed.step_plan import StepPlan
 from strata.model.architectures.partition import layer_range_for_stage
 from strata.model.context import ModelContext
+from strata.model.grammar import GrammarSource
 from strata.model.layers.moe import FusedMoE
 from strata.model.loader import load_model
 from strata.model_facts import ModelFacts
@@ -111,7 +112,7 @@ class RankWorker:
                                   dtype, self.device, max_num_seqs=cfg.max_num_seqs,
                                   max_model_len=max(1, max_model_len),
                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                  graph_sizes=graph_sizes)
+                                  graph_sizes=graph_sizes, grammars=self._grammar_source(hf_config))
         graphs = self.runner.capture_graphs()
         if self.runner.is_moe:
             model.expert_load()  # the profiling forward routed dummy tokens: do not report them
@@ -129,6 +130,12 @@ class RankWorker:
             "graph_bytes": graphs.memory_bytes if graphs else 0, "graphs_off": self.graphs_off,
         }
         return all_gather_msgpack(facts, self.groups.control, self.coords.world_size)
+
+    def _grammar_source(self, hf_config) -> GrammarSource | None:
+        """The sampling rank compiles structured-output grammars from the model's tokenizer files."""
+        if not self.coords.is_sampler or self.facts.tokenizer_dir is None:
+            return None
+        return GrammarSource(self.facts.tokenizer_dir, hf_config.vocab_size, list(self.facts.eos_token_ids))
 
     def _graph_sizes(self, model) -> list[int]:
         """The decode batch sizes this rank captures CUDA graphs for; [] runs every step eagerly

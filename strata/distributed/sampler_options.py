@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.sampling_params import SamplingParams
+from strata.structured_outputs import GrammarSpec
 
 
 @dataclass
@@ -19,7 +20,9 @@ class SamplerOptions:
     Plain ints, floats and lists so it travels as msgpack: `dataclasses.asdict(opts)` out,
     `SamplerOptions(**d)` in. `top_k` 0 means off. `stop_token_ids` already includes eos unless the
     request ignores eos; they are only masked here (while output is shorter than `min_tokens`),
-    stopping is the driver's job.
+    stopping is the driver's job. `grammar_kind` ("" when none), `grammar_spec` and
+    `grammar_any_whitespace` are the request's structured-output constraint
+    (strata.structured_outputs.GrammarSpec), which the sampling rank compiles.
     """
 
     temperature: float = 1.0
@@ -40,10 +43,18 @@ class SamplerOptions:
     allowed_token_ids: list[int] = field(default_factory=list)  # empty: every token allowed
     banned_token_ids: list[int] = field(default_factory=list)  # bad_words, resolved to ids
     logprob_token_ids: list[int] = field(default_factory=list)  # reported instead of the top-k
+    grammar_kind: str = ""
+    grammar_spec: str = ""
+    grammar_any_whitespace: bool = True
+
+    def grammar(self) -> GrammarSpec | None:
+        return GrammarSpec(self.grammar_kind, self.grammar_spec, self.grammar_any_whitespace) if self.grammar_kind \
+            else None  # type: ignore[arg-type]
 
     @classmethod
     def from_params(cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...]) -> SamplerOptions:
         """The subset of a request's SamplingParams the sampling rank needs, in plain types."""
+        spec = params.structured_outputs.to_spec() if params.structured_outputs is not None else None
         return cls(
             temperature=0.0 if params.is_greedy else float(params.temperature),
             top_p=float(params.top_p),
@@ -62,4 +73,7 @@ class SamplerOptions:
             allowed_token_ids=list(params.allowed_token_ids or []),
             banned_token_ids=list(params.bad_words_token_ids or []),
             logprob_token_ids=list(params.logprob_token_ids or []),
+            grammar_kind=spec.kind if spec else "",
+            grammar_spec=spec.spec if spec else "",
+            grammar_any_whitespace=spec.any_whitespace if spec else True,
         )
