@@ -25,8 +25,10 @@ from strata.app.request_check import check_request, tokenize_prompt
 from strata.app.vllm_flags import DTYPE_ALIASES, check_vllm_options, spell_keyword
 from strata.config import EngineConfig, describe_validation_error
 from strata.engine_protocol import Engine
+from strata.model.grammar import GrammarCompiler
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
+from strata.structured_outputs import StructuredOutputsParams
 
 logger = logging.getLogger("strata")
 
@@ -79,10 +81,24 @@ class LLM:
         self._output = OutputProcessor(self._tokenizer)
         self._engine: Engine | None = start_engine(self.config, self.facts)
         self._info = self._engine.info
+        self._grammars: GrammarCompiler | None = None  # structured outputs' compiler, made on first use
         self.max_model_len: int = self._info.max_model_len
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="strata-llm-loop", daemon=True)
         self._loop_thread.start()
+
+    def _compile(self, constraint: StructuredOutputsParams) -> None:
+        """Compiles a structured-output constraint at admission: a bad schema, regex or grammar
+        raises ValueError here, before anything is queued (the sampling rank compiles its own)."""
+        if self._tokenizer is None:
+            raise ValueError("structured_outputs need a tokenizer; this LLM runs with skip_tokenizer_init=True")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.from_tokenizer(self._tokenizer, self._info.vocab_size,
+                                                            list(self.facts.eos_token_ids))
+        try:
+            self._grammars.compile(constraint.to_spec())
+        except ValueError as err:
+            raise ValueError(f"structured_outputs.{constraint.field}: {err}") from None
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use without SamplingParams (vLLM's method of the same name):
@@ -122,6 +138,8 @@ class LLM:
         for i, (ids, p) in enumerate(zip(token_ids, params, strict=True)):
             try:
                 check_request(ids, p, self._info, self._tokenizer is not None)
+                if p.structured_outputs is not None:
+                    self._compile(p.structured_outputs)
             except ValueError as err:
                 raise ValueError(f"prompt {i}: {err}") from None
         engine = self._live_engine()

@@ -10,6 +10,10 @@ next-token bitmask takes 13 us on average (0.19 ms at worst) over that schema's 
 import is slow (several seconds with torch cold), so it is imported on first use only. llguidance
 was the fallback; it was not needed.
 
+JSON allows free whitespace between tokens (vLLM's default; `disable_any_whitespace` turns it
+off), at most MAX_WHITESPACE characters of it per gap. `json_object` is OpenAI's: an object with
+any properties (strict_mode off), not any JSON value.
+
 `GrammarCompiler` compiles a GrammarSpec (strata.structured_outputs) against one tokenizer and
 keeps the last CACHE_SIZE results in an LRU keyed by the spec, so a schema sent again costs a
 dictionary lookup. The server holds one (it compiles at admission: a spec that does not compile is
@@ -30,6 +34,9 @@ from typing import Any
 from strata.structured_outputs import GrammarSpec
 
 CACHE_SIZE = 128
+MAX_WHITESPACE = 32
+"""The most free whitespace characters between two JSON tokens: enough for any indentation a
+model writes, and a greedy small model cannot loop on newlines inside a schema."""
 # xgrammar's errors start with a time stamp and its C++ source position: not the client's business.
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 _FIELD = {"json": "json schema", "json_object": "json object", "regex": "regex", "choice": "choice",
@@ -104,11 +111,13 @@ class GrammarCompiler:
 
     def _compile(self, spec: GrammarSpec) -> Any:
         c = self._compiler
+        space = dict(any_whitespace=spec.any_whitespace,
+                     max_whitespace_cnt=MAX_WHITESPACE if spec.any_whitespace else None)
         try:
             if spec.kind == "json":
-                return c.compile_json_schema(spec.spec, any_whitespace=spec.any_whitespace)
-            if spec.kind == "json_object":
-                return c.compile_builtin_json_grammar()
+                return c.compile_json_schema(spec.spec, **space)
+            if spec.kind == "json_object":  # OpenAI's meaning: an object, with any properties
+                return c.compile_json_schema('{"type": "object"}', strict_mode=False, **space)
             if spec.kind == "regex":
                 return c.compile_regex(spec.spec)
             if spec.kind == "choice":

@@ -39,7 +39,7 @@ CHANGING = {
     "use_beam_search": True, "watermarking": True, "response_format": {"type": "json_object"},
     "structured_outputs": {"regex": "a+"}, "guided_json": {"type": "object"}, "guided_regex": "a+",
     "guided_choice": ["a", "b"], "guided_grammar": "root ::= \"a\"", "structural_tag": "{}",
-    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "priority": 1,
+    "guided_decoding_backend": "outlines", "guided_whitespace_pattern": " ", "priority": 1,
     "kv_transfer_params": {"do_remote_prefill": True}, "ec_transfer_params": {"x": 1}, "vllm_xargs": {"a": 1},
     "repetition_detection": {"max_pattern_size": 4}, "thinking_token_budget": 10, "stream_interval": 4,
     "logits_processors": ["my.Processor"], "best_of": 3, "suffix": "end", "prompt_embeds": "AAAA",
@@ -47,7 +47,8 @@ CHANGING = {
     "media_io_kwargs": {"image": {}}, "mm_processor_kwargs": {"size": 1},
 }
 DEFAULTS = {"use_beam_search": False, "priority": 0, "response_format": {"type": "text"}, "tool_choice": "none",
-            "thinking_token_budget": -1, "stream_interval": 1, "tools": [], "best_of": 1}
+            "thinking_token_budget": -1, "stream_interval": 1, "tools": [], "best_of": 1,
+            "guided_decoding_backend": "xgrammar"}
 
 
 @pytest.mark.parametrize("table, fields", [(COMPLETION_FIELDS, VLLM_COMPLETION_FIELDS),

@@ -46,6 +46,7 @@ from strata.app.server.protocol import (
 from strata.app.server.protocol_chat import ChatCompletionRequest
 from strata.app.server.protocol_completions import CompletionRequest
 from strata.app.server.settings import ServerSettings
+from strata.app.server.structured_fields import GrammarCheck
 from strata.app.server.tokenizer import ServerTokenizer
 from strata.app.server.vllm_routes import install_vllm_extras, route_path
 from strata.engine_protocol import Engine, outside_vocabulary
@@ -174,8 +175,9 @@ def build_app(engine: Engine, settings: ServerSettings, tokenizer: Any | None = 
     tokens.default_template = settings.chat_template
     processor = OutputProcessor(tokenizer)
     metrics = ServerMetrics(names[0])
-    completions = CompletionServing(client, tokens, processor, settings, names, metrics)
-    chat = ChatServing(client, tokens, processor, settings, names, metrics)
+    grammars = GrammarCheck(tokenizer, client.info.vocab_size)  # one compiler and cache for both routes
+    completions = CompletionServing(client, tokens, processor, settings, names, metrics, grammars)
+    chat = ChatServing(client, tokens, processor, settings, names, metrics, grammars)
 
     async def refresh(wait_s: float, step_times: bool = False) -> None:
         """Fresh engine numbers into the metrics, waiting at most `wait_s` for each call."""

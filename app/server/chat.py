@@ -93,6 +93,7 @@ class ChatServing(Serving):
         conversation = [{**(m.model_extra or {}), "role": m.role, "content": m.text(),
                          **({"name": m.name} if m.name else {})} for m in req.messages]
         self.admit(req.n)  # before rendering and tokenizing what would be refused anyway
+        structured = await self.structured_outputs(req)
         prompt, ids = await self.tokenizer.chat_prompt(conversation, add_generation_prompt, req.chat_template,
                                                        template_kwargs(req), req.add_special_tokens)
         ids = self.truncate(ids, req)
@@ -103,7 +104,7 @@ class ChatServing(Serving):
             prompt_logprobs = req.top_logprobs or 0  # vLLM's: echo returns the prompt's logprobs too
         params = self.sampling_params(**req.to_sampling_kwargs(), max_tokens=max_tokens,
                                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                      prompt_logprobs=prompt_logprobs)
+                                      prompt_logprobs=prompt_logprobs, structured_outputs=structured)
         request_id, engine_id = self.response_id("chatcmpl", req, header_id)
         requests = [PromptRequest(engine_id, prompt, ids, params)]
         self.check_engine_limits(requests, prompt_param="messages")

@@ -63,6 +63,7 @@ class CompletionServing(Serving):
         check_fields(req, COMPLETION_FIELDS)
         self.check_common(req)
         self.admit(req.n * num_prompts(req.prompt))  # before tokenizing what would be refused anyway
+        structured = await self.structured_outputs(req)
         prompts = await self._prompts(req)
         requests: list[PromptRequest] = []
         request_id, engine_id = self.response_id("cmpl", req, header_id)
@@ -73,7 +74,7 @@ class CompletionServing(Serving):
         for p, (text, ids) in enumerate(prompts):
             max_tokens = self.resolve_max_tokens(requested, len(ids))
             params = self.sampling_params(**req.to_sampling_kwargs(), max_tokens=max_tokens, logprobs=req.logprobs,
-                                          prompt_logprobs=prompt_logprobs)
+                                          prompt_logprobs=prompt_logprobs, structured_outputs=structured)
             requests.append(PromptRequest(f"{engine_id}-{p}", text, ids, params))
         self.check_engine_limits(requests)
         generation = await self.start(requests, arrival)

@@ -127,6 +127,13 @@ class SamplingFields(OpenAIModel):
     return_tokens_as_token_ids: bool | None = None
     request_id: Text | None = None
     echo: bool = False
+    # structured outputs (read by structured_fields.py)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Text | dict[str, Any] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     def to_sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams keywords for the fields the client set (None keeps vLLM's default)."""

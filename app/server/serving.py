@@ -1,6 +1,7 @@
 """What completions and chat share: checks every request passes before the engine sees it
 (model name, caps, context length, sampling values, backpressure, the engine's own limits),
-SamplingParams, and running a request through the engine and the output processor; and what
+SamplingParams (with the structured-output constraint, compiled at admission: structured_fields.py),
+and running a request through the engine and the output processor; and what
 both shape alike with vLLM's meaning: the response id (X-Request-Id, else `request_id`), prompt
 truncation (`truncate_prompt_tokens`), usage (with --enable-prompt-tokens-details) and which
 stream chunks carry it (`stream_options`, --enable-force-include-usage).
@@ -32,10 +33,12 @@ from strata.app.server.protocol import PromptTokensDetails, SamplingFields, Usag
 from strata.app.server.request_log import log_request
 from strata.app.server.settings import ServerSettings
 from strata.app.server.streaming import merge, peek
+from strata.app.server.structured_fields import GrammarCheck, requested
 from strata.app.server.tokenizer import ServerTokenizer
 from strata.engine_protocol import EngineRequest
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
+from strata.structured_outputs import StructuredOutputsParams
 
 MAX_STOP_STRINGS = 128
 MAX_STOP_CHARS = 1024  # per stop string
@@ -71,7 +74,9 @@ def random_id(prefix: str) -> str:
 
 class Serving:
     def __init__(self, client: EngineClient, tokenizer: ServerTokenizer, processor: OutputProcessor,
-                 settings: ServerSettings, model_names: list[str], metrics: ServerMetrics):
+                 settings: ServerSettings, model_names: list[str], metrics: ServerMetrics,
+                 grammars: GrammarCheck | None = None):
+        self.grammars = grammars or GrammarCheck(tokenizer.tokenizer, client.info.vocab_size)
         self.client = client
         self.tokenizer = tokenizer
         self.processor = processor
@@ -114,6 +119,14 @@ class Serving:
         if len(request.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
             raise bad_request(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
                               f"{len(request.stop_token_ids)}.", "stop_token_ids")
+
+    async def structured_outputs(self, request: SamplingFields) -> StructuredOutputsParams | None:
+        """The request's structured-output constraint, compiled: a bad one is a 400 naming its field."""
+        found = requested(request)
+        if found is None:
+            return None
+        await self.grammars.check(*found)
+        return found[0]
 
     def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens",
                            prompt_param: str = "prompt") -> int | None:

@@ -35,7 +35,7 @@ def _no(note: str, accepts: tuple[Any, ...] = (None, False)) -> FieldRule:
     return FieldRule("refused", note, accepts)
 
 
-_STRUCTURED = "structured outputs are not supported yet"
+_GUIDED = "vLLM's older spelling of structured_outputs' field of the same name; one constraint per request"
 _SHARED: dict[str, FieldRule] = {
     "model": _ok("one of --served-model-name, else 404"),
     "frequency_penalty": _ok(), "presence_penalty": _ok(), "repetition_penalty": _ok(),
@@ -57,10 +57,15 @@ _SHARED: dict[str, FieldRule] = {
                      "that tokenizes to several tokens is a 400"),
     "prompt_logprobs": _ok("not with stream=True, as vLLM"),
     "logprob_token_ids": _ok("these ids' logprobs at each position instead of the top-k; needs logprobs"),
-    "response_format": _no(_STRUCTURED, (None, {"type": "text"})),
-    "structured_outputs": _no(_STRUCTURED), "guided_json": _no(_STRUCTURED), "guided_regex": _no(_STRUCTURED),
-    "guided_choice": _no(_STRUCTURED), "guided_grammar": _no(_STRUCTURED), "structural_tag": _no(_STRUCTURED),
-    "guided_decoding_backend": _no(_STRUCTURED), "guided_whitespace_pattern": _no(_STRUCTURED),
+    "response_format": _ok("json_object, json_schema (json_schema.schema) or text; structural_tag is a 400"),
+    "structured_outputs": _ok("json, regex, choice, grammar (xgrammar's EBNF) or json_object, with "
+                              "disable_any_whitespace; compiled at admission (a bad one: 400 naming the field), "
+                              "masked on the device as a token bitmask; whitespace_pattern, structural_tag: 400"),
+    "guided_json": _ok(_GUIDED), "guided_regex": _ok(_GUIDED), "guided_choice": _ok(_GUIDED),
+    "guided_grammar": _ok(_GUIDED),
+    "structural_tag": _no("structural tags (tool-call formats) are not supported"),
+    "guided_decoding_backend": _no("xgrammar is the only backend", (None, "auto", "xgrammar")),
+    "guided_whitespace_pattern": _no("xgrammar has no custom whitespace pattern"),
     "priority": _no("priority scheduling is not supported (vLLM refuses it too without it)", (None, 0)),
     "request_id": _ok("the response's id (X-Request-Id wins), as vLLM"),
     "session_id": _ok("accepted: an identity across requests; one engine has nothing to route by it"),
