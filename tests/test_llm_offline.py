@@ -114,6 +114,22 @@ def test_llm_validates_every_prompt_first(fake_llm) -> None:
     assert llm.generate([], use_tqdm=False) == []
 
 
+def test_llm_compiles_structured_outputs_at_admission(fake_llm) -> None:
+    from strata import StructuredOutputsParams
+
+    llm, engine = fake_llm
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "objectx"}))
+    with pytest.raises(ValueError, match=r"^prompt 1: structured_outputs.json: invalid json schema: Unsupported type"):
+        llm.generate([[1, 2], [3]], [SamplingParams(), bad], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompt 0: structured_outputs.regex: invalid regex"):
+        llm.generate([[1]], SamplingParams(structured_outputs=StructuredOutputsParams(regex="(a")), use_tqdm=False)
+    assert engine.batches == []  # nothing was queued
+    good = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    llm.generate([[1, 2]], good, use_tqdm=False)
+    (requests,) = engine.batches
+    assert requests[0].params.structured_outputs.choice == ["yes", "no"]
+
+
 def test_llm_chat_applies_the_template_here(fake_llm, tok) -> None:
     llm, engine = fake_llm
     conv = [{"role": "user", "content": "hi"}]
