@@ -13,7 +13,9 @@ logger = logging.getLogger("strata")
 def log_startup(config: EngineConfig, rank_facts: list[dict], num_blocks: int, max_model_len: int) -> None:
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     logger.info("parallelism: tensor_parallel_size=%d, pipeline_parallel_size=%d, %d rank(s)%s",
-                tp, pp, tp * pp, ", expert parallel" if config.enable_expert_parallel else "")
+                tp, pp, tp * pp,
+                f", expert parallel over {tp} ranks ({config.ep_dispatch} dispatch)" if config.enable_expert_parallel
+                else "")
     for stage in range(pp):
         members = [f for f in rank_facts if f["pp_rank"] == stage]
         hosts = sorted({f"{f['host']} ({f['ip']})" for f in members})

@@ -59,6 +59,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="layers per pipeline stage, comma-separated, e.g. 8,8,7,7 (default: even)")
     par.add_argument("--enable-expert-parallel", action="store_true",
                      help="place whole MoE experts on ranks instead of splitting every expert across tp ranks")
+    par.add_argument("--ep-dispatch", choices=["auto", "allgather", "alltoall"], default="auto",
+                     help="how expert parallelism moves tokens to their experts' ranks: allgather (one all-reduce, "
+                          "captured in decode graphs), alltoall (only the routed rows; one host sync per MoE "
+                          "layer, eager steps only), auto: alltoall for large batches where it moves fewer bytes")
+    par.add_argument("--ep-alltoall-min-tokens", type=int, default=512,
+                     help="--ep-dispatch auto: the step size (tokens) from which alltoall may be chosen")
+    par.add_argument("--expert-load-interval", type=int, default=64,
+                     help="MoE: steps between reads of the expert load counters (a copy to the host each)")
     par.add_argument("--distributed-executor-backend", choices=["auto", "ray", "mp"], default="auto",
                      help="ray: ranks are Ray actors, the API is a Ray Serve app; mp: local processes (on "
                           "several nodes with --nnodes), the API is served by uvicorn; auto: ray (mp with --nnodes "
@@ -221,6 +229,8 @@ def engine_config_from_args(args: argparse.Namespace, backend: str, **fields: An
         "model": args.model, "tokenizer": args.tokenizer, "skip_tokenizer_init": args.skip_tokenizer_init,
         "tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
         "pp_layer_partition": args.pp_layer_partition, "enable_expert_parallel": args.enable_expert_parallel,
+        "ep_dispatch": args.ep_dispatch, "ep_alltoall_min_tokens": args.ep_alltoall_min_tokens,
+        "expert_load_interval": args.expert_load_interval,
         "distributed_executor_backend": backend, "dtype": DTYPE_ALIASES.get(args.dtype, args.dtype),
         "load_format": args.load_format,
         "seed": args.seed, "max_model_len": args.max_model_len, "gpu_memory_utilization": args.gpu_memory_utilization,

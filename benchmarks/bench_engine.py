@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", action="store_true", help="--enable-expert-parallel")
+    ap.add_argument("--ep-dispatch", choices=["auto", "allgather", "alltoall"], default="auto",
+                    help="with --ep: how tokens reach their experts' ranks (EngineConfig.ep_dispatch)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--decode-batches", default="", help="comma-separated batch sizes, e.g. 1,32")
     ap.add_argument("--num-prompts", type=int, default=0, help="offline throughput run size (0: skip)")
@@ -67,14 +69,15 @@ def main() -> None:
 
     shape = SHAPES[args.shape]
     bandwidth = measure_hbm_bandwidth()
-    record = {"shape": args.shape, "tp": args.tp, "pp": args.pp, "ep": args.ep,
+    record = {"shape": args.shape, "tp": args.tp, "pp": args.pp, "ep": args.ep, "ep_dispatch": args.ep_dispatch,
               "hbm_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_shape(args.shape, tmp)
         started = time.perf_counter()
         llm = LLM(model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, enable_expert_parallel=args.ep,
-                  distributed_executor_backend=args.backend, max_model_len=args.input_len + args.output_len + 64,
+                  ep_dispatch=args.ep_dispatch, distributed_executor_backend=args.backend,
+                  max_model_len=args.input_len + args.output_len + 64,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         record["startup_s"] = round(time.perf_counter() - started, 1)
         facts = llm.rank_facts()

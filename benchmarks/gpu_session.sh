@@ -4,7 +4,7 @@
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels, decode-tp1, decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2, decode-tp4,
-#          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep
+#          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep, moe-ep-a2a
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,7 +41,8 @@ for step in $1; do
     tput-tp1)   run tput-tp1 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 1 --backend mp $TPUT $J ;;
     tput-tp2)   run tput-tp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --tp 2 $TPUT $J ;;
     tput-pp2)   run tput-pp2 ${TPUT_LIMIT:-400} $B --shape llama-3.1-8b --pp 2 $TPUT $J ;;
-    moe-tp)     run moe-tp 300 $B --shape qwen3-30b-a3b --tp 2 --decode-batches 1 $TPUT $J ;;
-    moe-ep)     run moe-ep 300 $B --shape qwen3-30b-a3b --tp 2 --ep --decode-batches 1 $TPUT $J ;;
+    moe-tp)     run moe-tp 300 $B --shape qwen3-30b-a3b --tp 2 --decode-batches 1,32 $TPUT $J ;;
+    moe-ep)     run moe-ep 300 $B --shape qwen3-30b-a3b --tp 2 --ep --decode-batches 1,32 $TPUT $J ;;
+    moe-ep-a2a) run moe-ep-a2a 300 $B --shape qwen3-30b-a3b --tp 2 --ep --ep-dispatch alltoall --decode-batches 1,32 $TPUT $J ;;
   esac
 done

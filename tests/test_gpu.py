@@ -60,3 +60,11 @@ def test_pipeline_parallel_matches_one_gpu(llama_shaped, llama_reference):
 @pytest.mark.parametrize("ep", [False, True])
 def test_moe_split_matches_one_gpu(ray_cluster, moe_shaped, ep):
     assert_greedy_close(greedy(moe_shaped, tensor_parallel_size=2, enable_expert_parallel=ep), greedy(moe_shaped))
+
+
+@_needs_gpus(2)
+def test_moe_all_to_all_matches_one_gpu(ray_cluster, moe_shaped):
+    """NCCL all_to_all_single with split sizes in eager steps; decode graphs keep the all-gather."""
+    got = greedy(moe_shaped, tensor_parallel_size=2, enable_expert_parallel=True, ep_dispatch="alltoall",
+                 cuda_graph_sizes=[1, 2, 4, 8])
+    assert_greedy_close(got, greedy(moe_shaped))

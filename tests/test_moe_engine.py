@@ -1,5 +1,6 @@
 """MoE models through the real engine: experts split by tensor parallelism or placed whole on
-ranks (expert parallelism), checked against Hugging Face, with the expert load report."""
+ranks (expert parallelism, by all-gather or all-to-all), checked against Hugging Face, with the
+expert load report (read every few steps, and when the engine runs dry)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,20 @@ CASES = [
     ("qwen3_moe", 4, 1, True),
     ("qwen2_moe", 2, 2, True),
 ]
+# auto is allgather at these sizes; alltoall is asked for. A report every 5 steps, not at the end.
+ALLTOALL = [pytest.param(arch, tp, pp, True, "alltoall", marks=pytest.mark.slow)
+            for arch, tp, pp in [("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 1), ("qwen3_moe", 2, 2)]]
 
 
-@pytest.mark.parametrize("arch,tp,pp,ep", CASES)
-def test_moe_matches_hf_and_reports_load(ray_cluster, tiny_models, arch, tp, pp, ep):
+@pytest.mark.parametrize("arch,tp,pp,ep,dispatch", [(*c, "auto") for c in CASES] + ALLTOALL)
+def test_moe_matches_hf_and_reports_load(ray_cluster, tiny_models, arch, tp, pp, ep, dispatch):
     model_dir = tiny_models(arch)
     prompts = tiny_prompts()
     max_tokens = 12
+    interval = 64 if dispatch == "auto" else 5
     with LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, enable_expert_parallel=ep,
-             max_model_len=512, max_num_batched_tokens=64) as llm:
+             ep_dispatch=dispatch, expert_load_interval=interval, max_model_len=512,
+             max_num_batched_tokens=64) as llm:
         assert_engine_matches_hf(llm, model_dir, prompts, max_tokens)
         load = llm.stats()["expert_load"]
     # Every token the model ran (prompts, and each sampled token but the last) went to top_k experts.

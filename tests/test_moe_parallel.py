@@ -85,6 +85,8 @@ def _worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None:
     try:
         groups = tp_groups(rank, WORLD)
         ep_groups = tp_groups(rank, WORLD)  # communicators of their own, over the same ranks
+        for ep in ep_groups.values():
+            _count_all_to_all(ep)
         tokens = torch.load(os.path.join(out_dir, "tokens.pt"))
         results = []
         for case, path in jobs:
@@ -101,21 +103,35 @@ def _worker(rank: int, init_file: str, jobs: list[Job], out_dir: str) -> None:
                 )
                 for p in range(case.pp)
             ]
+            ep = ep_groups[case.tp]
+            ep.all_to_all_calls = 0  # type: ignore[attr-defined]
             logits = run_scenario(Driver(stages, TABLES), tokens[case.arch])
             loads = [stage.expert_load() for stage in stages]
             load = {
                 key: [row for one in loads for row in one[key]]
                 for key in ("layers", "per_expert", "per_rank")
             }
-            results.append((logits, sum(expert_param_bytes(s) for s in stages), load))
+            results.append((logits, sum(expert_param_bytes(s) for s in stages), load, ep.all_to_all_calls))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _count_all_to_all(group: GroupCoordinator) -> None:
+    """Counts the group's all-to-alls in `all_to_all_calls`, so a case shows which dispatch ran."""
+    inner = group.all_to_all
+
+    def counted(*args, **kwargs):
+        group.all_to_all_calls += 1  # type: ignore[attr-defined]
+        return inner(*args, **kwargs)
+
+    group.all_to_all = counted  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[list[list[int]], dict, int, list[tuple[dict, int, dict]]]]:
-    """name -> (tokens, tp=1 logits, tp=1 expert bytes, [(logits, expert bytes, load report) per rank])."""
+    """name -> (tokens, tp=1 logits, tp=1 expert bytes, [(logits, expert bytes, load report,
+    all-to-alls run) per rank])."""
     tmp = tmp_path_factory.mktemp("moe")
     paths = {arch: make_tiny_moe(arch, tmp / arch) for arch in MOE_ARCHS}
     tokens, references = {}, {}
@@ -140,7 +156,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[list[list[int]], dict, int, list[t
 def test_parallel_matches_single_rank(case: str, runs) -> None:
     c = CASES[case]
     tokens, reference, total_expert_bytes, ranks = runs[case]
-    for rank, (logits, expert_bytes, load) in enumerate(ranks):
+    for rank, (logits, expert_bytes, load, all_to_alls) in enumerate(ranks):
+        assert (all_to_alls > 0) == (c.dispatch == "alltoall"), (case, rank, all_to_alls)
         for seq in (0, 1):
             diff = float((logits[seq] - reference[seq]).abs().max())
             assert diff < TOL, f"{case} rank {rank} seq {seq}: max |diff| {diff}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strata.distributed.rank_layout import (
+    ep_group_ranks,
     global_rank,
     pp_group_ranks,
     rank_coords,
@@ -22,6 +23,7 @@ def test_the_worked_example():
     assert c.tp_group_ranks == [4, 5, 6, 7] and c.pp_group_ranks == [2, 6]
     assert [stage_leader(s, 4) for s in range(2)] == [0, 4] and sampler_rank(4, 2) == 4
     assert [list(ranks_of_node(8, 2, k)) for k in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ep_group_ranks(1, 4) == [4, 5, 6, 7]  # dp_size = 1: the stage's tp ranks, ep_rank = tp_rank
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 3), (2, 2), (4, 2), (3, 4)])

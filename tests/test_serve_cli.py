@@ -98,6 +98,17 @@ def test_flags_build_the_configs():
     assert (settings.served_model_name, settings.port, settings.api_key) == (["a", "b"], 9000, "k")
 
 
+def test_expert_parallel_flags_build_the_config():
+    from strata.app.serve_cli import configs_from_args
+
+    config, _ = configs_from_args(_serve_args(
+        "m", "-tp", "2", "--enable-expert-parallel", "--ep-dispatch", "alltoall", "--ep-alltoall-min-tokens", "64",
+        "--expert-load-interval", "8"))
+    assert config.enable_expert_parallel and config.ep_dispatch == "alltoall"
+    assert (config.ep_alltoall_min_tokens, config.expert_load_interval) == (64, 8)
+    assert configs_from_args(_serve_args("m"))[0].ep_dispatch == "auto"
+
+
 def test_multi_node_mp_flags_build_the_config():
     from strata.app.serve_cli import configs_from_args
 
