@@ -6,9 +6,10 @@ Where it lives: the matcher is part of a sequence's sampling state on the sampli
 SamplerOptions carry, compiled by the rank's GrammarCompiler (strata.model.grammar: a schema new
 to the rank costs its compile, tens of milliseconds, in the step that announces it; a cached one
 nothing). The matcher follows the sequence's tokens: before each draw it accepts every token
-drawn since its last one, from `output_token_ids` where the caller has appended them, else from the previous draw's
-ids on the device (async scheduling launches a draw before the last one was read; reading those
-ids waits only for that earlier draw, which the device has finished or is finishing). Then it
+drawn since its last one, from `output_token_ids` where the caller has appended them, else from
+the previous draw's ids on the device (async scheduling launches a draw before the last one was
+read; reading those ids waits only for that earlier draw, which the device has finished or is
+finishing). Then it
 fills the row's bitmask (bit t of row r set: token t allowed), the rows' masks go to the device
 in one copy, and every disallowed logit of those rows becomes -inf: one index_copy_, so rows
 without a grammar are untouched and share the batch.
