@@ -9,10 +9,9 @@ nothing). The matcher follows the sequence's tokens: before each draw it accepts
 drawn since its last one, from `output_token_ids` where the caller has appended them, else from
 the previous draw's ids on the device (async scheduling launches a draw before the last one was
 read; reading those ids waits only for that earlier draw, which the device has finished or is
-finishing). Then it
-fills the row's bitmask (bit t of row r set: token t allowed), the rows' masks go to the device
-in one copy, and every disallowed logit of those rows becomes -inf: one index_copy_, so rows
-without a grammar are untouched and share the batch.
+finishing). Then it fills the row's bitmask (bit t of row r set: token t allowed), the rows'
+masks go to the device in one copy, and every disallowed logit of those rows becomes -inf: one
+index_copy_, so rows without a grammar are untouched and share the batch.
 
 When the grammar is complete only its stop tokens (the request's stop ids, eos included) are
 allowed, so the request ends through the engine's ordinary stop-token path. Once a stop token is
