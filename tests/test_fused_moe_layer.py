@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from strata.distributed.process_groups import single_rank_group  # noqa: E402
 from strata.model.context import ModelContext  # noqa: E402
 from strata.model.layers.moe import FusedMoE, SparseMoeBlock  # noqa: E402
+from strata.model.layers.moe_dispatch import all_to_all_experts, choose_dispatch  # noqa: E402
 from strata.model.layers.moe_router import TopKRouter  # noqa: E402
 from strata.model.loader import load_model  # noqa: E402
 from tests.model_factory import PROMPTS, Driver  # noqa: E402
@@ -57,6 +58,23 @@ def test_shared_expert_block(dtype: torch.dtype, monkeypatch) -> None:
     got = block(x)
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_rows_an_all_to_all_brings_run_through_the_kernels(monkeypatch) -> None:
+    """The all-to-all path hands the experts one pair per row ([N, 1] routing, weight 1) and
+    counts nothing there: through Triton as through the reference (one EP rank: the all-to-all
+    is the identity, the rest of the path runs)."""
+    torch.manual_seed(0)
+    experts = FusedMoE(16, 8, 12, ModelContext(tp=single_rank_group()))
+    experts.w13_weight.normal_(0.0, 0.2)
+    experts.w2_weight.normal_(0.0, 0.2)
+    x = torch.randn(7, 16)
+    weights, ids = torch.softmax(torch.randn(7, 2), -1), torch.stack([torch.randperm(8)[:2] for _ in range(7)])
+    want = experts.forward_reference(x, weights, ids, count=False)
+    monkeypatch.setattr(FusedMoE, "backend", "triton")
+    got = all_to_all_experts(x, weights, ids, experts, single_rank_group())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert int(experts.expert_counts.sum()) == 0
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -112,7 +130,8 @@ def test_fused_path_code_asks_the_device_nothing() -> None:
     from strata.model.kernels import fused_moe, moe_align, moe_grouped_mm, moe_sum
     from tests.test_input_buffers import _SYNCING, _code_only
 
-    for fn in (FusedMoE.forward, TopKRouter.forward, fused_moe.fused_moe, fused_moe.fused_experts,
+    for fn in (FusedMoE.forward, TopKRouter.forward, SparseMoeBlock.forward, choose_dispatch,
+               fused_moe.fused_moe, fused_moe.fused_experts,
                fused_moe.grouped_gemm, moe_align.align_by_expert, moe_grouped_mm.grouped_mm_experts,
                moe_sum.sum_topk):
         found = _SYNCING.search(_code_only(inspect.getsource(fn)))
