@@ -126,6 +126,11 @@ class Driver(EngineLoop):
     def info(self) -> EngineInfo:
         return self._info
 
+    def attachment(self) -> tuple[str, object]:
+        """What a new Serve replica needs to attach to this driver (app/engines.py): the config it
+        serves (JSON, to check it is the same) and its placement groups (to release them at the end)."""
+        return self.config.model_dump_json(), self._placement
+
     def rank_pids(self) -> dict[int, int]:
         """Each rank's process id in the gang serving now (tests kill ranks by pid)."""
         return self.gang.pids()

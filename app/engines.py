@@ -24,6 +24,13 @@ from strata.model_facts import ModelFacts
 logger = logging.getLogger("strata")
 
 SHUTDOWN_WAIT_S = 60.0  # how long RayEngine.shutdown waits for the driver to stop its ranks
+ATTACH_WAIT_S = 600.0  # how long a new replica waits for a running driver to answer (it may be loading)
+DRIVER_NAMESPACE = "strata"
+
+
+def driver_actor_name(app_name: str, served_name: str) -> str:
+    """The driver actor's name for a Serve app serving `served_name`: what a new replica looks up."""
+    return f"strata-driver-{app_name}-{served_name}"
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -33,21 +40,34 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 class RayEngine:
-    """The driver as an async Ray actor; every method awaits the actor's."""
+    """The driver as an async Ray actor; every method awaits the actor's.
+
+    With `driver_name` (the Serve ingress gives one) the driver is a named, detached actor in the
+    DRIVER_NAMESPACE, and its placement groups are detached too: a replica that dies leaves the
+    engine running, and the replica Serve starts next attaches to it rather than loading a second
+    engine (`_attach`). Nothing then owns the driver: `shutdown` stops it explicitly. Without a
+    name (the offline LLM) the driver belongs to this process and dies with it."""
 
     info: EngineInfo
 
-    def __init__(self, config: EngineConfig, facts: ModelFacts):
+    def __init__(self, config: EngineConfig, facts: ModelFacts, driver_name: str | None = None):
+        ensure_ray(config)
+        self._closed = False
+        if driver_name is None or not self._attach(driver_name, config):
+            self._start(config, facts, driver_name)
+
+    def _start(self, config: EngineConfig, facts: ModelFacts, name: str | None) -> None:
         import ray
 
         from strata.actors.driver import Driver
         from strata.actors.executor import rank_env
         from strata.placement.placement import reserve
 
-        ensure_ray(config)
-        self.placement = reserve(config)
+        self.placement = reserve(config, detached=name is not None)
         opts = dict(self.placement.actor_resources(), scheduling_strategy=self.placement.strategy_for_rank(0),
                     runtime_env={"env_vars": rank_env()}, max_concurrency=1000)
+        if name is not None:
+            opts.update(name=name, namespace=DRIVER_NAMESPACE, lifetime="detached")
         self.actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), facts.to_json(),
                                                                self.placement)
         try:
@@ -57,7 +77,34 @@ class RayEngine:
                 ray.kill(self.actor, no_restart=True)
             self.placement.release()
             raise
-        self._closed = False
+
+    def _attach(self, name: str, config: EngineConfig) -> bool:
+        """Takes over the running driver called `name`, if there is one; True if it did. One that
+        has failed stop serves nobody: it is stopped (its name and bundles freed) and False
+        returned. One that serves another config is another engine's: ValueError."""
+        import ray
+
+        try:
+            actor = ray.get_actor(name, namespace=DRIVER_NAMESPACE)
+        except ValueError:  # none (or a dead one, whose name Ray has freed)
+            return False
+        self.info = ray.get(actor.info.remote(), timeout=ATTACH_WAIT_S)  # it may still be loading
+        config_json, self.placement = ray.get(actor.attachment.remote(), timeout=ATTACH_WAIT_S)
+        self.actor = actor
+        if EngineConfig.model_validate_json(config_json) != config:
+            raise ValueError(f"a Strata driver named {name!r} (Ray namespace {DRIVER_NAMESPACE!r}) is running "
+                             "with another engine config; stop it, or serve under another --served-model-name")
+        health = ray.get(actor.health.remote(), timeout=ATTACH_WAIT_S)
+        if health.state == "failed":
+            logger.warning("the running driver %r has failed stop (%s): stopping it and starting a new one",
+                           name, health.reason)
+            self._stop()
+            return False
+        # The requests it runs were the dead replica's (one replica per app): nobody reads them.
+        ray.get(actor.abort_all.remote(), timeout=ATTACH_WAIT_S)
+        logger.info("attached to the running driver %r (state %s, %d recoveries; the last replica's requests "
+                    "aborted): no second engine started", name, health.state, health.recoveries)
+        return True
 
     async def _stream(self, method, arg) -> AsyncIterator:
         """The values of one of the actor's streaming generators, Ray's wrapping removed."""
@@ -192,10 +239,12 @@ class LocalEngine:
         self.driver.shutdown()
 
 
-def start_engine(config: EngineConfig, facts: ModelFacts) -> Engine:
+def start_engine(config: EngineConfig, facts: ModelFacts, driver_name: str | None = None) -> Engine:
+    """The engine for this config. `driver_name` (Ray only): the driver's actor name, to attach to
+    a running one of that name or start it detached (see RayEngine)."""
     backend = config.distributed_executor_backend
     if backend == "auto":
         # Strata is a Ray application; mp is chosen by name, or by its multi-node settings.
         backend = "mp" if config.nnodes > 1 else "ray"
     logger.info("distributed executor backend: %s", backend)
-    return RayEngine(config, facts) if backend == "ray" else LocalEngine(config, facts)
+    return RayEngine(config, facts, driver_name) if backend == "ray" else LocalEngine(config, facts)

@@ -143,8 +143,10 @@ def check_fits(config: EngineConfig, nodes: list[NodeCapacity], resource: str,
         free[slot] -= tp
 
 
-def reserve(config: EngineConfig) -> StagePlacement:
-    """Creates and waits for one STRICT_PACK placement group per stage."""
+def reserve(config: EngineConfig, detached: bool = False) -> StagePlacement:
+    """Creates and waits for one STRICT_PACK placement group per stage. `detached`: the groups
+    outlive the process that asked for them (a Serve replica whose driver actor is detached: a new
+    replica attaches to both); whoever stops the engine must `release` them."""
     nodes = cluster_nodes()
     resource = "GPU" if any(n.gpus > 0 for n in nodes) else "CPU"
     driver = pick_driver_node(config, nodes, resource)
@@ -156,7 +158,8 @@ def reserve(config: EngineConfig) -> StagePlacement:
         bundles = [{resource: 1} for _ in range(tp)]
         if stage == 0 and driver is not None:
             bundles[0][f"node:{driver.address}"] = _PIN
-        groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"strata-{tag}-stage-{stage}"))
+        groups.append(placement_group(bundles, strategy="STRICT_PACK", name=f"strata-{tag}-stage-{stage}",
+                                      lifetime="detached" if detached else None))
     placement = StagePlacement(resource, groups, tp)
     ready = [pg.ready() for pg in groups]
     done, pending = ray.wait(ready, num_returns=len(ready), timeout=config.placement_timeout_s)

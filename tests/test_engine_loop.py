@@ -90,6 +90,23 @@ def test_a_consumer_that_leaves_aborts_its_request(loop_of) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_abort_all_ends_every_request_in_flight(loop_of) -> None:
+    """What a Serve replica asks of the driver it attaches to: the dead replica's requests end."""
+    loop = loop_of(SlowExecutor())
+    engine = loop.engine
+
+    async def two_then_abort_all() -> list[list[RequestDelta]]:
+        streams = [loop.generate(request(f"r{i}", max_tokens=4000, ignore_eos=True)) for i in range(2)]
+        firsts = [await s.__anext__() for s in streams]
+        loop.abort_all()
+        return [[first, *await _collect(s)] for first, s in zip(firsts, streams, strict=True)]
+
+    for deltas in asyncio.run(two_then_abort_all()):
+        assert deltas[-1].finish_reason == "abort" and len(deltas) < 4000
+    _wait_for(lambda: not engine.has_unfinished())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_generate_batch_yields_one_list_per_step_until_all_finish(loop_of) -> None:
     loop = loop_of()
     reqs = [request(f"r{i}", max_tokens=2 + i) for i in range(3)]

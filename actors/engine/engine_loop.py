@@ -157,6 +157,9 @@ class EngineLoop:
                 delta = self.engine.abort(payload)
                 if delta is not None:
                     self._deliver([delta])
+            elif cmd == "abort_all":
+                deltas = [self.engine.abort(request_id) for request_id in list(self._sinks)]
+                self._deliver([d for d in deltas if d is not None])
 
     def _deliver(self, deltas: list[RequestDelta]) -> None:
         """Hands each sink its requests' deltas of this step, in one call."""
@@ -240,6 +243,12 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         """Ends the request (its stream gets a final "abort" delta); unknown ids are ignored."""
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def abort_all(self) -> None:
+        """Ends every request in flight (a Serve replica that attaches to this engine after the
+        last one died: their streams' reader is gone, and nothing else would stop them)."""
+        self._commands.put(("abort_all", None))
         self._wake.set()
 
     # ---- state ----

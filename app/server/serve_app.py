@@ -5,9 +5,11 @@ it here, so they serve the same thing. The replica asks for no CPU (the ranks ho
 resources). At start it checks the model (preflight -> ModelFacts), loads the tokenizer once, and
 starts the engine through its engine factory (as Ray Serve LLM takes its engine class):
 `strata.app.engines.start_engine` unless another is given, which reserves the ranks' placement
-groups. On shutdown `strata serve` calls `drain` (app/server/drain.py: 503 with Retry-After for
-new requests and /health, `drain_timeout_s` for those in flight, 503 for the rest), which then
-stops the engine, releasing its actors and placement groups; only then does it delete the app.
+groups. Its driver is a named, detached actor: if the replica dies, Serve's next replica attaches
+to the engine still running (RayEngine._attach) rather than starting a second. On shutdown
+`strata serve` calls `drain` (app/server/drain.py: 503 with Retry-After for new requests and
+/health, `drain_timeout_s` for those in flight, 503 for the rest), which then stops the engine,
+releasing its actors and placement groups; only then does it delete the app.
 Under `serve run` / `serve deploy`, Serve's own drain applies (it waits, without cutting, up to
 graceful_shutdown_timeout_s), then `__del__` stops the engine. Neither blocks the replica's
 event loop.
@@ -16,6 +18,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +49,16 @@ EngineFactory = Callable[[EngineConfig, ModelFacts], Engine]
 """Starts an engine for a validated config and the model's facts (blocking; may take minutes)."""
 
 
-def default_engine_factory() -> EngineFactory:
-    from strata.app.engines import start_engine
+def default_engine_factory(served_name: str) -> EngineFactory:
+    """strata.app.engines.start_engine with a named, detached driver: a replica that Serve starts
+    after this one died attaches to the engine still running instead of loading a second one."""
+    from strata.app.engines import driver_actor_name, start_engine
 
-    return start_engine
+    try:
+        app_name = serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a replica (in-process tests)
+        app_name = APP_NAME
+    return functools.partial(start_engine, driver_name=driver_actor_name(app_name, served_name))
 
 
 logger = logging.getLogger("strata")
@@ -71,7 +80,7 @@ class StrataIngress:
         logger.info("%s", settings.auth_summary())
         # Loading blocks for seconds; keep the replica's event loop free meanwhile.
         self.tokenizer = await asyncio.to_thread(load_tokenizer, facts)
-        start = engine_factory or default_engine_factory()
+        start = engine_factory or default_engine_factory(settings.served_model_name[0])
         self.engine: Engine = await asyncio.to_thread(start, self.config, facts)
         self._stopped = False
         # Not `self.app`: Serve's ASGI wrapper owns that name (a read-only property).
