@@ -273,8 +273,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerSet
     return config, settings
 
 
-_FLAG_OF = {"drain_timeout_s": "--drain-timeout", "ray_address": "--address", "model": "MODEL",
-            "dist_init_timeout_s": "--dist-init-timeout"}
+_FLAG_OF = {"ray_address": "--address", "model": "MODEL"}
+
+
+def _flag_of(field: str) -> str:
+    """The flag that sets a config field: its name with dashes, less the `_s` of seconds
+    (step_timeout_s is --step-timeout)."""
+    return _FLAG_OF.get(field, "--" + field.removesuffix("_s").replace("_", "-"))
 
 
 def describe_flags(err: ValidationError) -> str:
@@ -285,8 +290,7 @@ def describe_flags(err: ValidationError) -> str:
             problems.append(str(e["msg"]).removeprefix("Value error, "))
             continue
         field = str(e["loc"][0])
-        flag = _FLAG_OF.get(field, "--" + field.replace("_", "-"))
-        problems.append(f"{flag}: {e['msg']} (got {e.get('input')!r})")
+        problems.append(f"{_flag_of(field)}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(problems)
 
 

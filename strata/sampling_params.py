@@ -212,20 +212,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be non-negative token ids, got {tid!r}.")
             if not _is_number(value) or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r} for token {tid}.")
-        if self.allowed_token_ids is not None:
-            if not self.allowed_token_ids:
-                raise ValueError("allowed_token_ids must not be empty (it would allow no token at all).")
-            for t in self.allowed_token_ids:
-                if not _is_int(t) or not 0 <= t <= INT64_MAX:
-                    raise ValueError(f"allowed_token_ids must be non-negative token ids, got "
-                                     f"{_head(self.allowed_token_ids)}.")
-        if self.logprob_token_ids is not None:
-            if not self.logprob_token_ids:
-                raise ValueError("logprob_token_ids must not be empty.")
-            for t in self.logprob_token_ids:
-                if not _is_int(t) or not 0 <= t <= INT64_MAX:
-                    raise ValueError(f"logprob_token_ids must be non-negative token ids, got "
-                                     f"{_head(self.logprob_token_ids)}.")
+        _check_id_list("allowed_token_ids", self.allowed_token_ids, " (it would allow no token at all)")
+        _check_id_list("logprob_token_ids", self.logprob_token_ids)
         for w in self.bad_words or []:
             if not isinstance(w, str) or not w:
                 raise ValueError(f"bad_words must contain only non-empty strings, got {_head(self.bad_words)}.")
@@ -293,3 +281,13 @@ def _head(values: list, limit: int = 5) -> str:
     if len(values) <= limit:
         return repr(values)
     return "[" + ", ".join(map(repr, values[:limit])) + f", ...] ({len(values)} in all)"
+
+
+def _check_id_list(name: str, ids: list[int] | None, why_not_empty: str = "") -> None:
+    """A list of token ids a request may give (None: not given): not empty, each a 64-bit id >= 0."""
+    if ids is None:
+        return
+    if not ids:
+        raise ValueError(f"{name} must not be empty{why_not_empty}.")
+    if not all(_is_int(t) and 0 <= t <= INT64_MAX for t in ids):
+        raise ValueError(f"{name} must be non-negative token ids, got {_head(ids)}.")

@@ -80,6 +80,8 @@ def _serve_args(*argv: str) -> argparse.Namespace:
     (["--distributed-executor-backend", "mp", "--driver-node", "10.0.0.1"], "--driver-node"),
     (["--distributed-executor-backend", "mp", "--address", "ray://x:10001"], "--address"),
     (["-tp", "0"], "tensor"),
+    (["--step-timeout", "0"], "--step-timeout: "), (["--recovery-window", "0"], "--recovery-window: "),
+    (["--drain-timeout", "-1"], "--drain-timeout: "),
 ])
 def test_flags_that_cannot_be_honoured_fail_naming_the_flag(argv, flag, capsys):
     args = _serve_args(*argv)
