@@ -194,8 +194,10 @@ def hf_reference_texts(model_dir: str, prompts: list[list[int]], max_tokens: int
             for p in prompts]
 
 
-def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
-    """Ctrl-C, as a user would; SIGKILL if it does not stop in time. Returns the exit code."""
+def stop(proc: subprocess.Popen, timeout_s: float = 120.0) -> int:
+    """Ctrl-C, as a user would; SIGKILL if it does not stop in time (the default is above the
+    server's own bound on stopping Serve, app/server/launch.py, with room for a loaded machine).
+    Returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:

@@ -180,13 +180,33 @@ def _drain_replica(handle, drain_timeout_s: float, again: threading.Event) -> No
         logger.warning("the drain failed; stopping Serve", exc_info=True)
 
 
+# How long `strata serve` waits for Serve to delete the app and stop; past it, Serve's controller
+# finishes on its own. The drain is over by then and the engine stopped, so nothing waits on Serve.
+_SERVE_STOP_S = 40.0
+
+
 def _stop_serve(app_name: str) -> None:
+    """Deletes the app (its replica stops the engine if the drain did not) and, when ours was the
+    only app, stops Serve; bounded by _SERVE_STOP_S, each phase logged with its time."""
+    stopper = threading.Thread(target=_delete_app, args=(app_name,), name="strata-serve-stop", daemon=True)
+    stopper.start()
+    stopper.join(_SERVE_STOP_S)
+    if stopper.is_alive():
+        logger.warning("Serve did not stop within %.0f s; its controller finishes deleting app %r on its own",
+                       _SERVE_STOP_S, app_name)
+
+
+def _delete_app(app_name: str) -> None:
     from ray import serve
 
     try:
+        start = time.monotonic()
         serve.delete(app_name)  # blocks until the replica drained and stopped the engine
+        logger.info("Serve app %r deleted in %.1f s", app_name, time.monotonic() - start)
         if not serve.status().applications:
+            start = time.monotonic()
             serve.shutdown()  # ours was the only app: stop the proxy and controller too
+            logger.info("Serve stopped in %.1f s", time.monotonic() - start)
     except Exception:  # noqa: BLE001 - Serve may never have started
         logger.warning("Serve shutdown failed", exc_info=True)
 
