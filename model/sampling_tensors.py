@@ -34,7 +34,7 @@ _TOP_K, _SEED = range(2)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 # A row's needs as bits, so a batch's are one OR over its rows.
 (F_GREEDY, F_SEEDED, F_TOP_P, F_TOP_K, F_MIN_P, F_REPETITION, F_FREQUENCY, F_MIN_TOKENS, F_BANNED, F_BIAS, F_ALLOWED,
- F_GRAMMAR) = (1 << i for i in range(12))
+ F_GRAMMAR, F_BANNED_SEQUENCES) = (1 << i for i in range(13))
 
 
 def _f32(value: float) -> float:
@@ -60,8 +60,21 @@ def row_flags(o: SamplerOptions, is_greedy: bool) -> int:
         | F_FREQUENCY * (o.frequency_penalty != 0.0 or o.presence_penalty != 0.0)
         | F_MIN_TOKENS * (o.min_tokens > 0 and bool(o.stop_token_ids))
         | F_BANNED * bool(o.banned_token_ids) | F_BIAS * bool(o.bias_token_ids) | F_ALLOWED * bool(o.allowed_token_ids)
-        | F_GRAMMAR * bool(o.grammar_kind)
+        | F_GRAMMAR * bool(o.grammar_kind) | F_BANNED_SEQUENCES * bool(o.banned_sequences)
     )
+
+
+def completed_bad_words(state: SequenceSamplingState) -> list[int]:
+    """The last ids of the row's bad words of several tokens whose other ids end its output so
+    far (vLLM's rule: output tokens only, not the prompt). The output is current: the scheduler
+    does not run such a sequence ahead of its pending token (Scheduler._continues)."""
+    out = state.output_ids()
+    banned = []
+    for ids in state.options.banned_sequences:
+        n = len(ids) - 1
+        if n <= len(out) and out[len(out) - n:].tolist() == ids[:n]:
+            banned.append(ids[-1])
+    return banned
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -120,6 +133,9 @@ class SamplingTensors:
         if batch & F_BANNED:  # bad_words: masked at every position, as min_tokens' ids are early on
             min_tokens_flat += [i * vocab + t for i, s in enumerate(states) for t in s.options.banned_token_ids
                                 if 0 <= t < vocab]
+        if batch & F_BANNED_SEQUENCES:
+            min_tokens_flat += [i * vocab + t for i, s in enumerate(states) if s._flags & F_BANNED_SEQUENCES
+                                for t in completed_bad_words(s) if 0 <= t < vocab]
         self.bias_index = self.bias_values = self.allowed_rows = self.allowed_index = None
         if batch & (F_BIAS | F_ALLOWED):
             self._upload_constraints(states, flags, vocab, device)

@@ -64,7 +64,8 @@ class SamplingParams:
     True (the fast tokenizers' behaviour); False raises ValueError rather than being ignored.
     logit_bias: {token id: value in [-100, 100]} added to the logits before sampling.
     allowed_token_ids: sample only among these ids. logprob_token_ids: report these ids' logprobs
-    at each position instead of the top-k (logprobs becomes their count). bad_words: words never generated; the caller
+    at each position instead of the top-k (logprobs becomes their count). bad_words: words never generated (one of
+    several tokens: its last token is banned where the output ends with the others); the caller
     resolves them to token ids with its tokenizer (`set_bad_words_token_ids`) before the engine
     takes the request (strata.app.request_check). Ids are checked against the vocabulary there too.
     structured_outputs: a StructuredOutputsParams (or a dict of its fields) the output must follow
@@ -96,6 +97,7 @@ class SamplingParams:
     logprob_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     _bad_words_token_ids: list[int] | None = field(default=None, init=False, repr=False)
+    _bad_word_sequences: list[list[int]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.seed == -1:  # vLLM's "no seed" spelling
@@ -220,18 +222,28 @@ class SamplingParams:
 
     def set_bad_words_token_ids(self, encode) -> None:
         """Resolves `bad_words` with `encode(text) -> ids` (no special tokens), with vLLM's meaning:
-        each word as written (leading spaces dropped), and with one leading space when that is a
-        different token sequence of the same length. Only words of one token can be banned without
-        the output so far on the device, so a word of several tokens raises ValueError."""
-        ids: list[int] = []
+        each word as written (leading spaces dropped), and with one leading space when that starts
+        with another token and is as long. A word of one token is banned at every position; one of
+        several has its last token banned where the output so far ends with the others."""
+        single: set[int] = set()
+        sequences: list[list[int]] = []
         for word in self.bad_words or []:
             plain = encode(word.lstrip())
-            if len(plain) != 1:
-                raise ValueError(f"bad_words: {word!r} is {len(plain)} tokens ({plain[:8]}); Strata bans words of "
-                                 f"one token only.")
             spaced = encode(" " + word.lstrip())
-            ids += plain + (spaced if len(spaced) == 1 else [])
-        self._bad_words_token_ids = sorted(set(ids))
+            variants = [plain] + ([spaced] if spaced and plain and spaced[0] != plain[0]
+                                  and len(spaced) == len(plain) else [])
+            for ids in variants:
+                if len(ids) == 1:
+                    single.add(ids[0])
+                elif ids and ids not in sequences:
+                    sequences.append(list(ids))
+        self._bad_words_token_ids = sorted(single)
+        self._bad_word_sequences = sequences
+
+    @property
+    def bad_word_sequences(self) -> list[list[int]]:
+        """The words of several tokens `set_bad_words_token_ids` resolved, as id lists."""
+        return self._bad_word_sequences
 
     @property
     def bad_words_token_ids(self) -> list[int] | None:

@@ -213,9 +213,40 @@ def test_allowed_token_ids_logit_bias_bad_words(field_servers):
     for extra, param in (({"logit_bias": {"1": 101}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
                          ({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
-                         ({"bad_words": ["antidisestablishmentarianism"]}, "bad_words")):
+                         ({"bad_words": [""]}, "bad_words")):
         r = srv.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 1, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_a_bad_word_of_several_tokens_bans_its_last_token_after_the_others(field_servers):
+    from strata import SamplingParams
+
+    srv, tok = field_servers, field_servers.tokenizer
+    ids = tok.encode(PROMPT)
+    plain = greedy(srv, ids)
+    word = tok.decode(plain[:2]).strip()  # two tokens the plain continuation starts with
+    params = SamplingParams(bad_words=[word])
+    params.set_bad_words_token_ids(lambda text: tok.encode(text, add_special_tokens=False))
+    sequences = params.bad_word_sequences
+    assert any(plain[i:i + len(s)] == s for s in sequences for i in range(N)), (word, sequences, plain)
+
+    def no_bad_word(logits, prompt, output):  # vLLM's rule: the last id, where the output ends with the rest
+        for s in sequences:
+            if len(s) - 1 <= len(output) and output[len(output) - len(s) + 1:] == s[:-1]:
+                logits[s[-1]] = float("-inf")
+        logits[params.bad_words_token_ids] = float("-inf")
+        return logits
+
+    expected = hf_greedy_processed(srv.model_dir, ids, N, no_bad_word)
+    assert expected != plain
+    for stream in (False, True):
+        r = srv.openai().completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stream=stream,
+                                            extra_body={"bad_words": [word], "return_token_ids": True})
+        if stream:
+            got = [t for chunk in r for c in chunk.choices for t in (c.model_extra.get("token_ids") or [])]
+        else:
+            got = r.choices[0].model_extra["token_ids"]
+        assert got == expected, (stream, word)
 
 
 def test_batch_prompts_choices_in_order_and_best_of(field_servers):

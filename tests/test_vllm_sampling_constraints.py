@@ -62,19 +62,27 @@ def test_bad_constraint_values_name_their_field(kwargs, words):
         SamplingParams(**kwargs)
 
 
-def test_a_bad_word_of_several_tokens_is_refused():
-    params = SamplingParams(bad_words=["two words"])
-    with pytest.raises(ValueError, match="bad_words: 'two words' is 2 tokens"):
-        params.set_bad_words_token_ids(lambda text: [1, 2])
+def test_bad_words_resolve_as_vllm_does():
+    vocab = {"six": [6], " six": [16], "two words": [1, 2], " two words": [11, 2], "dup": [3, 4], " dup": [3, 5],
+             "spread": [7, 8], " spread": [17, 18, 19]}
+    params = SamplingParams(bad_words=["six", "  two words", "dup", "spread"])
+    params.set_bad_words_token_ids(vocab.__getitem__)
+    assert params.bad_words_token_ids == [6, 16]
+    # The spaced variant counts only when it starts with another token and is as long (vLLM's rule).
+    assert params.bad_word_sequences == [[1, 2], [11, 2], [3, 4], [7, 8]]
+    opts = SamplerOptions.from_params(params, [0])
+    assert opts.banned_sequences == [[1, 2], [11, 2], [3, 4], [7, 8]]
+    assert SamplerOptions(**msgpack.unpackb(msgpack.packb(dataclasses.asdict(opts)))) == opts
 
 
-def test_logprob_token_ids_replace_the_top_k():
-    torch.manual_seed(1)
-    logits = torch.randn(2, 30)
-    raw = logits.log_softmax(-1)
-    states = [state(temperature=0.0, logprobs=2, logprob_token_ids=[4, 17]), state(temperature=0.0, logprobs=1)]
-    first, second = Sampler().sample(logits, states)
-    assert [t for t, _ in first.top_logprobs] == [4, 17]
-    assert [lp for _, lp in first.top_logprobs] == pytest.approx([float(raw[0, 4]), float(raw[0, 17])], abs=1e-5)
-    assert [t for t, _ in second.top_logprobs] == [int(raw[1].argmax())]  # the other row keeps its top-k
-    assert SamplingParams(logprob_token_ids=[4, 17]).logprobs == 2
+def test_a_bad_word_of_several_tokens_bans_its_last_token_only_after_the_others():
+    logits = torch.zeros(4, 12)
+    logits[:, 9] = 5.0  # the argmax everywhere, unless banned
+    sequences = [[4, 9], [1, 2, 9]]
+    rows = [SequenceSamplingState(SamplerOptions(temperature=0.0, banned_sequences=sequences), [1], out)
+            for out in ([3, 4], [4, 3], [1, 2], [])]
+    got = [t.token_id for t in Sampler().sample(logits, rows)]
+    assert got[0] != 9 and got[2] != 9  # the output ends with [4] / [1, 2]: 9 would complete a bad word
+    assert got[1] == 9 and got[3] == 9  # no bad word's start ends the output
+    plain = Sampler().sample(logits[:1], [state(temperature=0.0)])[0]
+    assert plain.token_id == 9

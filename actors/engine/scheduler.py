@@ -233,10 +233,11 @@ class Scheduler:
 
     def _continues(self, seq: Sequence) -> bool:
         """Whether `seq` may run on before its pending token is known: its sampler needs no output
-        token values (no penalties), and the token its in-flight chunk samples may not be its
-        last: neither max_tokens nor max_model_len ends it there (a stop token may, found later)."""
+        token values (no penalties, no bad word of several tokens), and the token its in-flight
+        chunk samples may not be its last: neither max_tokens nor max_model_len ends it there (a
+        stop token may, found later)."""
         p = seq.params
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.bad_word_sequences:
             return False  # its sampling reads its output tokens: it waits for the pending one
         outputs = len(seq.output_token_ids) + 1
         max_tokens = p.max_tokens

@@ -53,8 +53,9 @@ _SHARED: dict[str, FieldRule] = {
     "truncate_prompt_tokens": _ok("-1: max_model_len; larger than max_model_len: 400"),
     "truncation_side": _ok("left (default) keeps the last tokens, right the first"),
     "allowed_token_ids": _ok("every other token masked on the device"),
-    "bad_words": _ok("words of one token (with or without a leading space) banned on the device; a word "
-                     "that tokenizes to several tokens is a 400"),
+    "bad_words": _ok("vLLM's rule: each word with and without a leading space; one token: banned on the "
+                     "device; several: the last banned where the output ends with the others (such a "
+                     "request waits for each token instead of running a step ahead)"),
     "prompt_logprobs": _ok("not with stream=True, as vLLM"),
     "logprob_token_ids": _ok("these ids' logprobs at each position instead of the top-k; needs logprobs"),
     "response_format": _ok("json_object, json_schema (json_schema.schema) or text; structural_tag is a 400"),

@@ -41,7 +41,9 @@ class SamplerOptions:
     bias_token_ids: list[int] = field(default_factory=list)
     bias_values: list[float] = field(default_factory=list)
     allowed_token_ids: list[int] = field(default_factory=list)  # empty: every token allowed
-    banned_token_ids: list[int] = field(default_factory=list)  # bad_words, resolved to ids
+    banned_token_ids: list[int] = field(default_factory=list)  # bad_words of one token, resolved to ids
+    # bad_words of several tokens: the last id is banned where the output ends with the others
+    banned_sequences: list[list[int]] = field(default_factory=list)
     logprob_token_ids: list[int] = field(default_factory=list)  # reported instead of the top-k
     grammar_kind: str = ""
     grammar_spec: str = ""
@@ -72,6 +74,7 @@ class SamplerOptions:
             bias_values=[float(v) for v in (params.logit_bias or {}).values()],
             allowed_token_ids=list(params.allowed_token_ids or []),
             banned_token_ids=list(params.bad_words_token_ids or []),
+            banned_sequences=[list(ids) for ids in params.bad_word_sequences],
             logprob_token_ids=list(params.logprob_token_ids or []),
             grammar_kind=spec.kind if spec else "",
             grammar_spec=spec.spec if spec else "",
