@@ -3,20 +3,29 @@
 Every rank holds the whole router and sees the same (already all-reduced) hidden states, so every
 rank computes the same routing. No collective is needed to agree on it, and each rank can pick out
 the token-expert pairs of the experts it holds. Routing stays on the device: scores, top-k and the
-renormalisation are tensor ops with static shapes, nothing is read back to the host.
+renormalisation have static shapes, nothing is read back to the host.
+
+Two computations of the same routing (`TopKRouter.backend`): on CUDA one Triton launch after the
+logits' matmul (`strata.model.kernels.moe_route`: scores, top-k and renormalisation fused; at batch
+1 a layer's routing costs its launches); elsewhere the torch ops, which are the kernel's reference.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from strata.model.context import ModelContext
+from strata.model.kernels import triton_available
 from strata.model.layers.linear import ReplicatedLinear
 
 Scoring = Literal["softmax", "sigmoid"]
+# auto: the kernel on CUDA, the torch ops elsewhere (CPU sessions set TRITON_INTERPRET=1 for all
+# tests, so "or interpreting" would route every CPU model test through the interpreter). The
+# others force one path on any device (tests run the kernel in the interpreter on CPU).
+RouterBackend = Literal["auto", "reference", "triton"]
 
 
 class TopKRouter(ReplicatedLinear):
@@ -25,8 +34,11 @@ class TopKRouter(ReplicatedLinear):
     Scores are a softmax over the experts (Mixtral, Qwen2-MoE, Qwen3-MoE) or each expert's own
     sigmoid (the DeepSeek-V3 family's scoring, without its bias and expert groups). Mixtral always
     renormalises; Qwen2-MoE and Qwen3-MoE do when their config's norm_topk_prob is set. The weight
-    is the checkpoint's `mlp.gate.weight` [num_experts, hidden].
+    is the checkpoint's `mlp.gate.weight` [num_experts, hidden]. `backend` (class-wide, or per
+    instance) picks the computation; see the module docstring.
     """
+
+    backend: ClassVar[RouterBackend] = "auto"
 
     def __init__(
         self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, ctx: ModelContext,
@@ -41,10 +53,23 @@ class TopKRouter(ReplicatedLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k] int64), best expert first."""
+        logits = F.linear(x, self.weight)
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if logits.is_cuda and triton_available() else "reference"
+        if backend == "reference":
+            return self.forward_reference(logits)
+        from strata.model.kernels.moe_route import route_topk  # Triton: imported where it runs
+
+        return route_topk(logits, self.top_k, self.renormalize, self.scoring)
+
+    def forward_reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> `forward`'s routing, in torch ops: the kernel's reference, and the
+        path off CUDA."""
         # Scores are computed in float32 whatever the model dtype, as Hugging Face does, so low
         # precision does not reorder near-tied experts differently from the reference.
-        logits = F.linear(x, self.weight).float()
-        probs = torch.softmax(logits, dim=-1) if self.scoring == "softmax" else torch.sigmoid(logits)
+        probs = logits.float()
+        probs = torch.softmax(probs, dim=-1) if self.scoring == "softmax" else torch.sigmoid(probs)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
