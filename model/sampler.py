@@ -92,6 +92,7 @@ class SequenceSamplingState:
         self._min_tokens = o.min_tokens
         self._stop_ids = tuple(o.stop_token_ids)
         self._logprobs = o.logprobs or 0
+        self._wants_logprobs = o.logprobs is not None  # 0: the chosen token's logprob alone
         self._logprob_ids = list(o.logprob_token_ids)
         self._flags = row_flags(o, self.is_greedy)
 
@@ -136,9 +137,15 @@ class LogprobReport:
     one wait (`read`) when the caller needs them, which may be a step later."""
 
     def __init__(self, logits: torch.Tensor, token_ids: torch.Tensor, k: int,
-                 chosen_ids: list[list[int]] | None = None):
+                 chosen_ids: list[list[int]] | None = None, wanted: bool = True):
         """`chosen_ids[i]`, when not empty, are the ids row i reports instead of its top-k
-        (vLLM's logprob_token_ids)."""
+        (vLLM's logprob_token_ids). `wanted` False: no row reports logprobs, only the ids are kept."""
+        self.k = k
+        self.token_ids = token_ids  # on the device: a later step can feed them as inputs
+        self._chosen_lens = None
+        if not wanted:  # no row reports logprobs: three [R, V] passes and two copies saved per step
+            self._finish([token_ids])
+            return
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         chosen = logits.gather(1, token_ids.view(-1, 1))
         # Strictly higher logit <=> strictly higher logprob (same shift per row).
@@ -152,8 +159,11 @@ class LogprobReport:
             width = max(self._chosen_lens)
             index = _tensor([c + [0] * (width - len(c)) for c in chosen_ids], torch.long, logits.device)
             parts += [logits.gather(1, index) - lse, index]
-        self.k = k
-        self.token_ids = token_ids  # on the device: a later step can feed them as inputs
+        self._finish(parts)
+
+    def _finish(self, parts: list[torch.Tensor]) -> None:
+        """Starts the copies of `parts` to the host (not waited for)."""
+        token_ids = parts[0]
         self._event: torch.cuda.Event | None = None
         if token_ids.device.type == "cuda":
             self._host = [t.to("cpu", non_blocking=True) for t in parts]  # into pinned memory
@@ -167,6 +177,8 @@ class LogprobReport:
         if self._event is not None:
             self._event.synchronize()
         host = [t.tolist() for t in self._host]
+        if len(host) == 1:  # not wanted: NaN logprobs and rank 0 say so, should anyone read them
+            return [float("nan")] * len(host[0]), [0] * len(host[0]), [[] for _ in host[0]], host[0]
         if self.k > 0:
             tops = [list(zip(i, v, strict=True)) for i, v in zip(host[4], host[3], strict=True)]
         else:
@@ -252,7 +264,8 @@ class Sampler:
             s.num_sampled += 1
         vocab = raw.shape[1]  # ids beyond it (the engine's own check is the caller's) are left out, not gathered
         chosen = [[t for t in s._logprob_ids if t < vocab] if s._logprob_ids else s._logprob_ids for s in states]
-        return PendingSample(LogprobReport(raw, token_ids, k, chosen), states)
+        wanted = any(s._wants_logprobs for s in states)
+        return PendingSample(LogprobReport(raw, token_ids, k, chosen, wanted), states)
 
     def prompt_logprobs(
         self, logits: torch.Tensor, target_ids: list[int], k: int
