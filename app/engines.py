@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
 
@@ -24,6 +25,7 @@ from strata.model_facts import ModelFacts
 logger = logging.getLogger("strata")
 
 SHUTDOWN_WAIT_S = 60.0  # how long RayEngine.shutdown waits for the driver to stop its ranks
+NAME_FREED_WAIT_S = 30.0  # how long a new driver waits for Ray to free the dead one's name
 ATTACH_WAIT_S = 600.0  # how long a new replica waits for a running driver to answer (it may be loading)
 DRIVER_NAMESPACE = "strata"
 
@@ -31,6 +33,12 @@ DRIVER_NAMESPACE = "strata"
 def driver_actor_name(app_name: str, served_name: str) -> str:
     """The driver actor's name for a Serve app serving `served_name`: what a new replica looks up."""
     return f"strata-driver-{app_name}-{served_name}"
+
+
+def same_engine(running: EngineConfig, asked: EngineConfig) -> bool:
+    """Whether a running driver serves the config asked for. Its KV size may be pinned
+    (num_kv_blocks_override): a driver started again after one died reuses the first one's."""
+    return running.model_copy(update={"num_kv_blocks_override": asked.num_kv_blocks_override}) == asked
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -45,38 +53,77 @@ class RayEngine:
     With `driver_name` (the Serve ingress gives one) the driver is a named, detached actor in the
     DRIVER_NAMESPACE, and its placement groups are detached too: a replica that dies leaves the
     engine running, and the replica Serve starts next attaches to it rather than loading a second
-    engine (`_attach`). Nothing then owns the driver: `shutdown` stops it explicitly. Without a
-    name (the offline LLM) the driver belongs to this process and dies with it."""
+    engine (`_attach`). Nothing then owns the driver: `shutdown` stops it explicitly. A driver
+    that died is replaced in the same placement groups by `restart_driver` (DriverSupervisor's
+    call). Without a name (the offline LLM) the driver belongs to this process and dies with it."""
 
     info: EngineInfo
 
     def __init__(self, config: EngineConfig, facts: ModelFacts, driver_name: str | None = None):
+        from strata.placement.placement import reserve
+
         ensure_ray(config)
         self._closed = False
+        self.config, self.facts, self.driver_name = config, facts, driver_name
         if driver_name is None or not self._attach(driver_name, config):
-            self._start(config, facts, driver_name)
+            self.placement = reserve(config, detached=driver_name is not None)
+            try:
+                self._start_driver(config)
+            except BaseException:  # Ctrl-C while the driver loads too: no placement group outlives it
+                self.placement.release()
+                raise
 
-    def _start(self, config: EngineConfig, facts: ModelFacts, name: str | None) -> None:
+    def _start_driver(self, config: EngineConfig) -> None:
+        """Starts the driver actor in `self.placement` and waits for it to load; on failure the
+        actor is killed (the placement groups are the caller's)."""
         import ray
 
         from strata.actors.driver import Driver
         from strata.actors.executor import rank_env
-        from strata.placement.placement import reserve
 
-        self.placement = reserve(config, detached=name is not None)
         opts = dict(self.placement.actor_resources(), scheduling_strategy=self.placement.strategy_for_rank(0),
                     runtime_env={"env_vars": rank_env()}, max_concurrency=1000)
-        if name is not None:
-            opts.update(name=name, namespace=DRIVER_NAMESPACE, lifetime="detached")
-        self.actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), facts.to_json(),
-                                                               self.placement)
+        if self.driver_name is not None:
+            opts.update(name=self.driver_name, namespace=DRIVER_NAMESPACE, lifetime="detached")
+        actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), self.facts.to_json(),
+                                                          self.placement)
         try:
-            self.info = ray.get(self.actor.info.remote())
-        except BaseException:  # Ctrl-C while the driver loads too: no actor or placement group outlives it
+            self.info = ray.get(actor.info.remote())
+        except BaseException:
             with suppress(Exception):
-                ray.kill(self.actor, no_restart=True)
-            self.placement.release()
+                ray.kill(actor, no_restart=True)
             raise
+        self.actor = actor
+
+    def restart_driver(self) -> None:
+        """After the driver actor died (app/engine_supervisor.py): a new one of the same name in
+        the same placement groups, with a new gang (the old ranks died with the driver that owned
+        them), its KV size that of the first (no profiling again). Blocks until it serves."""
+        import ray
+
+        from strata.actors.gang import rebuild_config
+
+        if self._closed:
+            raise RuntimeError("the engine was shut down")
+        with suppress(Exception):  # dead already, or unreachable: either way it must go
+            ray.kill(self.actor, no_restart=True)
+        if self.driver_name is not None:
+            self._wait_name_freed(self.driver_name)
+        self._start_driver(rebuild_config(self.config, self.info.num_blocks))
+
+    @staticmethod
+    def _wait_name_freed(name: str) -> None:
+        """Ray frees a dead actor's name once its death is recorded; a new actor cannot take it before."""
+        import ray
+
+        deadline = time.monotonic() + NAME_FREED_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=DRIVER_NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the dead driver's actor name {name!r} was not freed within {NAME_FREED_WAIT_S:.0f} s")
 
     def _attach(self, name: str, config: EngineConfig) -> bool:
         """Takes over the running driver called `name`, if there is one; True if it did. One that
@@ -91,7 +138,7 @@ class RayEngine:
         self.info = ray.get(actor.info.remote(), timeout=ATTACH_WAIT_S)  # it may still be loading
         config_json, self.placement = ray.get(actor.attachment.remote(), timeout=ATTACH_WAIT_S)
         self.actor = actor
-        if EngineConfig.model_validate_json(config_json) != config:
+        if not same_engine(EngineConfig.model_validate_json(config_json), config):
             raise ValueError(f"a Strata driver named {name!r} (Ray namespace {DRIVER_NAMESPACE!r}) is running "
                              "with another engine config; stop it, or serve under another --served-model-name")
         health = ray.get(actor.health.remote(), timeout=ATTACH_WAIT_S)
@@ -170,11 +217,15 @@ class RayEngine:
     async def stats(self) -> dict:
         return await self._call(self.actor.stats)
 
+    async def driver_health(self) -> EngineHealth:
+        """The driver's own answer; raises when it cannot give one (a dead actor: RayActorError)."""
+        return await self._call(self.actor.health)
+
     async def health(self) -> EngineHealth:
         try:
-            return await self.actor.health.remote()
+            return await self.driver_health()
         except Exception as err:  # noqa: BLE001 - an actor that cannot answer is not healthy
-            return EngineHealth("failed", f"the driver actor does not answer: {type(_unwrap(err)).__name__}")
+            return EngineHealth("failed", f"the driver actor does not answer: {type(err).__name__}")
 
     async def step_times(self) -> list[list[tuple[float, float]]]:
         return await self._call(self.actor.step_times)
@@ -241,10 +292,18 @@ class LocalEngine:
 
 def start_engine(config: EngineConfig, facts: ModelFacts, driver_name: str | None = None) -> Engine:
     """The engine for this config. `driver_name` (Ray only): the driver's actor name, to attach to
-    a running one of that name or start it detached (see RayEngine)."""
+    a running one of that name or start it detached (see RayEngine); the engine is then
+    supervised: a driver that dies is started again and its requests resumed (DriverSupervisor)."""
     backend = config.distributed_executor_backend
     if backend == "auto":
         # Strata is a Ray application; mp is chosen by name, or by its multi-node settings.
         backend = "mp" if config.nnodes > 1 else "ray"
     logger.info("distributed executor backend: %s", backend)
-    return RayEngine(config, facts, driver_name) if backend == "ray" else LocalEngine(config, facts)
+    if backend != "ray":
+        return LocalEngine(config, facts)
+    engine = RayEngine(config, facts, driver_name)
+    if driver_name is None:
+        return engine  # the driver dies with this process: nobody would be left to restart it
+    from strata.app.engine_supervisor import DriverSupervisor
+
+    return DriverSupervisor(engine)

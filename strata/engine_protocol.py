@@ -26,11 +26,18 @@ EngineState = Literal["serving", "recovering", "failed"]
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One completion to run. `params.n` is 1: the caller fans out n completions as n requests."""
+    """One completion to run. `params.n` is 1: the caller fans out n completions as n requests.
+
+    `resumed_output_token_ids`: tokens an earlier engine already delivered for this request (a
+    driver that died: app/engine_supervisor.py). The engine takes them as the output so far, as
+    a recovery does: prefill recomputes prompt + them, max_tokens, min_tokens and seeded
+    sampling's position count them, prompt logprobs are not sent again, and only new tokens
+    stream back."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    resumed_output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

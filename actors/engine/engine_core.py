@@ -32,7 +32,7 @@ from strata.config import EngineConfig, async_steps
 from strata.distributed.sampler_options import SamplerOptions
 from strata.distributed.step_plan import PlanBuilder, StepPlan
 from strata.distributed.step_result import SampledResult, StepResult
-from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, check_prompt
+from strata.engine_protocol import EngineRequest, RequestDelta, TokenLogprobs, check_prompt, outside_vocabulary
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -107,11 +107,27 @@ class EngineCore:
         params = request.params.clone()  # the engine's own copy: the caller's is never changed
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(prompt)
-        seq = Sequence(next(self._seq_ids), request.request_id, prompt, params, arrival_time=time.monotonic())
+        outputs = list(request.resumed_output_token_ids)
+        if outputs:
+            self._check_resumed(prompt, outputs, params)
+        seq = Sequence(next(self._seq_ids), request.request_id, prompt, params, output_token_ids=outputs,
+                       arrival_time=time.monotonic())
+        if outputs:
+            seq.num_preemptions = 1  # as after a recovery: its prompt logprobs were delivered already
         seq.sampler_options = self._sampler_options(request.request_id, params)
         self.scheduler.add(seq)
         self._seqs[request.request_id] = seq
         self.num_prompt_tokens += len(prompt)
+
+    def _check_resumed(self, prompt: list[int], outputs: list[int], params: SamplingParams) -> None:
+        """A resumed request must still have a token to generate: one that had reached its end
+        would have been delivered finished."""
+        bad = outside_vocabulary(outputs, self.vocab_size)
+        if bad:
+            raise ValueError(f"resumed output token ids {bad} are outside the vocabulary [0, {self.vocab_size}).")
+        if len(outputs) >= params.max_tokens or len(prompt) + len(outputs) >= self.max_model_len:
+            raise ValueError(f"the request has {len(outputs)} output tokens already: nothing is left to generate "
+                             f"(max_tokens={params.max_tokens}, max_model_len={self.max_model_len}).")
 
     def _sampler_options(self, request_id: str, params: SamplingParams) -> dict:
         """The options the ranks get, checked now to travel in a plan: a request that cannot be
