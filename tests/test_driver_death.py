@@ -2,20 +2,28 @@
 named, detached driver, supervised), a tiny model at tp 2, greedy and seeded requests streaming
 while the driver actor's process (rank 0 + the engine) is SIGKILLed. The supervisor starts a new
 driver in the same placement groups, once, and resubmits every request as prompt + delivered
-tokens: each completes with the tokens of an undisturbed run, with no error."""
+tokens: each completes with the tokens of an undisturbed run, with no error. The same through
+`strata serve` over HTTP: the streamed texts are those of an undisturbed run, and /health is 503
+`recovering` meanwhile, 200 after."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import sys
+import threading
 import time
 
+import httpx
 import pytest
 
-from strata.app.engines import driver_actor_name, start_engine
+from strata.app.engines import DRIVER_NAMESPACE, driver_actor_name, start_engine
 from strata.engine_protocol import EngineRequest
 from strata.sampling_params import SamplingParams
+from tests.server_fixtures import free_port, server_env, spawn, stop_process, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +98,89 @@ def test_a_killed_driver_costs_no_request(tiny_models, ray_cluster):
         assert asyncio.run(_run(engine, _requests("after"))) == expected  # and it serves new requests alike
     finally:
         engine.shutdown()
+
+
+SERVED = "smol-driver-death"
+
+
+def _body(i: int, stream: bool) -> dict:
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 7 + i} if i % 2 else {"temperature": 0}
+    return {"model": SERVED, "prompt": PROMPTS[i], "max_tokens": 48, "ignore_eos": True, "stream": stream,
+            **seeded}
+
+
+def _stream(url: str, i: int, out: list) -> None:
+    """Request i streamed: out[i] becomes [text so far, events, error events]."""
+    out[i] = ["", 0, []]
+    with httpx.stream("POST", url + "/v1/completions", json=_body(i, True), timeout=180) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if "error" in event:
+                    out[i][2].append(event)
+                else:
+                    out[i][0] += event["choices"][0]["text"]
+                out[i][1] += 1
+
+
+def _driver_alive() -> bool:
+    import ray
+
+    try:
+        ray.get_actor(driver_actor_name("strata", SERVED), namespace=DRIVER_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(400)
+def test_strata_serve_streams_on_through_a_driver_death(tiny_models, tmp_path, ray_cluster):
+    port, log = free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "strata.app.cli", "serve", tiny_models("qwen2"), "--distributed-executor-backend",
+           "ray", "-tp", "2", "--port", str(port), "--max-model-len", "512", "--served-model-name", SERVED,
+           "--uvicorn-log-level", "warning", "--drain-timeout", "5"]
+    proc = spawn(cmd, {**server_env(ray_cluster.get_runtime_context().gcs_address), "OMP_NUM_THREADS": "1"}, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        expected = [httpx.post(url + "/v1/completions", json=_body(i, False), timeout=120).json()["choices"][0]["text"]
+                    for i in range(len(PROMPTS))]
+        [driver_pid] = re.findall(r"rank 0 \(tp 0, pp 0, pid (\d+)\)", log.read_text())
+        out: list = [None] * len(PROMPTS)
+        streams = [threading.Thread(target=_stream, args=(url, i, out), daemon=True) for i in range(len(PROMPTS))]
+        for t in streams:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not all(o is not None and o[1] >= 3 for o in out):
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.01)
+        os.kill(int(driver_pid), signal.SIGKILL)
+        killed = time.monotonic()
+        health = []  # (status, state) of /health until it is 200 again
+        while time.monotonic() - killed < 120:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                health.append((r.status_code, r.json().get("state")))
+                if r.status_code == 200 and len(health) > 1:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        serving_s = time.monotonic() - killed
+        for t in streams:
+            t.join(120)
+        print(f"strata serve, SIGKILL of the driver: /health 200 again after {serving_s:.1f} s; {health[:3]}...")
+        assert (503, "recovering") in health and health[-1] == (200, "serving"), health
+        assert [o[2] for o in out] == [[]] * len(PROMPTS), out
+        assert [o[0] for o in out] == expected
+        assert "the driver died" in log.read_text()
+        stop_process(proc)
+        assert proc.returncode == 0, log.read_text()[-4000:]
+        deadline = time.monotonic() + 30
+        while _driver_alive() and time.monotonic() < deadline:  # the new driver was stopped too
+            time.sleep(0.5)
+        assert not _driver_alive()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -51,7 +51,8 @@ EngineFactory = Callable[[EngineConfig, ModelFacts], Engine]
 
 def default_engine_factory(served_name: str) -> EngineFactory:
     """strata.app.engines.start_engine with a named, detached driver: a replica that Serve starts
-    after this one died attaches to the engine still running instead of loading a second one."""
+    after this one died attaches to the engine still running instead of loading a second one,
+    and a driver that dies is started again with its requests resumed (DriverSupervisor)."""
     from strata.app.engines import driver_actor_name, start_engine
 
     try:
