@@ -26,6 +26,8 @@ from strata.distributed.sockets import HOST_IP_ENV
 
 logger = logging.getLogger("strata")
 
+# How long a raise waits for a death to name instead (see RayRankLauncher.dead_rank).
+DEATH_GRACE_S = 1.0
 # Variables every rank inherits from the driver's environment (besides any the user lists in
 # STRATA_FORWARD_ENV, comma-separated), so NCCL and gloo settings reach remote nodes.
 _FORWARD_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING", "STRATA_", "HF_", "OMP_")
@@ -88,22 +90,36 @@ class RayRankLauncher:
         return list(await asyncio.gather(*(a.step_times.remote() for a in self.actors)))
 
     def dead_rank(self) -> Fault | None:
-        """A rank whose run loop ended while serving: its actor died (or the loop raised)."""
+        """A rank whose run loop ended while serving: its actor died, or the loop raised. A death
+        is named before a raise: a rank whose peer died raises a moment later (its collective
+        broke), so when only raises are seen, the other loops get DEATH_GRACE_S to show a death."""
         import ray
 
         if not self._loops:
             return None
-        ready, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        ready, pending = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
         if not ready:
             return None
-        rank = 1 + self._loops.index(ready[0])
+        faults = [self._loop_fault(ref) for ref in ready]
+        if not any(died for _, died in faults) and pending:
+            late, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
+            faults += [self._loop_fault(ref) for ref in late]
+        return next((f for f, died in faults if died), faults[0][0])
+
+    def _loop_fault(self, ref) -> tuple[Fault, bool]:
+        """(the fault a finished run loop tells, whether its actor died)."""
+        import ray
+
+        rank = 1 + self._loops.index(ref)
         try:
-            ray.get(ready[0], timeout=0)
-            why = "its run loop returned"
+            ray.get(ref, timeout=0)
+            return Fault(f"rank {rank}'s run loop returned", rank), False
+        except ray.exceptions.RayActorError as err:
+            return Fault(f"rank {rank}'s actor is gone ({_first_line(err)})", rank), True
         except Exception as err:  # noqa: BLE001 - reported as text
             cause = getattr(err, "cause", None)
-            why = f"{type(err).__name__}: {cause if cause is not None else err}".splitlines()[0][:300]
-        return Fault(f"rank {rank}'s actor is gone ({why})", rank)
+            return Fault(f"rank {rank}'s run loop raised ({_first_line(cause if cause is not None else err)})",
+                         rank), False
 
     def stopped_rank(self) -> int | None:
         return None  # Ray does not tell a stopped actor from a busy one
@@ -124,6 +140,10 @@ class RayRankLauncher:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 def _mp_rank_main(config_json: str, facts_json: str, rank: int, device_index: int,
@@ -173,13 +193,15 @@ class MpRankLauncher:
         return None  # bring_up's collectives already synchronised every rank with the driver
 
     def dead_rank(self) -> Fault | None:
-        """A rank process that exited while serving (any exit: a rank leaves only on shutdown)."""
-        for p in self.procs:
-            if p.exitcode is not None:
-                rank = int(p.name.removeprefix("rank-"))
-                how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
-                return Fault(f"rank {rank} (pid {p.pid}) {how}", rank)
-        return None
+        """A rank process that exited while serving (any exit: a rank leaves only on shutdown). One
+        killed by a signal is named before one that exited: that one may only have lost its peer."""
+        gone = sorted((p for p in self.procs if p.exitcode is not None), key=lambda p: p.exitcode >= 0)
+        if not gone:
+            return None
+        p = gone[0]
+        rank = int(p.name.removeprefix("rank-"))
+        how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
+        return Fault(f"rank {rank} (pid {p.pid}) {how}", rank)
 
     def stopped_rank(self) -> int | None:
         """A rank process that is stopped (state T in /proc: SIGSTOP, a debugger)."""

@@ -5,7 +5,11 @@ hosts, then names the one whose Ray was stopped. Tests run in order: the last on
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -13,6 +17,7 @@ import pytest
 
 from tests.netns_cluster import (
     RAY,
+    REPO,
     hf_reference_texts,
     netns_unavailable,
     query_completions,
@@ -62,6 +67,75 @@ def test_serve_tp2_pp2_puts_a_stage_on_each_host_and_matches_hf(ray_hosts, tiny_
     remote = [ln for ln in text.splitlines() if "ip=10.77.0.2" in ln and "rank 3 on 10.77.0.2 via stv" in ln]
     assert remote and "NCCL_DEBUG=INFO" in remote[0] and "present: MULTINODE_MARK" in remote[0], text[-4000:]
     assert rc == 0, text[-4000:]
+
+
+# Run inside host 1: one greedy stream; prints "tokens N" as they arrive, then the text as JSON.
+_STREAM_CLIENT = """
+import json, sys, time
+import httpx, openai
+url, prompt, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + 240
+while True:
+    try:
+        if httpx.get(url + "/health", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("no healthy server")
+    time.sleep(0.5)
+client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+model = client.models.list().data[0].id
+text, n = "", 0
+for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True}):
+    for c in chunk.choices:
+        text += c.text
+        n += len(c.model_extra.get("token_ids") or [])
+        print("tokens", n, flush=True)
+print(json.dumps([text, n]), flush=True)
+"""
+
+
+def test_a_killed_rank_on_the_worker_host_costs_no_token(ray_hosts, tiny_models, tmp_path):
+    """SIGKILL of rank 3, on host 2, mid-stream: the driver (on host 1) rebuilds the gang with a
+    stage on each host again and the stream ends with Hugging Face's text."""
+    cluster, address = ray_hosts
+    model = tiny_models("llama")
+    log = tmp_path / "serve.log"
+    server = cluster.spawn(cluster.head, [sys.executable, "-m", "strata.app.cli", "serve", model, "-tp", "2",
+                                          "-pp", "2", "--distributed-executor-backend", "ray", "--port", str(PORT),
+                                          "--max-model-len", "512"], log, RAY_ADDRESS=address)
+    prompt, max_tokens = PROMPTS[1], 160
+    client = subprocess.Popen(cluster.head.argv(sys.executable, "-c", _STREAM_CLIENT, f"http://127.0.0.1:{PORT}",
+                                                json.dumps(prompt), str(max_tokens)),
+                              cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = iter(client.stdout.readline, "")
+        first = next(ln for ln in lines if ln.startswith("tokens") and int(ln.split()[1]) >= 5)
+        pid = int(re.search(r"rank 3 \(tp 1, pp 1, pid (\d+)\) on", log.read_text()).group(1))
+        assert pid in cluster.worker.pids(), "rank 3 runs on host 2"
+        os.kill(pid, signal.SIGKILL)
+        killed_at = int(first.split()[1])
+        out, err = client.communicate(timeout=300)
+        assert client.returncode == 0, err[-3000:] + log.read_text()[-4000:]
+        text, n = json.loads(out.strip().splitlines()[-1])
+        # The new gang keeps the layout: rank 3 on host 2 again, in a new process.
+        new_pid = int(re.search(r"new gang up in .* rank 3 pid (\d+)", log.read_text()).group(1))
+        assert new_pid != pid and new_pid in cluster.worker.pids()
+    finally:
+        if client.poll() is None:
+            client.kill()
+        rc = stop(server)
+    served = log.read_text()
+    assert n == max_tokens and killed_at < max_tokens - 20, (n, killed_at)
+    assert text == hf_reference_texts(model, [prompt], max_tokens)[0]
+    # The rank that died is named, not its peer whose collective broke with it.
+    assert re.search(r"rank 3 failed \(rank 3's actor is gone .*recovering", served), served[-4000:]
+    recovered = re.search(r"recovered in ([\d.]+) s", served)
+    assert recovered, served[-4000:]
+    print(f"two hosts, SIGKILL of rank 3 on host 2 at token {killed_at}: recovered in {recovered.group(1)} s")
+    assert rc == 0, served[-4000:]
 
 
 def test_a_driver_node_outside_the_cluster_fails_fast_naming_it(ray_hosts, tiny_models):
