@@ -115,7 +115,7 @@ class RayRankLauncher:
             ray.get(ref, timeout=0)
             return Fault(f"rank {rank}'s run loop returned", rank), False
         except ray.exceptions.RayActorError as err:
-            return Fault(f"rank {rank}'s actor is gone ({_first_line(err)})", rank), True
+            return Fault(f"rank {rank}'s actor is gone ({_first_line(err)})", rank, died=True), True
         except Exception as err:  # noqa: BLE001 - reported as text
             cause = getattr(err, "cause", None)
             return Fault(f"rank {rank}'s run loop raised ({_first_line(cause if cause is not None else err)})",
@@ -201,7 +201,7 @@ class MpRankLauncher:
         p = gone[0]
         rank = int(p.name.removeprefix("rank-"))
         how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with code {p.exitcode}"
-        return Fault(f"rank {rank} (pid {p.pid}) {how}", rank)
+        return Fault(f"rank {rank} (pid {p.pid}) {how}", rank, died=p.exitcode < 0)
 
     def stopped_rank(self) -> int | None:
         """A rank process that is stopped (state T in /proc: SIGSTOP, a debugger)."""

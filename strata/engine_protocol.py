@@ -136,6 +136,11 @@ class EngineDeadError(RuntimeError):
     """The engine failed stop: it runs no more steps. Servers answer 503 with this message."""
 
 
+class RequestFaultError(RuntimeError):
+    """This request faulted the engine again when it ran alone (actors/engine/quarantine.py):
+    it was stopped so that the others go on. Servers answer 500 with this message."""
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """Facts about a started engine that callers validate against."""

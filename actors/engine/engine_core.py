@@ -19,6 +19,7 @@ import collections
 import itertools
 import logging
 import time
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 import msgpack
@@ -68,6 +69,8 @@ class EngineCore:
             self.block_manager,
         )
         self._seqs: dict[str, Sequence] = {}  # the one map of unfinished requests
+        # Of those, the ones kept out of the scheduler while a suspect runs alone (quarantine.py)
+        self._held: dict[str, Sequence] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self.num_prompt_tokens = 0
@@ -99,7 +102,8 @@ class EngineCore:
         check_prompt(prompt_token_ids, params, max_model_len=self.max_model_len, vocab_size=self.vocab_size,
                      max_logprobs=self.config.max_logprobs)
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: EngineRequest, held: bool = False) -> None:
+        """Queues the request (`held`: kept out of the scheduler until `release`)."""
         if request.request_id in self._seqs:
             raise ValueError(f"request_id {request.request_id!r} is already running")
         self.validate(request.prompt_token_ids, request.params)
@@ -115,7 +119,10 @@ class EngineCore:
         if outputs:
             seq.num_preemptions = 1  # as after a recovery: its prompt logprobs were delivered already
         seq.sampler_options = self._sampler_options(request.request_id, params)
-        self.scheduler.add(seq)
+        if held:
+            self._held[request.request_id] = seq
+        else:
+            self.scheduler.add(seq)
         self._seqs[request.request_id] = seq
         self.num_prompt_tokens += len(prompt)
 
@@ -145,7 +152,10 @@ class EngineCore:
         seq = self._seqs.get(request_id)
         if seq is None:
             return None
-        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        if self._held.pop(request_id, None) is not None:  # never scheduled on this gang
+            del self._seqs[request_id]
+        else:
+            self._finish(seq, SequenceStatus.FINISHED_ABORTED)
         return RequestDelta(request_id, finish_reason="abort")
 
     def abort_all(self) -> list[RequestDelta]:
@@ -287,15 +297,27 @@ class EngineCore:
 
     # ---- after a fault ----
 
-    def resume_on(self, executor: Executor) -> int:
+    def in_flight_request_ids(self) -> list[str]:
+        """The requests in the steps launched and not read: those a failed step blames."""
+        return [seq.request_id for seq in self._seqs.values() if seq.in_flight]
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Held requests join the scheduler's queue (oldest first, as resumed ones)."""
+        for request_id in request_ids:
+            seq = self._held.pop(request_id, None)
+            if seq is not None:
+                self.scheduler.add(seq)
+
+    def resume_on(self, executor: Executor, hold: Collection[str] = ()) -> int:
         """Continues on a rebuilt gang, whose ranks know no sequence and hold no cache: every
         unfinished request is queued again, oldest first, as prompt + the tokens it has produced
         (recompute, as a preemption), to be announced afresh. Steps in flight are dropped: their
         tokens were never delivered, so a stream neither repeats nor misses a token, and seeded
-        sampling continues where it stood (its noise is a function of (seed, position)).
-        Returns the number of requests resumed."""
+        sampling continues where it stood (its noise is a function of (seed, position)). Those
+        in `hold` wait outside the scheduler until `release`. Returns the number resumed."""
         self.executor = executor
         self._in_flight.clear()
+        self._held = {}
         seqs = sorted(self._seqs.values(), key=lambda s: s.arrival_order)
         self.block_manager = BlockManager(self.block_manager.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.scheduler.config, self.block_manager)
@@ -305,7 +327,10 @@ class EngineCore:
             seq.status, seq.arrival_order, seq.block_ids, seq.num_computed_tokens = SequenceStatus.WAITING, -1, [], 0
             seq.in_flight, seq.num_in_flight_tokens, seq.pending_sample = 0, 0, False
             seq.announced, seq.num_blocks_sent, seq.num_tokens_sent, seq.resume_pending = False, 0, 0, False
-            self.scheduler.add(seq)
+            if seq.request_id in hold:
+                self._held[seq.request_id] = seq
+            else:
+                self.scheduler.add(seq)
         return len(seqs)
 
     # ---- what the outside sees ----
@@ -313,7 +338,7 @@ class EngineCore:
     def stats(self) -> dict:
         return {
             "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
+            "num_waiting": self.scheduler.num_waiting + len(self._held),
             "kv_cache_usage": self.block_manager.usage,
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_blocks": self.block_manager.num_blocks,

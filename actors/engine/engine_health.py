@@ -19,10 +19,14 @@ from strata.engine_protocol import EngineHealth
 
 @dataclass(frozen=True)
 class Fault:
-    """What took the engine out of serving: why, and which rank (None: unknown)."""
+    """What took the engine out of serving: why, and which rank (None: unknown). `died`: a rank's
+    process or actor is gone (killed, crashed), which no request is blamed for. `suspects`: the
+    requests in flight when a step raised (actors/engine/quarantine.py)."""
 
     reason: str
     rank: int | None = None
+    died: bool = False
+    suspects: frozenset[str] = frozenset()
 
 
 class HealthTracker:

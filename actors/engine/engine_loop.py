@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from strata.actors.engine.engine_core import EngineCore, Executor
 from strata.actors.engine.engine_health import Fault, HealthTracker
-from strata.engine_protocol import EngineDeadError, EngineHealth, EngineRequest, RequestDelta
+from strata.actors.engine.quarantine import Quarantine
+from strata.engine_protocol import EngineDeadError, EngineHealth, EngineRequest, RequestDelta, RequestFaultError
 
 logger = logging.getLogger("strata")
 
@@ -59,6 +60,7 @@ class EngineLoop:
         self._rebuild = rebuild
         self._diagnose = diagnose
         self.tracker = HealthTracker(engine.config.max_recoveries, engine.config.recovery_window_s)
+        self.quarantine = Quarantine()  # engine thread only
         self.step_started: float | None = None  # monotonic start of the step running now (the watchdog's)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # engine thread only
@@ -74,6 +76,7 @@ class EngineLoop:
             self._thread_setup()
         while not self._stopping:
             self._drain_commands()
+            self._advance_trials([])  # the request on trial may have been aborted
             fault = self.tracker.take_fault()
             if fault is not None:
                 self._recover(fault)
@@ -88,11 +91,13 @@ class EngineLoop:
             except Exception as err:  # noqa: BLE001 - recovered from, or every request hears of it
                 logger.debug("engine step failed", exc_info=True)
                 reason = f"engine step failed: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}"
-                self.tracker.report(Fault(reason))  # the watchdog's finding, if first, is kept
+                suspects = frozenset(self.engine.in_flight_request_ids())
+                self.tracker.report(Fault(reason, suspects=suspects))  # the watchdog's finding, if first, is kept
                 continue
             finally:
                 self.step_started = None
             self._deliver(deltas)
+            self._advance_trials(deltas)
         self._drain_commands()
         self._fail_all(RuntimeError("the engine was shut down"))  # nobody waits forever
 
@@ -107,6 +112,7 @@ class EngineLoop:
 
     def _recover(self, fault: Fault) -> None:
         """A new gang, and every request in flight resumed on it; fail-stop when that is not allowed."""
+        suspects = fault.suspects
         if self._diagnose is not None:
             fault = self._diagnose(fault)
             self.tracker.describe(fault)
@@ -115,6 +121,7 @@ class EngineLoop:
         if not self.tracker.may_recover():
             return self._fail_stop(f"{fault.reason}; {self.tracker.budget_text()}: a persistent fault, "
                                    "failing stop", fault.rank)
+        self._convict(frozenset() if fault.died else suspects)
         rank = f"rank {fault.rank}" if fault.rank is not None else "a rank"
         logger.warning("%s failed (%s): recovering; %d request(s) in flight will resume", rank, fault.reason,
                        len(self._sinks))
@@ -125,10 +132,37 @@ class EngineLoop:
             logger.exception("rebuilding the gang failed")
             self.tracker.report(Fault(f"rebuilding the gang after '{fault.reason}' failed: {err}", fault.rank))
             return
-        resumed = self.engine.resume_on(executor)
+        hold = self.quarantine.hold(set(self._sinks))
+        if hold:
+            logger.warning("request %s was in two failed steps in a row: it runs alone now, to tell whether it "
+                           "faults the engine; %d request(s) wait meanwhile", self.quarantine.on_trial, len(hold))
+        resumed = self.engine.resume_on(executor, hold)
         self.tracker.recovered()
         logger.warning("recovered in %.1f s: a new gang is serving; %d request(s) resumed (recoveries: %d)",
                        time.monotonic() - started, resumed, self.tracker.health.recoveries)
+
+    def _convict(self, suspects: frozenset[str]) -> None:
+        """Fails the request the quarantine convicts of this fault, alone."""
+        culprit = self.quarantine.after_fault(suspects)
+        if culprit is None:
+            return
+        logger.error("request %s faulted the engine again when it ran alone: it fails, the others go on", culprit)
+        self.engine.abort(culprit)
+        sink = self._sinks.pop(culprit, None)
+        if sink is not None:
+            _hand_over(sink, _Failure(culprit, RequestFaultError(
+                "this request made the engine fault again when it ran alone; it was stopped so that other "
+                "requests can go on")))
+
+    def _advance_trials(self, deltas: list[RequestDelta]) -> None:
+        """Releases the next suspect once the one on trial has passed, everyone once all have."""
+        if self.quarantine.on_trial is None:
+            return
+        passed, on_trial = self.quarantine.progress(deltas, self._sinks.keys())
+        if passed:
+            self.engine.release([on_trial] if on_trial is not None else list(self._sinks))
+            if on_trial is None:
+                logger.info("every suspect request passed its trial: all requests run together again")
 
     def _fail_stop(self, reason: str, rank: int | None) -> None:
         logger.error("the engine failed stop: %s", reason)
@@ -148,7 +182,7 @@ class EngineLoop:
                         _hand_over(sink, _Failure(request.request_id, EngineDeadError(self.tracker.health.reason)))
                         continue
                     try:
-                        self.engine.add_request(request)
+                        self.engine.add_request(request, held=self.quarantine.active)
                     except Exception as err:  # noqa: BLE001 - reported to that request only
                         _hand_over(sink, _Failure(request.request_id, err))
                         continue

@@ -28,7 +28,15 @@ from contextlib import aclosing
 from typing import Any, Generic, TypeVar
 
 from strata.app.server.errors import APIError
-from strata.engine_protocol import Engine, EngineDeadError, EngineHealth, EngineInfo, EngineRequest, RequestDelta
+from strata.engine_protocol import (
+    Engine,
+    EngineDeadError,
+    EngineHealth,
+    EngineInfo,
+    EngineRequest,
+    RequestDelta,
+    RequestFaultError,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger("strata.server")
@@ -85,6 +93,8 @@ class EngineClient:
                     yield delta
         except EngineDeadError as err:
             raise engine_failed(str(err)) from None
+        except RequestFaultError as err:  # it alone failed; the engine serves on
+            raise APIError(500, str(err)) from None
 
     # ---- load and health ----
 
