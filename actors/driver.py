@@ -65,10 +65,13 @@ class Driver(EngineLoop):
             vocab_size=facts.vocab_size, ranks=self.rank_facts,
         )
         # Across nodes the other nodes' ranks come from their own `strata serve --headless`, which
-        # this driver cannot restart yet: a fault there fails stop.
-        rebuild = self._rebuild if config.world_size > 1 and config.nnodes == 1 else None
+        # this driver cannot restart yet: a fault there fails stop. A one-rank gang is rebuilt in
+        # this process (a step that raised; its death is the driver's own, see app/engine_supervisor.py).
+        rebuild = self._rebuild if config.nnodes == 1 else None
         super().__init__(engine, thread_setup=self._set_device, rebuild=rebuild, diagnose=self._diagnose_fault)
-        self.watchdog = Watchdog(self, lambda: self.gang, config.step_timeout_s) if rebuild else None
+        # No other rank to watch, and a step hung in this process cannot be broken from outside it.
+        watched = rebuild is not None and config.world_size > 1
+        self.watchdog = Watchdog(self, lambda: self.gang, config.step_timeout_s) if watched else None
 
     def _set_device(self) -> None:
         if self.gang.worker.device.type == "cuda":

@@ -16,7 +16,7 @@ from strata.engine_protocol import EngineRequest, RequestDelta, RequestFaultErro
 from strata.sampling_params import SamplingParams
 from tests.engine_fakes import FakeExecutor, make_engine
 
-POISON = 777
+POISON = 377  # inside the tiny models' vocabulary (512)
 
 
 class PoisonExecutor(FakeExecutor):
@@ -105,3 +105,35 @@ def test_a_request_that_leaves_its_trial_passes_it(left: str) -> None:
     open_ids = {"a", "b"} if left == "finished" else {"b"}
     assert q.progress(deltas, open_ids) == (True, "b")
     assert q.progress([RequestDelta("b", token_ids=[1])], {"b"}) == (True, None) and not q.active
+
+
+def test_a_one_rank_engine_rebuilds_in_process_and_fails_only_the_poisoned_request(tiny_models, monkeypatch):
+    """The real engine (mp backend, one rank in this process): a step that raises whenever the
+    poisoned prompt is in it. The rank is rebuilt in process, the poisoned request fails alone
+    and the others end with the tokens of the undisturbed run."""
+    from strata import LLM
+    from strata.actors.executor import DriverExecutor
+
+    def requests(tag: str, poisoned: bool) -> list[EngineRequest]:
+        prompts = [[5, 6, 7, 8], [9, 10, 11], [POISON, 12, 13] if poisoned else [14, 12, 13], [15, 16, 17, 18, 19]]
+        return [EngineRequest(f"{tag}{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+
+    with LLM(tiny_models("llama"), distributed_executor_backend="mp", max_model_len=128) as llm:
+        engine = llm._engine
+        expected = asyncio.run(_outcomes(engine, requests("ref", poisoned=False)))
+        submit, poisoned_ids = DriverExecutor.submit, set()
+
+        def poisoned_submit(self, plan):
+            poisoned_ids.update(n.seq_id for n in plan.new_sequences if POISON in n.prompt_token_ids.tolist())
+            if poisoned_ids & set(plan.seq_ids.tolist()):
+                raise RuntimeError("injected: a kernel failed on this request")
+            return submit(self, plan)
+
+        monkeypatch.setattr(DriverExecutor, "submit", poisoned_submit)
+        got = asyncio.run(_outcomes(engine, requests("run", poisoned=True)))
+        health = asyncio.run(engine.health())
+    bad = got.pop("run2")
+    assert isinstance(bad, RequestFaultError), bad
+    assert {k.replace("run", "ref"): v for k, v in got.items()} == {k: v for k, v in expected.items() if k != "ref2"}
+    assert health.state == "serving" and health.recoveries == 3, health
