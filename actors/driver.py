@@ -80,7 +80,7 @@ class Driver(EngineLoop):
     def _diagnose_fault(self, fault: Fault) -> Fault:
         """The rank that died, when the step's own error (a closed socket) came before its exit
         could be seen; else the fault as reported."""
-        if fault.rank is not None:
+        if fault.rank is not None or self.config.world_size == 1:  # no other rank that could have died
             return fault
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
