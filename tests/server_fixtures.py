@@ -57,8 +57,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float =
     raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
-def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """Ctrl-C, as a user would; kill the process group only if it does not stop in time."""
+def stop_process(proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Ctrl-C, as a user would; kill the process group only if it does not stop in time. The
+    default is above the replica's own graceful-shutdown bound (drain 30 s + 30 s), with room for
+    a loaded 2-core machine: a SIGKILL here leaves Serve state behind for the next test."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
