@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import warnings
 
 import pytest
 import torch
@@ -27,6 +29,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_reaches_children(request):
+    """Children inherit an ignored SIGINT, and a Python child then ignores Ctrl-C for good: if
+    anything earlier in this session left SIGINT ignored here, every server a later test spawns
+    would not stop on Ctrl-C (CI saw `serve run` and `strata serve` SIGKILLed after 120 s). Put it
+    back, and say so, naming the test about to run."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        warnings.warn(f"SIGINT was ignored in the test process before {request.node.nodeid}; restored",
+                      stacklevel=1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session")
