@@ -40,6 +40,7 @@ import torch
 
 from strata.distributed.sampler_options import SamplerOptions
 from strata.model import sampling_noise
+from strata.model.kernels import triton_available
 from strata.model.grammar_mask import GrammarState, apply_bitmask, fill_bitmask
 from strata.model.penalties import apply_penalties, mask_min_tokens
 from strata.model.sampling_tensors import MIN_P, TEMPERATURE, TOP_P, SamplingTensors, pack_row, row_flags, to_device
@@ -220,6 +221,16 @@ def _apply_token_constraints(x: torch.Tensor, t: SamplingTensors) -> None:
         x.view(-1).index_add_(0, t.bias_index, t.bias_values)
 
 
+def greedy_ids(x: torch.Tensor) -> torch.Tensor:
+    """argmax over each row (ties: the lowest id); on CUDA one Triton program per row
+    (`strata.model.kernels.argmax`: torch's own is the slowest kernel of a batch-1 step)."""
+    if x.is_cuda and x.stride(-1) == 1 and triton_available():
+        from strata.model.kernels.argmax import argmax_rows
+
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Stateless; all per-sequence state lives in SequenceSamplingState."""
 
@@ -249,7 +260,7 @@ class Sampler:
         mask_min_tokens(x, states, t)
         apply_penalties(x, states, t)
 
-        token_ids = x.argmax(dim=-1) if t.any_greedy else None
+        token_ids = greedy_ids(x) if t.any_greedy else None
         if t.random_rows:
             if t.all_random:
                 token_ids = self._sample_random(x, t)
@@ -333,4 +344,4 @@ class Sampler:
                 s = t.seeded_index
                 q.index_copy_(0, s, sampling_noise.exponential(seed[s], position[s], vocab))
         q.clamp_(min=torch.finfo(q.dtype).tiny)  # a zero would turn a masked 0/0 into NaN
-        return (probs / q).argmax(dim=-1)
+        return greedy_ids(probs / q)
