@@ -40,8 +40,8 @@ import torch
 
 from strata.distributed.sampler_options import SamplerOptions
 from strata.model import sampling_noise
-from strata.model.kernels import triton_available
 from strata.model.grammar_mask import GrammarState, apply_bitmask, fill_bitmask
+from strata.model.kernels import triton_available
 from strata.model.penalties import apply_penalties, mask_min_tokens
 from strata.model.sampling_tensors import MIN_P, TEMPERATURE, TOP_P, SamplingTensors, pack_row, row_flags, to_device
 from strata.sampling_params import GREEDY_EPS
