@@ -12,13 +12,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU
 pytest.importorskip("triton")
 
-from strata.model.kernels.argmax import _BLOCK, argmax_rows  # noqa: E402
+from strata.model.kernels.argmax import CHUNK, argmax_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("vocab", [7, _BLOCK, 2 * _BLOCK + 5])
+@pytest.mark.parametrize("vocab", [7, CHUNK, 2 * CHUNK + 5])
 def test_matches_torch_with_ties(vocab, dtype):
     torch.manual_seed(vocab)
     x = torch.randn(6, vocab, device=DEVICE).to(dtype)
@@ -32,8 +32,8 @@ def test_matches_torch_with_ties(vocab, dtype):
 
 
 def test_rows_read_through_their_stride_and_bad_layouts_are_refused():
-    wide = torch.randn(3, 2 * _BLOCK + 40, device=DEVICE)
-    rows = wide[:, 10:_BLOCK + 30]  # rows start apart by the wide stride
+    wide = torch.randn(3, 2 * CHUNK + 40, device=DEVICE)
+    rows = wide[:, 10:CHUNK + 30]  # rows start apart by the wide stride
     assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
     assert argmax_rows(torch.empty(0, 9, device=DEVICE)).shape == (0,)
     with pytest.raises(ValueError, match="contiguous rows"):

@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
-from strata.model.kernels.activation import silu_and_mul  # noqa: E402
-from strata.model.layers.activation import SiluAndMul  # noqa: E402
 from strata.model.layers.linear import linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,27 +33,6 @@ def test_matches_torch(rows, n, k, tiles, dtype):
     got = skinny.skinny_matmul(x, w, *tiles)
     assert got.shape == (rows, n) and got.dtype == dtype
     torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), w.float()).to(dtype), **TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("rows,n,k,tiles", [(1, 96, 200, (32, 64, 4, 2)), (7, 64, 128, (16, 128, 4, 3))])
-def test_gated_is_the_activation_kernel_then_the_matmul(rows, n, k, tiles, dtype):
-    """SiLU-and-mul inside the loads rounds as the activation kernel does: the same bits as the two
-    kernels run one after the other, and torch's SiLU-and-mul then matmul within tolerance."""
-    torch.manual_seed(k)
-    gate_up = torch.randn(rows, 2 * k, dtype=dtype, device=DEVICE) * 3
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k**0.5
-    got = skinny.skinny_matmul(gate_up, w, *tiles, gated=True)
-    assert torch.equal(got, skinny.skinny_matmul(silu_and_mul(gate_up), w, *tiles))
-    reference = torch.nn.functional.linear(SiluAndMul.forward_torch(gate_up).float(), w.float()).to(dtype)
-    torch.testing.assert_close(got, reference, **TOLERANCE[dtype])
-    with pytest.raises(ValueError, match="2K"):
-        skinny.skinny_matmul(gate_up[:, :k], w, *tiles, gated=True)
-
-
-def test_gated_linear_off_the_kernel_applies_the_activation_first():
-    gate_up, w = torch.randn(3, 128), torch.randn(16, 64)
-    torch.testing.assert_close(linear(gate_up, w, gated=True), SiluAndMul.forward_torch(gate_up) @ w.T)
 
 
 def test_strided_rows_and_bad_shapes():
@@ -103,6 +80,3 @@ def test_tuned_shapes_match_cublas_in_bfloat16():
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             torch.testing.assert_close(skinny.skinny_matmul(x, w, *tiles), torch.nn.functional.linear(x, w),
                                        atol=2e-2, rtol=2e-2)
-            gate_up = torch.randn(rows, 2 * k, dtype=torch.bfloat16, device="cuda")  # down_proj's fused form
-            assert torch.equal(skinny.skinny_matmul(gate_up, w, *tiles, gated=True),
-                               skinny.skinny_matmul(silu_and_mul(gate_up), w, *tiles))

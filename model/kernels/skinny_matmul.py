@@ -8,11 +8,6 @@ BLOCK_N output columns for every row and walks K, so the grid is N / BLOCK_N pro
 streaming its own [BLOCK_N, K] slice of W once; x (a few KB) comes from L2. Accumulation in
 float32, one rounding at the end, as cuBLAS without split-K.
 
-With `gated=True` x is a gate_up projection's output [M, 2K] and the product is
-silu(x[:, :K]) * x[:, K:] @ W^T: the SiLU-and-mul is done on the loaded tiles, rounded exactly as
-`strata.model.kernels.activation` rounds it, so a decode step's MLP saves that kernel's launch and
-its round trip through memory (at batch 1 one of the ~9 kernels a layer runs between matmuls).
-
 Which shapes take it is data (`skinny_tiles.json`, written by `benchmarks/bench_gemm.py --tune`
 on the GPU machine): a (N, K, rows bucket) the table does not name stays on cuBLAS.
 """
@@ -28,13 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.model.kernels import interpreting
-
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # older Triton
-    from triton.language.extra.cuda import libdevice
-
 logger = logging.getLogger("strata")
 
 TILES_FILE = Path(__file__).with_name("skinny_tiles.json")
@@ -46,7 +34,6 @@ def _skinny_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K,
     s_xm, s_xk, s_wn, s_wk, s_ym, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATED: tl.constexpr, PRECISE: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,18 +42,8 @@ def _skinny_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x_at = x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk
-        x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_at, mask=x_ok, other=0.0)
-        if GATED:  # x is the gate; up sits K columns on. Rounded as activation.py's kernel rounds.
-            up = tl.load(x_at + K * s_xk, mask=x_ok, other=0.0)
-            g = x.to(tl.float32)
-            if PRECISE:
-                e = libdevice.exp(-g)
-            else:  # the interpreter has no libdevice
-                e = tl.exp(-g)
-            act = tl.math.div_rn(g, 1.0 + e).to(x.dtype)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)
         acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
@@ -79,21 +56,18 @@ def row_bucket(rows: int) -> int | None:
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int,
-                  num_stages: int, gated: bool = False) -> torch.Tensor:
-    """x [M, K] (M <= 32) @ weight [N, K]^T -> [M, N] in x's dtype, with the given tiles; with
-    `gated`, x is [M, 2K] and silu(x[:, :K]) * x[:, K:] is multiplied."""
-    rows, k = x.shape[0], weight.shape[1]
+                  num_stages: int) -> torch.Tensor:
+    """x [M, K] (M <= 32) @ weight [N, K]^T -> [M, N] in x's dtype, with the given tiles."""
+    rows, k = x.shape
     n = weight.shape[0]
     bucket = row_bucket(rows)
-    if bucket is None or x.dim() != 2 or x.shape[1] != (2 * k if gated else k):
-        width = "2K" if gated else "K"
-        raise ValueError(f"skinny_matmul takes x [M <= {ROW_BUCKETS[-1]}, {width}] and weight [N, K]; got "
+    if bucket is None or weight.shape[1] != k:
+        raise ValueError(f"skinny_matmul takes x [M <= {ROW_BUCKETS[-1]}, K] and weight [N, K]; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, rows, n, k, *x.stride(), *weight.stride(), *y.stride(),
-        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, PRECISE=not interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 

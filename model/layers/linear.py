@@ -16,7 +16,6 @@ from torch import nn
 
 from strata.model.context import ModelContext
 from strata.model.kernels import triton_available
-from strata.model.layers.activation import SiluAndMul
 
 
 class LoadedSlice(Protocol):
@@ -56,21 +55,16 @@ def default_weight_loader(param: nn.Parameter, loaded: LoadedSlice, shard_id: An
         copy_checked(param.data, read_all(loaded), "replicated parameter")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gated: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or on CUDA for decode-sized x the Triton matmul that streams W, where the tuned
-    table (model/kernels/skinny_tiles.json) says it beats cuBLAS for this shape. With `gated`, x
-    is a gate_up output [..., 2K] and silu(gate) * up is multiplied: inside that kernel's loads
-    when it takes the product, else through SiluAndMul first."""
+    table (model/kernels/skinny_tiles.json) says it beats cuBLAS for this shape."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] <= 32 and triton_available():
         from strata.model.kernels.skinny_matmul import skinny_matmul, tiles_for
 
         tiles = tiles_for(x, weight)
         if tiles is not None:
-            y = skinny_matmul(x, weight, *tiles, gated=gated)
+            y = skinny_matmul(x, weight, *tiles)
             return y if bias is None else y + bias
-    if gated:
-        x = SiluAndMul()(x)
     return F.linear(x, weight, bias)
 
 
@@ -206,9 +200,8 @@ class RowParallelLinear(nn.Module):
         with torch.no_grad():
             copy_checked(param.data, read_narrow(loaded, 1, self.tp.rank * n, n), "row-parallel")
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """x W^T reduced over ranks; `gated`: x is this rank's gate_up output, see `linear`."""
-        y = linear(x, self.weight, gated=gated)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         # Without the reduction the caller sums the ranks' outputs, so only rank 0 adds the bias.
