@@ -8,7 +8,11 @@ kernel would), the engine rebuilds its rank in process (weights loaded again, KV
 captured again) and resumes every request. Printed: the engine's own recovery time, the longest
 gap between two tokens of one stream (the stall its client sees), the same gap with no fault
 (the baseline of the same run), and whether the tokens match an undisturbed run of the same
-engine (they do when the dummy weights are drawn the same way on every load).
+engine. In bfloat16 they need not: a resumed request's prompt and delivered tokens are prefilled
+again, and a prefill rounds differently from the decode steps that first made that KV (as vLLM's
+preemption by recompute); so the run also prints where the first difference falls (after the
+fault, or before it: a defect) and an undisturbed run after the recovery (the rebuilt weights
+must give the reference tokens again).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ async def stream_all(engine, requests: list[EngineRequest], fault_after: int | N
 
 
 _submit = DriverExecutor.submit
+FAULT_AFTER = 16  # tokens every stream has before the fault is armed
 
 
 def arm_one_fault() -> None:
@@ -85,15 +90,24 @@ def main() -> None:
 
         asyncio.run(stream_all(engine, requests("warm"), None))
         expected, base_gap, _ = asyncio.run(stream_all(engine, requests("ref"), None))
-        got, gap, fault_at = asyncio.run(stream_all(engine, requests("run"), 16))
+        got, gap, fault_at = asyncio.run(stream_all(engine, requests("run"), FAULT_AFTER))
         health = asyncio.run(engine.health())
+        after, _, _ = asyncio.run(stream_all(engine, requests("after"), None))
         llm.shutdown()
+    first_differences = [next((j for j, (a, b) in enumerate(zip(g, e, strict=False)) if a != b),
+                              None if len(g) == len(e) else min(len(g), len(e)))
+                         for g, e in zip(got, expected, strict=True)]
+    differing = [j for j in first_differences if j is not None]
     record = {"shape": args.shape, "streams": args.streams, "recoveries": health.recoveries,
               "max_gap_s": round(gap, 2), "max_gap_undisturbed_s": round(base_gap, 3),
-              "tokens_match_undisturbed": got == expected, "faulted": bool(fault_at)}
+              "tokens_match_undisturbed": got == expected, "faulted": bool(fault_at),
+              "streams_differing": len(differing), "earliest_difference": min(differing, default=None),
+              "after_recovery_matches_reference": after == expected}
     print(f"one injected step fault, {args.streams} streams: longest stall a stream saw {gap:.2f} s "
           f"(undisturbed run: {base_gap * 1000:.1f} ms); recoveries {health.recoveries}; tokens match the "
-          f"undisturbed run: {got == expected}", flush=True)
+          f"undisturbed run: {got == expected} ({len(differing)} stream(s) differ, the earliest at token "
+          f"{min(differing, default='-')}; the fault came at token >= {FAULT_AFTER}); an undisturbed run "
+          f"after the recovery matches the reference: {after == expected}", flush=True)
     print("RESULT " + json.dumps(record), flush=True)
 
 
