@@ -70,8 +70,9 @@ def run(phase: str, attn: AttentionMetadata, q, cache, tiles: TileConfig, segmen
     heads, head_dim = q.shape[1] // cache.shape[-1], cache.shape[-1]
     scratch = torch.empty(split_kv_scratch_numel(attn.num_seqs, heads, head_dim, segments), dtype=torch.float32,
                           device=q.device)
+    counters = torch.zeros(attn.num_seqs * cache.shape[3], dtype=torch.int32, device=q.device)
     return split_kv_attention(q, cache, attn.query_start_loc, attn.seq_lens, attn.block_tables, scale, None,
-                              segments, scratch, tiles=tiles)
+                              segments, scratch, counters, tiles=tiles)
 
 
 def time_us(fn, device, iters: int) -> float:

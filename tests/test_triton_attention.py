@@ -96,6 +96,8 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
     torch.testing.assert_close(got[:tokens], expected, **TOLERANCE[dtype])
     assert torch.equal(got[tokens:], torch.zeros_like(got[tokens:])), "padding rows must be zeros"
     torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, atol=0, rtol=0)
+    counters = [b for b in backend._scratch.values() if b.dtype == torch.int32]
+    assert not any(c.any() for c in counters), "the split-KV counters must be left at 0 for the next launch"
 
 
 def _cos_sin(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +188,7 @@ def test_auto_split_choice(query_len, batch, segments):
 def test_scratch_reused_and_grown():
     backend = TritonBackend()
     first = backend._scratch_buffer(torch.device(DEVICE), 100)
+    assert not first.any()  # zeroed: the split-KV counters rely on it
     assert backend._scratch_buffer(torch.device(DEVICE), 80) is first
     grown = backend._scratch_buffer(torch.device(DEVICE), 150)
     assert grown.numel() >= 200 and backend._retired == [first]
@@ -209,3 +212,15 @@ def test_realistic_bf16_on_gpu():
     _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], UNIFIED, **shape)
     _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], TritonBackend(), **shape, padding=2)
     _check([1, 1], [1800, 900], TritonBackend(), **shape, window=512)
+
+
+@pytest.mark.gpu
+def test_split_kv_reduction_by_the_last_segment_holds_under_repetition():
+    """The last segment to finish reduces the others (an atomic count, no second kernel): repeated
+    launches with many segments, the counters shared across them as CUDA graphs share them, must
+    match the reference every time (a stale or half-written partial would not)."""
+    backend = TritonBackend(split_kv="always", sm_count=132, min_segment_tokens=16)
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
+    for seed in range(40):
+        lens = [random.Random(seed).randrange(1, 3000) for _ in range(1 + seed % 4)]
+        _check([1] * len(lens), lens, backend, **shape, seed=seed, padding=seed % 2)

@@ -15,8 +15,9 @@ split's second launch and float32 partials cost more than they give (batch 32, 2
 unified against 91 us split at 2k context), so `split_kv="auto"` splits only below one wave.
 
 Nothing here synchronises with the device: launches are sized by the metadata's host ints. The
-split's float32 scratch lives on the backend instance (one buffer per device), grown only when a
-larger step arrives and otherwise reused, so a CUDA graph replays the same addresses; the runner's
+split's float32 scratch and its int32 counters (zero between launches: the kernel re-arms them)
+live on the backend instance (one buffer each per device), grown only when a larger step arrives
+and otherwise reused, so a CUDA graph replays the same addresses; the runner's
 eager warm-up before capture does any growing.
 """
 
@@ -92,7 +93,8 @@ class TritonBackend(AttentionBackend):
         self.max_segments = max_segments
         self.min_segment_tokens = min_segment_tokens
         self.sm_count = sm_count
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        # The split's float32 partials and its int32 counters (zero between calls), per device.
+        self._scratch: dict[tuple[str, torch.device], torch.Tensor] = {}
         # Outgrown buffers stay alive: a CUDA graph captured earlier still reads and writes them.
         self._retired: list[torch.Tensor] = []
 
@@ -131,7 +133,8 @@ class TritonBackend(AttentionBackend):
             numel = split_kv_scratch_numel(attn.num_seqs, layer.num_heads, layer.head_dim, segments)
             return split_kv_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
                                       layer.scale, layer.sliding_window, segments,
-                                      self._scratch_buffer(q.device, numel))
+                                      self._scratch_buffer(q.device, numel),
+                                      self._scratch_buffer(q.device, attn.num_seqs * layer.num_kv_heads, torch.int32))
         return unified_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
                                  layer.scale, layer.sliding_window, attn.max_query_len)
 
@@ -151,11 +154,13 @@ class TritonBackend(AttentionBackend):
             metadata.segments[kv_heads] = segments
         return segments
 
-    def _scratch_buffer(self, device: torch.device, numel: int) -> torch.Tensor:
-        buf = self._scratch.get(device)
+    def _scratch_buffer(self, device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A zeroed buffer of at least `numel` elements, kept per (dtype, device) and grown geometrically."""
+        key = (str(dtype), device)
+        buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
             if buf is not None:
                 self._retired.append(buf)
                 numel = max(numel, 2 * buf.numel())  # grow geometrically: few retired buffers
-            buf = self._scratch[device] = torch.empty(numel, dtype=torch.float32, device=device)
+            buf = self._scratch[key] = torch.zeros(numel, dtype=dtype, device=device)
         return buf
