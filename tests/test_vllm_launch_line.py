@@ -15,7 +15,8 @@ from tests.server_fixtures import API_KEY, LiveServer, free_port, server_env, sp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-# vLLM's --config: flag names without their dashes. Its max-model-len loses to the command line's.
+# vLLM's --config: flag names without their dashes. Its max-model-len loses to the command line's;
+# max-num-seqs is taken (the server shows it nowhere), max-n shows as a 400 for n=3.
 CONFIG_YAML = """\
 served-model-name: smol-yaml
 max-num-seqs: 8
@@ -32,7 +33,7 @@ def test_a_vllm_launch_line_serves_the_bundled_model(smollm2_dir, tmp_path):
     config.write_text(CONFIG_YAML)
     port, log = free_port(), tmp_path / "server.log"
     # As in vLLM's docs: `vllm serve MODEL --dtype ... --max_model_len 2k ... --config FILE`; 2k is 2000 (2K: 2048).
-    launch = [smollm2_dir, "--dtype", "float", "--max_model_len", "2k", "--enable-chunked-prefill",
+    launch = [smollm2_dir, "--dtype", "half", "--max_model_len", "2k", "--enable-chunked-prefill",
               "--no-enable-prefix-caching", "--trust-remote-code", "--generation-config", "auto",
               "--config", str(config), "--api-key", API_KEY,
               "--distributed-executor-backend", "mp", "--port", str(port)]
@@ -56,7 +57,7 @@ def test_a_vllm_launch_line_serves_the_bundled_model(smollm2_dir, tmp_path):
     text = log.read_text()
     assert proc.returncode == 0, text[-4000:]
     for line in ("--trust-remote-code: accepted; it changes nothing",
-                 "of float32 weights loaded",  # --dtype float
+                 "of float16 weights loaded",  # --dtype half (auto is float32 on CPU)
                  "Maximum concurrency for 2,000 tokens per request",
                  f"request defaults from {smollm2_dir}/generation_config.json: temperature=0.2, top_p=0.9",
                  f"Strata is serving smol-yaml at http://127.0.0.1:{port}"):
