@@ -23,8 +23,9 @@ from strata.actors.engine.engine_health import Fault
 from strata.actors.engine.engine_loop import EngineLoop
 from strata.actors.executor import DriverExecutor
 from strata.actors.gang import Gang, rebuild_config
+from strata.actors.nodes.head_nodes import HeadNodes
 from strata.actors.nodes.node_address import node_ip
-from strata.actors.nodes.rendezvous import HeadRendezvous, hello_for
+from strata.actors.nodes.rendezvous import hello_for
 from strata.actors.startup_log import log_gang, log_startup
 from strata.actors.watchdog import Watchdog
 from strata.config import EngineConfig
@@ -45,13 +46,13 @@ class Driver(EngineLoop):
         self.config = config = EngineConfig.model_validate_json(config_json)
         self.facts = facts = ModelFacts.from_json(facts_json)
         self._facts_json, self._placement = facts_json, placement
-        self.rendezvous: HeadRendezvous | None = None
+        self.nodes: HeadNodes | None = None  # the other nodes (mp across nodes)
         self.master_addr, listener = self._meet_nodes()
         try:
-            self.gang = Gang.start(config, facts_json, placement, self.master_addr, listener)
+            self.gang = Gang.start(config, facts_json, placement, self.master_addr, listener, self.nodes)
         except BaseException:
-            if self.rendezvous is not None:
-                self.rendezvous.close(say_bye=False)  # the other nodes see the head go and exit
+            if self.nodes is not None:
+                self.nodes.close(say_bye=False)  # the other nodes see the head go and exit
             raise
         self.rank_facts = self.gang.rank_facts
         num_blocks = self.gang.num_blocks
@@ -64,13 +65,12 @@ class Driver(EngineLoop):
             max_num_seqs=config.max_num_seqs, max_logprobs=config.max_logprobs,
             vocab_size=facts.vocab_size, ranks=self.rank_facts,
         )
-        # Across nodes the other nodes' ranks come from their own `strata serve --headless`, which
-        # this driver cannot restart yet: a fault there fails stop. A one-rank gang is rebuilt in
-        # this process (a step that raised; its death is the driver's own, see app/engine_supervisor.py).
-        rebuild = self._rebuild if config.nnodes == 1 else None
-        super().__init__(engine, thread_setup=self._set_device, rebuild=rebuild, diagnose=self._diagnose_fault)
+        # Every gang is rebuilt after a fault: across nodes, the other nodes start their ranks again
+        # on node 0's orders; a one-rank gang in this process (a step that raised; its death is
+        # the driver's own, see app/engine_supervisor.py).
+        super().__init__(engine, thread_setup=self._set_device, rebuild=self._rebuild, diagnose=self._diagnose_fault)
         # No other rank to watch, and a step hung in this process cannot be broken from outside it.
-        watched = rebuild is not None and config.world_size > 1
+        watched = config.world_size > 1
         self.watchdog = Watchdog(self, lambda: self.gang, config.step_timeout_s) if watched else None
 
     def _set_device(self) -> None:
@@ -98,9 +98,11 @@ class Driver(EngineLoop):
         logger.info("old gang stopped in %.1f s; starting a new one (same layout, KV cache kept at %d blocks)",
                     time.monotonic() - started, self.gang.num_blocks)
         config = rebuild_config(self.config, self.gang.num_blocks)
+        if self.nodes is not None:  # a node that went away is waited for, /health naming it
+            self.nodes.wait_for_all(lambda why: self.tracker.describe(Fault(why)))
         started = time.monotonic()
         self.gang = Gang.start(config, self._facts_json, self._placement, self.master_addr,
-                               bind_listener(self.master_addr))
+                               bind_listener(self.master_addr), self.nodes)
         self._set_device()
         log_gang(self.gang.rank_facts, time.monotonic() - started)
         return self.gang.executor
@@ -114,11 +116,11 @@ class Driver(EngineLoop):
             master_addr = node_ip()
             return master_addr, bind_listener(master_addr)
         master_addr = config.master_addr
-        self.rendezvous = HeadRendezvous(hello_for(config, "serve"), master_addr, config.master_port,
-                                         config.dist_init_timeout_s)
+        self.nodes = HeadNodes(hello_for(config, "serve"), master_addr, config.master_port,
+                               config.dist_init_timeout_s)
         listener = bind_listener(master_addr)
         try:
-            self.rendezvous.wait_for_nodes(listener.getsockname()[1])
+            self.nodes.wait_for_nodes(listener.getsockname()[1])
         except BaseException:
             listener.close()
             raise
@@ -146,6 +148,9 @@ class Driver(EngineLoop):
             return
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.nodes is not None:
+            self._stopping = True  # first: the engine thread, woken from its wait, must see it
+            self.nodes.interrupt()  # a rebuild waiting for a node gives up
         self.stop_loop()
         gang = self.gang
         try:
@@ -154,6 +159,6 @@ class Driver(EngineLoop):
             logger.warning("could not send the shutdown plan to every rank", exc_info=True)
         gang.launcher.stop()
         gang.worker.shutdown()
-        if self.rendezvous is not None:
-            self.rendezvous.close()  # headless nodes hear Bye and exit
+        if self.nodes is not None:
+            self.nodes.close()  # headless nodes hear Bye and exit
 

@@ -6,7 +6,8 @@ a fault (`kill`) does not ask the ranks anything: a dead rank cannot answer and 
 not, so every other rank is killed outright (which also breaks rank 0 out of any collective it
 waits in: its peers' sockets close), then rank 0 leaves its process groups. A new gang has the
 same layout; it reuses the KV size the first one measured (config.num_kv_blocks_override), so
-it loads weights but does not profile again.
+it loads weights but does not profile again. Across nodes (mp, --nnodes) the other nodes' ranks
+are started and killed by their own nodes, on node 0's orders (actors/nodes/nodes_launcher.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from strata.actors.engine.engine_health import Fault
 from strata.actors.executor import DriverExecutor
 from strata.actors.launchers import MpRankLauncher, RayRankLauncher, rank_launcher
+from strata.actors.nodes.head_nodes import HeadNodes
+from strata.actors.nodes.nodes_launcher import NodesLauncher
 from strata.actors.worker.rank import RankWorker
 from strata.config import EngineConfig
 
@@ -27,23 +30,30 @@ logger = logging.getLogger("strata")
 @dataclass
 class Gang:
     worker: RankWorker  # rank 0
-    launcher: RayRankLauncher | MpRankLauncher
+    launcher: RayRankLauncher | MpRankLauncher | NodesLauncher
     rank_facts: list[dict]
     executor: DriverExecutor
 
     @classmethod
-    def start(cls, config: EngineConfig, facts_json: str, placement, master_addr: str, listener) -> Gang:
-        """Brings up every rank; on failure stops what started and raises."""
+    def start(cls, config: EngineConfig, facts_json: str, placement, master_addr: str, listener,
+              nodes: HeadNodes | None = None) -> Gang:
+        """Brings up every rank (`nodes`: the other nodes, with the mp backend across nodes); on
+        failure stops what started and raises."""
         config_json = config.model_dump_json()
         worker = RankWorker(config_json, facts_json, rank=0, local_device_index=0)
         launcher = rank_launcher(config, config_json, facts_json, placement)
+        if nodes is not None:
+            launcher = NodesLauncher(launcher, nodes, config.num_kv_blocks_override)
         try:
             handle = launcher.start(master_addr, listener.getsockname()[1])
             rank_facts = _bring_up_watching(worker, launcher, handle, master_addr, listener)
             launcher.wait_started(handle)
             executor = DriverExecutor(worker, rank_facts)
         except BaseException:
-            launcher.stop(timeout_s=0)
+            if nodes is not None:
+                launcher.kill()  # the other nodes' ranks too
+            else:
+                launcher.stop(timeout_s=0)
             raise
         return cls(worker, launcher, rank_facts, executor)
 

@@ -1,10 +1,13 @@
 """A headless node of the mp backend across nodes: `strata serve ... --node-rank K --headless`.
 
-It hosts no driver and serves no API. It joins node 0 (actors/nodes/rendezvous.py), starts this node's
-ranks as local processes (node K of N runs ranks K*W/N .. (K+1)*W/N - 1, device index = the
-rank's place on the node), and watches. It exits 0 when the head shut down cleanly (its ranks
-got the shutdown plan), and 1 with a message when the head went away or a rank died: a node
-never hangs on a head that is gone.
+It hosts no driver and serves no API. It joins node 0 (actors/nodes/rendezvous.py), then runs
+this node's ranks as local processes on node 0's orders (node K of N runs ranks K*W/N ..
+(K+1)*W/N - 1, device index = the rank's place on the node): StartRanks starts a gang's (a
+rebuilt gang's after a fault), StopRanks kills them. A rank that dies is reported to node 0
+(RanksDied), which rebuilds the gang; the node stays. It pings node 0 every few seconds, so a
+hung node is noticed there. It exits 0 when the head shut down cleanly (its ranks got the
+shutdown plan), and 1 with a message when the head went away: a node never hangs on a head that
+is gone. Started again with the same command, it rejoins, and node 0 rebuilds the gang with it.
 
 Each node's own environment reaches its ranks (NCCL_*, GLOO_*, STRATA_HOST_IP, ...): unlike
 Ray, nothing is forwarded from node 0, so set them on every node.
@@ -13,6 +16,7 @@ Ray, nothing is forwarded from node 0, so set them on every node.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import sys
 import threading
@@ -21,8 +25,8 @@ import time
 import torch
 
 from strata.actors.executor import MpRankLauncher
-from strata.actors.nodes.node_messages import RendezvousError
-from strata.actors.nodes.rendezvous import HeadConnection, hello_for, join_head
+from strata.actors.nodes.node_messages import Ping, RanksDied, RendezvousError, StartRanks, StopRanks
+from strata.actors.nodes.rendezvous import PING_INTERVAL_S, HeadConnection, hello_for, join_head
 from strata.config import EngineConfig
 from strata.distributed.rank_layout import ranks_of_node
 from strata.model_facts import ModelFacts
@@ -40,58 +44,112 @@ def run_headless(config: EngineConfig, facts: ModelFacts) -> int:
     except RendezvousError as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 1
-    ranks = ranks_of_node(config.world_size, config.nnodes, node)
-    launcher = MpRankLauncher(config.model_dump_json(), facts.to_json(), ranks, torch.cuda.device_count())
-    launcher.start(config.master_addr, head.welcome.dist_port)
-    logger.info("node %d (headless): ranks %d-%d started; node 0 at %s serves the API", node, ranks.start,
-                ranks.stop - 1, head.where)
+    ranks = NodeRanks(config, facts)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _watch(node, head, launcher)
+        return _serve(node, head, ranks)
     except KeyboardInterrupt:
         logger.info("node %d: interrupted; stopping this node's ranks", node)
-        _stop(launcher, 0.0)
+        ranks.stop(0.0)
         return 0
 
 
-def _watch(node: int, head: HeadConnection, launcher: MpRankLauncher) -> int:
+class NodeRanks:
+    """This node's ranks of the gang node 0 ordered last (none before the first order)."""
+
+    def __init__(self, config: EngineConfig, facts: ModelFacts):
+        self.config, self.facts_json = config, facts.to_json()
+        self.range = ranks_of_node(config.world_size, config.nnodes, config.node_rank)
+        self.launcher: MpRankLauncher | None = None
+        self.gang = -1
+        self.reported = False  # their death was told to node 0 (once per gang)
+
+    def start(self, order: StartRanks) -> None:
+        self.kill()  # an earlier gang's, if node 0 did not say so first
+        config = self.config
+        if order.num_kv_blocks is not None:
+            config = config.model_copy(update={"num_kv_blocks_override": order.num_kv_blocks})
+        self.launcher = MpRankLauncher(config.model_dump_json(), self.facts_json, self.range,
+                                       torch.cuda.device_count())
+        self.launcher.start(config.master_addr, order.dist_port)
+        self.gang, self.reported = order.gang, False
+        logger.info("node %d (headless): ranks %d-%d started (gang %d)", config.node_rank, self.range.start,
+                    self.range.stop - 1, order.gang)
+
+    def kill(self) -> None:
+        if self.launcher is not None:
+            self.launcher.kill()
+            self.launcher = None
+
+    def death(self) -> RanksDied | None:
+        """What to tell node 0 when one of them died (not on their clean exit, after the shutdown
+        plan); the others are killed then, so none waits on its lost peer."""
+        procs = self.launcher.procs if self.launcher is not None else []
+        if self.reported or not any(p.exitcode not in (None, 0) for p in procs):
+            return None
+        fault = self.launcher.dead_rank()
+        self.kill()
+        self.reported = True
+        return RanksDied(gang=self.gang, reason=f"node {self.config.node_rank}: {fault.reason}", rank=fault.rank,
+                         died=fault.died)
+
+    def finished(self) -> bool:
+        """Every rank ended cleanly: the head's shutdown plan reached them."""
+        procs = self.launcher.procs if self.launcher is not None else []
+        return bool(procs) and all(p.exitcode == 0 for p in procs)
+
+    def stop(self, grace_s: float) -> bool:
+        """Waits up to `grace_s` for the ranks, then terminates what is left. True if all ended cleanly."""
+        procs = self.launcher.procs if self.launcher is not None else []
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0))
+        clean = all(p.exitcode == 0 for p in procs)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+        return clean
+
+
+def _serve(node: int, head: HeadConnection, ranks: NodeRanks) -> int:
+    orders: queue.SimpleQueue = queue.SimpleQueue()
     verdict: list[tuple[bool, str]] = []
-    threading.Thread(target=lambda: verdict.append(head.watch()), name="strata-head-watch", daemon=True).start()
+    threading.Thread(target=lambda: verdict.append(head.watch(orders.put)), name="strata-head-watch",
+                     daemon=True).start()
+    next_ping = 0.0
     while True:
-        codes = {p.name: p.exitcode for p in launcher.procs}
-        failed = {name: code for name, code in codes.items() if code not in (None, 0)}
-        if failed:
-            _stop(launcher, 0.0)
-            print(f"strata serve: error: node {node}: rank process(es) died: "
-                  f"{', '.join(f'{n} (exit {c})' for n, c in failed.items())}", file=sys.stderr)
-            return 1
-        if all(code == 0 for code in codes.values()):
+        while not orders.empty():
+            order = orders.get()
+            if isinstance(order, StartRanks):
+                ranks.start(order)
+            elif isinstance(order, StopRanks) and order.gang == ranks.gang:
+                logger.info("node %d: node 0 stops gang %d's ranks (it is being rebuilt)", node, order.gang)
+                ranks.kill()
+        died = ranks.death()
+        try:
+            if died is not None:
+                logger.error("%s; told node 0, which rebuilds the gang", died.reason)
+                head.send(died)
+            if time.monotonic() >= next_ping:
+                head.send(Ping())
+                next_ping = time.monotonic() + PING_INTERVAL_S
+        except OSError:
+            pass  # the head is gone: the watch thread says so in a moment
+        if ranks.finished():
             logger.info("node %d: every rank of this node finished (the head shut down)", node)
             return 0
         if verdict:
             clean, why = verdict[0]
             if clean:
                 logger.info("node %d: %s; waiting for this node's ranks to finish", node, why)
-                return 0 if _stop(launcher, _RANKS_STOP_S) else 1
-            _stop(launcher, 0.0)
+                return 0 if ranks.stop(_RANKS_STOP_S) else 1
+            ranks.stop(0.0)
             print(f"strata serve: error: node {node}: {why}; stopped this node's ranks", file=sys.stderr)
             return 1
         time.sleep(0.2)
-
-
-def _stop(launcher: MpRankLauncher, grace_s: float) -> bool:
-    """Waits up to `grace_s` for the ranks, then terminates what is left. True if all ended cleanly."""
-    deadline = time.monotonic() + grace_s
-    for p in launcher.procs:
-        p.join(max(deadline - time.monotonic(), 0))
-    clean = all(p.exitcode == 0 for p in launcher.procs)
-    for p in launcher.procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    return clean
 
 
 def _raise_interrupt(*_: object) -> None:

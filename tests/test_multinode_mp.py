@@ -2,13 +2,19 @@
 node 0 on host 1 serves the API, node 1 on host 2 runs headless. tp=2 x pp=2 answers as Hugging
 Face does with a stage on each host; the headless node exits once the head stops, or is killed;
 a node pointed at a wrong master, and a head whose other node never comes, fail in time naming
-what is missing; `strata doctor` with the same node flags checks both hosts and their link."""
+what is missing; `strata doctor` with the same node flags checks both hosts and their link. A
+rank of the headless node killed, then the whole headless node killed and started again, cost no
+request: the head rebuilds the gang (waiting, /health naming the node, until it rejoins)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -141,3 +147,173 @@ def test_doctor_with_mp_node_flags_checks_both_hosts(hosts, tmp_path):
     for ip in ("10.77.0.1", "10.77.0.2"):
         assert re.search(rf"^{re.escape(ip)} .* ok$", out, re.M), out
     assert re.search(r"10\.77\.0\.1 <-> 10\.77\.0\.2\s+gloo TCP .* ok", out), out
+
+
+# ---- faults across nodes: a rank of the headless node killed, then the whole node ----
+
+# Run inside host 1: greedy streams, one per prompt (token ids in), and /health polled meanwhile.
+# Prints "progress" once every stream has a few chunks, "health {...}" whenever /health's answer
+# changes, and "texts [...]" at the end.
+_STREAMS = """
+import json, sys, threading, time
+import httpx
+url, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+progress, texts, done = [0] * len(prompts), [None] * len(prompts), threading.Event()
+def say(*parts):
+    print(*parts, flush=True)
+def stream(i):
+    body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    out = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out.append("<error: %s>" % chunk["error"])
+                    break
+                out.append(chunk["choices"][0]["text"])
+                progress[i] += 1
+    texts[i] = "".join(out)
+def health():
+    last = None
+    while not done.is_set():
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+            now = (r.status_code, r.json())
+        except httpx.HTTPError as err:
+            now = (0, {"error": type(err).__name__})
+        if now != last:
+            say("health", json.dumps(now))
+            last = now
+        time.sleep(0.2)
+MODEL = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+threading.Thread(target=health, daemon=True).start()
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+for t in threads:
+    t.start()
+while min(progress) < 3 and any(t.is_alive() for t in threads):
+    time.sleep(0.05)
+say("progress")
+for t in threads:
+    t.join()
+done.set()
+say("texts", json.dumps(texts))
+"""
+
+STREAM_PROMPTS = [[(11 * i + 5) % 400 + 3 for i in range(n)] for n in (4, 9, 30)]
+STREAM_TOKENS = 40  # a fault lands after each stream's third chunk: mid-stream
+
+
+class Streams:
+    """The streaming client of `_STREAMS`, run inside host 1; its lines read in a thread."""
+
+    def __init__(self, cluster, port: int):
+        self.lines: list[tuple[float, str, str]] = []  # (seconds since start, kind, payload)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cluster.head.argv(sys.executable, "-c", _STREAMS, f"http://127.0.0.1:{port}", json.dumps(STREAM_PROMPTS),
+                              str(STREAM_TOKENS)),
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            kind, _, payload = line.strip().partition(" ")
+            self.lines.append((time.monotonic() - self.started, kind, payload))
+
+    def wait_for(self, test, timeout_s: float, what: str, logs=()) -> tuple[float, str, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if test(line):
+                    return line
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-5000:]}" for p in logs)
+        raise AssertionError(f"no {what} after {timeout_s} s; client said {self.lines[-20:]}\n"
+                             f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}\n{tails}")
+
+    def texts(self, timeout_s: float, logs=()) -> list[str]:
+        return json.loads(self.wait_for(lambda line: line[1] == "texts", timeout_s, "texts", logs)[2])
+
+    def healths(self) -> list[tuple[float, int, dict]]:
+        return [(t, *json.loads(p)) for t, kind, p in self.lines if kind == "health"]
+
+
+def _pid_of(log, rank: int) -> int:
+    found = re.findall(rf"rank {rank} \(tp \d+, pp \d+, pid (\d+)\)|rank {rank} pid (\d+)", log.read_text())
+    assert found, log.read_text()[-3000:]
+    return int(next(p for p in found[-1] if p))
+
+
+def test_the_headless_nodes_ranks_killed_and_the_node_restarted_cost_no_request(hosts, tiny_models, tmp_path):
+    """(a) one rank of node 1 SIGKILLed (its node's launcher lives on): the head rebuilds the gang
+    with a fresh rank there; (b) the whole of node 1 (launcher and ranks) SIGKILLed: the head's
+    /health names node 1 and its address while it waits, and once node 1 is started again with the
+    same command the gang is rebuilt. Every stream resumes with an undisturbed run's greedy text."""
+    model = tiny_models("llama")
+    began = time.monotonic()
+    head_log, node_log, node_log2 = tmp_path / "head.log", tmp_path / "node1.log", tmp_path / "node1-again.log"
+    node_cmd = _serve(model, "--node-rank", "1", "--master-addr", hosts.head.ip, "--headless",
+                      "--dist-init-timeout", "90")
+    head = hosts.spawn(hosts.head, _serve(model, "--node-rank", "0", "--master-addr", hosts.head.ip, "--port",
+                                          str(PORT), "--dist-init-timeout", "90", "--step-timeout", "30",
+                                          "--max-recoveries", "3"), head_log)
+    node = hosts.spawn(hosts.worker, node_cmd, node_log)
+    logs = (head_log, node_log, node_log2)
+    try:
+        query_completions(hosts, hosts.head, PORT, [[5]], 1, head, head_log)  # healthy, warmed up
+        print(f"serving {time.monotonic() - began:.1f} s after the start")
+        undisturbed = Streams(hosts, PORT).texts(240, logs)
+
+        # (a) one rank of node 1.
+        victim = _pid_of(head_log, 2)
+        streams = Streams(hosts, PORT)
+        streams.wait_for(lambda line: line[1] == "progress", 120, "progress", logs)
+        killed_at = time.monotonic() - streams.started
+        os.kill(victim, signal.SIGKILL)
+        assert streams.texts(240, logs) == undisturbed
+        back = [t for t, status, _ in streams.healths() if status == 200 and t > killed_at]
+        print(f"(a) rank 2 SIGKILLed: serving again {back[0] - killed_at:.1f} s later")
+        _, status, last = streams.healths()[-1]
+        assert (status, last["state"], last["failed_rank"], last["recoveries"]) == (200, "serving", 2, 1), last
+        assert last["reason"] == f"node 1: rank 2 (pid {victim}) was killed by signal 9", last
+        assert node.poll() is None, node_log.read_text()[-4000:]  # the node stays, with new ranks
+        assert "told node 0, which rebuilds the gang" in node_log.read_text()
+
+        # (b) the whole of node 1, then started again.
+        streams = Streams(hosts, PORT)
+        streams.wait_for(lambda line: line[1] == "progress", 120, "progress", logs)
+        killed_at = time.monotonic() - streams.started
+        for pid in hosts.worker.pids():
+            os.kill(pid, signal.SIGKILL)
+        waiting = streams.wait_for(lambda line: line[1] == "health" and "waiting for node 1 (10.77.0.2)" in line[2],
+                                   60, "health naming node 1", logs)
+        status, body = json.loads(waiting[2])
+        assert (status, body["state"]) == (503, "recovering"), body
+        assert body["reason"].startswith("waiting for node 1 (10.77.0.2) to rejoin; it went away"), body
+        node.wait(10)
+        time.sleep(2)  # the head keeps waiting while the node is away
+        assert list(streams.healths()[-1][1:]) == json.loads(waiting[2]), streams.healths()
+        node = hosts.spawn(hosts.worker, node_cmd, node_log2)
+        restarted_at = time.monotonic() - streams.started
+        assert streams.texts(240, logs) == undisturbed
+        back = [t for t, status, _ in streams.healths() if status == 200 and t > killed_at]
+        print(f"(b) node 1 killed: {waiting}; serving again {back[0] - restarted_at:.1f} s after its restart "
+              f"({back[0] - killed_at:.1f} s after the kill)")
+        assert streams.healths()[-1][2]["recoveries"] == 2, streams.healths()
+    finally:
+        head_rc = stop(head)
+        try:
+            node_rc = node.wait(40)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node_rc = None
+        hosts.worker.kill_all()
+        hosts.head.kill_all()
+    assert head_rc == 0, head_log.read_text()[-4000:]
+    assert node_rc == 0, node_log2.read_text()[-4000:]

@@ -110,3 +110,46 @@ def test_an_unreachable_head_fails_within_the_timeout_naming_the_address():
 def test_the_head_must_listen_on_one_of_its_own_addresses():
     with pytest.raises(RendezvousError, match=r"cannot listen on 203\.0\.113\.77:\d+"):
         HeadRendezvous(_hello(0, 2), "203.0.113.77", _port(), timeout_s=1.0)
+
+
+def test_serving_head_orders_ranks_hears_their_death_and_waits_for_a_node_that_rejoins(monkeypatch):
+    """HeadNodes (node 0 while serving): StartRanks/StopRanks reach the node; a death it reports
+    is the fault of the gang it names only (a stale report is ignored); a node that goes silent
+    is lost, /health's reason names it while the rebuild waits, and a restarted node rejoins."""
+    from strata.actors.nodes import head_nodes
+    from strata.actors.nodes.node_messages import Ping, RanksDied, StartRanks, StopRanks
+
+    monkeypatch.setattr(head_nodes, "NODE_SILENCE_S", 1.5)
+    port = _port()
+    head = head_nodes.HeadNodes(_hello(0, 2), LOOPBACK, port, timeout_s=8.0)
+    node = _join_in_thread(_hello(1, 2), port)
+    head.wait_for_nodes(dist_port=1)
+    node["thread"].join(5)
+    orders: list = []
+    threading.Thread(target=lambda: node.update(verdict=node["conn"].watch(orders.append)), daemon=True).start()
+    try:
+        assert head.start_ranks(dist_port=4321, num_kv_blocks=None) == 0
+        gang = head.start_ranks(dist_port=4322, num_kv_blocks=77)
+        head.stop_ranks(gang)
+        node["conn"].send(RanksDied(gang=0, reason="stale", rank=2))
+        node["conn"].send(RanksDied(gang=gang, reason="node 1: rank 2 was killed by signal 9", rank=2, died=True))
+        assert head.wait_fault(gang, 5.0).reason == "node 1: rank 2 was killed by signal 9"
+        assert orders == [StartRanks(gang=0, dist_port=4321), StartRanks(gang=1, dist_port=4322, num_kv_blocks=77),
+                          StopRanks(gang=1)]
+        # Silent (no ping) past NODE_SILENCE_S: lost; the next gang's fault at once, and waited for.
+        gang = head.start_ranks(dist_port=4323, num_kv_blocks=None)
+        fault = head.wait_fault(gang, 5.0)
+        assert fault.died and fault.reason == "node 1 (127.0.0.1) sent nothing for 2 s", fault
+        said: list[str] = []
+        waiter = threading.Thread(target=head.wait_for_all, args=(said.append,))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and said == ["waiting for node 1 (127.0.0.1) to rejoin; it sent nothing for 2 s"]
+        again = _join_in_thread(_hello(1, 2), port)
+        waiter.join(5)
+        again["thread"].join(5)
+        assert not waiter.is_alive() and "conn" in again, again
+        again["conn"].send(Ping())
+        assert head.fault(head.start_ranks(dist_port=4324, num_kv_blocks=None)) is None
+    finally:
+        head.close()

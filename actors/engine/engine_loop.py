@@ -129,6 +129,8 @@ class EngineLoop:
         try:
             executor = self._rebuild(fault)
         except Exception as err:  # noqa: BLE001 - tried again, within the recovery budget
+            if self._stopping:
+                return  # shut down meanwhile (a rebuild that waited for a node gave up)
             logger.exception("rebuilding the gang failed")
             self.tracker.report(Fault(f"rebuilding the gang after '{fault.reason}' failed: {err}", fault.rank))
             return

@@ -47,7 +47,32 @@ class Bye(BaseModel):
     kind: Literal["bye"] = "bye"
 
 
-Message = Annotated[Hello | Welcome | Reject | Ping | Bye, Field(discriminator="kind")]
+# While serving (actors/nodes/head_nodes.py, app/headless.py): node 0 orders each other node's
+# ranks started or stopped, one gang (numbered from 0) at a time; a node reports its ranks' death.
+
+
+class StartRanks(BaseModel):
+    kind: Literal["start_ranks"] = "start_ranks"
+    gang: int
+    dist_port: int  # torch.distributed's store on --master-addr, for this gang
+    num_kv_blocks: int | None = None  # a rebuilt gang keeps the KV size the first one measured
+
+
+class StopRanks(BaseModel):
+    kind: Literal["stop_ranks"] = "stop_ranks"
+    gang: int
+
+
+class RanksDied(BaseModel):
+    kind: Literal["ranks_died"] = "ranks_died"
+    gang: int
+    reason: str
+    rank: int | None = None
+    died: bool = False  # killed or crashed, rather than raised because a peer went
+
+
+Message = Annotated[Hello | Welcome | Reject | Ping | Bye | StartRanks | StopRanks | RanksDied,
+                    Field(discriminator="kind")]
 _MESSAGE = TypeAdapter(Message)
 
 

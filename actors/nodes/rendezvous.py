@@ -9,7 +9,9 @@ length and JSON checked against schemas (actors/nodes/node_messages.py): nothing
 
 The connection then stays open as a watchdog: node 0 sends a Ping every few seconds and a Bye
 when it shuts down cleanly, so a headless node notices a head that went away (end of stream, or
-silence) and exits instead of waiting forever in a collective.
+silence) and exits instead of waiting forever in a collective. While serving, node 0 keeps the
+listener and the connections for more (actors/nodes/head_nodes.py: nodes that rejoin, their ranks
+started and stopped per gang).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def hello_for(config: EngineConfig, purpose: Purpose) -> Hello:
 class HeadRendezvous:
     """Node 0's side: collect the other nodes, hand out the store port, then keep watch."""
 
+    keeps_listening = False  # after everyone joined (HeadNodes keeps it, for nodes that rejoin)
+
     def __init__(self, me: Hello, master_addr: str, master_port: int, timeout_s: float):
         self.me, self.timeout_s = me, timeout_s
         self.where = f"{master_addr}:{master_port}"
@@ -60,7 +64,7 @@ class HeadRendezvous:
                                   f"{err}") from None
         self.peers: dict[int, tuple[socket.socket, Hello]] = {}
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the peers, and sending on their connections
 
     def wait_for_nodes(self, dist_port: int) -> list[NodeFacts]:
         """Blocks until every node joined (returns their facts in node-rank order) or raises
@@ -79,7 +83,8 @@ class HeadRendezvous:
             except TimeoutError:
                 continue
             self._admit(conn, addr)
-        self.listener.close()  # everyone is here; nobody else may join
+        if not self.keeps_listening:
+            self.listener.close()  # everyone is here; nobody else may join
         nodes = [self.me.facts] + [self.peers[k][1].facts for k in sorted(self.peers)]
         for conn, _ in self.peers.values():
             send_msg(conn, Welcome(dist_port=dist_port, nodes=nodes))
@@ -88,23 +93,25 @@ class HeadRendezvous:
                     ", ".join(f"{k} ({n.host}, {n.ip})" for k, n in enumerate(nodes)))
         return nodes
 
-    def _admit(self, conn: socket.socket, addr) -> None:
+    def _admit(self, conn: socket.socket, addr) -> Hello | None:
         conn.settimeout(10.0)  # a connection that does not say hello in time is not one of ours
         try:
             hello = recv_msg(conn)
         except (OSError, EOFError, RendezvousError) as err:
             logger.warning("node 0: ignoring a connection from %s: %s", addr[0], err)
             conn.close()
-            return
+            return None
         problem = self._check(hello)
         if problem:
             logger.error("node 0: refused %s: %s", addr[0], problem)
             send_msg(conn, Reject(reason=problem))
             conn.close()
-            return
+            return None
         conn.settimeout(None)
-        self.peers[hello.node_rank] = (conn, hello)
+        with self._lock:
+            self.peers[hello.node_rank] = (conn, hello)
         logger.info("node 0: node %d joined from %s (%s)", hello.node_rank, hello.facts.ip, hello.facts.host)
+        return hello
 
     def _check(self, hello: Hello) -> str | None:
         me = self.me
@@ -138,12 +145,17 @@ class HeadRendezvous:
     def _heartbeat(self) -> None:
         while not self._stop.wait(PING_INTERVAL_S):
             with self._lock:
-                for rank, (conn, hello) in list(self.peers.items()):
+                for rank, (conn, _) in list(self.peers.items()):
                     try:
                         send_msg(conn, Ping())
-                    except OSError:
-                        logger.error("node 0: lost node %d (%s)", rank, hello.facts.ip)
-                        self.peers.pop(rank)
+                    except OSError as err:
+                        self._drop(rank, f"went away ({err})")
+
+    def _drop(self, rank: int, why: str) -> None:
+        """Forgets a node whose connection failed (with the lock held)."""
+        conn, hello = self.peers.pop(rank)
+        logger.error("node 0: lost node %d (%s): it %s", rank, hello.facts.ip, why)
+        conn.close()
 
     def close(self, say_bye: bool = True) -> None:
         """Tells every node this head is done (a Bye), then closes the connections."""
@@ -165,9 +177,11 @@ class HeadConnection:
 
     def __init__(self, sock: socket.socket, welcome: Welcome, where: str):
         self.sock, self.welcome, self.where = sock, welcome, where
+        self._send_lock = threading.Lock()
 
-    def watch(self) -> tuple[bool, str]:
-        """Blocks until the head leaves: (True, why) after its Bye, (False, why) when it vanished."""
+    def watch(self, on_message=None) -> tuple[bool, str]:
+        """Blocks until the head leaves: (True, why) after its Bye, (False, why) when it vanished.
+        Every other message but a Ping goes to `on_message` (the head's orders while serving)."""
         self.sock.settimeout(HEAD_SILENCE_S)
         while True:
             try:
@@ -178,6 +192,13 @@ class HeadConnection:
                 return False, f"the head at {self.where} went away ({err})"
             if isinstance(msg, Bye):
                 return True, f"the head at {self.where} shut down"
+            if on_message is not None and not isinstance(msg, Ping):
+                on_message(msg)
+
+    def send(self, msg) -> None:
+        """To the head (from any thread); OSError when it is gone."""
+        with self._send_lock:
+            send_msg(self.sock, msg)
 
 
 def join_head(me: Hello, master_addr: str, master_port: int, timeout_s: float) -> HeadConnection:
