@@ -1,12 +1,12 @@
 """Which Ray cluster Strata joins, and starting a private one when there is none to join.
 
 `ensure_ray` joins only a cluster the user named (`ray_address` / --address, else RAY_ADDRESS),
-waiting a bounded time for it to answer, or the one `ray start` recorded on this machine if it is
-this user's and answers at once; otherwise it starts a private local Ray that listens on loopback
-only. Never a cluster found by scanning for other processes. Every wait is bounded, and Ctrl-C
-ends it at once. The private Ray's processes run in sessions of their own, so a signal to this
-process's group (a terminal's Ctrl-C, systemd's SIGTERM) reaches the server, which drains, and
-not the Ray under it; `ray.shutdown()` still stops them.
+waiting a bounded time for its GCS to answer, or the one `ray start` recorded on this machine if
+it is this user's and its GCS answers at once; otherwise it starts a private local Ray that
+listens on loopback only. Never a cluster found by scanning for other processes. Every wait is
+bounded, and Ctrl-C ends it at once. The private Ray's processes run in sessions of their own,
+so a signal to this process's group (a terminal's Ctrl-C, systemd's SIGTERM) reaches the server,
+which drains, and not the Ray under it; `ray.shutdown()` still stops them.
 """
 
 from __future__ import annotations
@@ -77,12 +77,45 @@ def _answers(host: str, port: int, timeout_s: float) -> str | None:
         return str(err) or type(err).__name__
 
 
+def _gcs_answers(host: str, port: int, timeout_s: float) -> str | None:
+    """None when host:port opens within `timeout_s` and a Ray GCS answers there (its
+    GetClusterId, over gRPC), else why not. An open port alone is not a Ray: a stale address
+    file's port that another process took (or one that accepts and never answers) has
+    ray.init retry "Failed to connect to GCS" for minutes, deaf to Ctrl-C. A GCS that wants
+    Ray's auth token says so, and that is a GCS's answer too (ray.init finds the token)."""
+    deadline = time.monotonic() + timeout_s
+    failure = _answers(host, port, timeout_s)
+    if failure is not None:
+        return failure
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2
+    except ImportError:  # a Ray without them: the open port has to do
+        return None
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        get_cluster_id = channel.unary_unary(
+            "/ray.rpc.NodeInfoGcsService/GetClusterId",
+            request_serializer=gcs_service_pb2.GetClusterIdRequest.SerializeToString,
+            response_deserializer=gcs_service_pb2.GetClusterIdReply.FromString)
+        get_cluster_id(gcs_service_pb2.GetClusterIdRequest(), timeout=max(0.1, deadline - time.monotonic()))
+        return None
+    except grpc.RpcError as err:
+        code = err.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return None
+        return f"the port is open but no Ray GCS answers there ({code.name})"
+    finally:
+        channel.close()
+
+
 def ray_target(config: EngineConfig) -> RayTarget:
     """The cluster the user named (`ray_address` / --address, else RAY_ADDRESS), else the one
-    `ray start` recorded on this machine if it is this user's and answers within
-    LOCAL_RAY_PROBE_S, else none: a private local Ray. Never a cluster found by scanning for other
-    processes (Ray's address="auto" does: another session's Ray, which vanishes with it), and never
-    one recorded but gone (its address file outlives it, and joining it hangs)."""
+    `ray start` recorded on this machine if it is this user's and its GCS answers within
+    LOCAL_RAY_PROBE_S (an open port is not enough), else none: a private local Ray. Never a
+    cluster found by scanning for other processes (Ray's address="auto" does: another session's
+    Ray, which vanishes with it), and never one recorded but gone (its address file outlives it,
+    and joining it hangs)."""
     named = config.ray_address or os.environ.get("RAY_ADDRESS")
     source = "ray_address" if config.ray_address else "RAY_ADDRESS"
     if named == "local":
@@ -102,7 +135,7 @@ def ray_target(config: EngineConfig) -> RayTarget:
     elif where is None or not _is_this_machine(where[0]):
         why = f"{path} names {recorded!r}, which is not on this machine"
     else:
-        failure = _answers(*where, LOCAL_RAY_PROBE_S)
+        failure = _gcs_answers(*where, LOCAL_RAY_PROBE_S)
         if failure is None:
             return RayTarget("recorded", recorded, f"the Ray cluster recorded in {path}")
         why = f"the Ray cluster recorded in {path} ({recorded}) does not answer ({failure}): a stale address file"
@@ -113,19 +146,22 @@ def ray_target(config: EngineConfig) -> RayTarget:
 
 def _wait_for(target: RayTarget) -> None:
     """Waits up to NAMED_RAY_WAIT_S for a named cluster to answer; Ctrl-C stops at once."""
-    where = _host_port(target.address or "")
+    address = target.address or ""
+    where = _host_port(address)
     if where is None:
         return  # a form Ray resolves itself (e.g. a hostname without port): ray.init reports it
+    # A GCS must answer at host:port; ray:// is Ray Client's server, which speaks another protocol.
+    probe = _answers if address.startswith("ray://") else _gcs_answers
     deadline = time.monotonic() + NAMED_RAY_WAIT_S
     try:
-        failure = _answers(*where, min(2.0, NAMED_RAY_WAIT_S))
+        failure = probe(*where, min(2.0, NAMED_RAY_WAIT_S))
         if failure is None:
             return
         logger.info("waiting up to %.0f s for the Ray cluster at %s (%s) to answer; Ctrl-C to stop",
                     NAMED_RAY_WAIT_S, target.address, target.why)
         while failure is not None and time.monotonic() < deadline:
             time.sleep(0.5)
-            failure = _answers(*where, max(0.1, min(2.0, deadline - time.monotonic())))
+            failure = probe(*where, max(0.1, min(2.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         logger.warning("interrupted while waiting for the Ray cluster at %s", target.address)
         raise
@@ -186,6 +222,23 @@ def _own_sessions():
         services.ConsolePopen = spawn
 
 
+# The GCS address of the private Ray `ensure_ray` started in this process, if it did.
+_private_gcs: str | None = None
+
+
+def on_private_ray() -> bool:
+    """Whether this process is connected to the private Ray `ensure_ray` started here: nobody
+    else's work runs on it, and `ray.shutdown()` stops all of it (actors, placement groups)."""
+    import ray
+
+    if _private_gcs is None or not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().gcs_address == _private_gcs
+    except Exception:  # noqa: BLE001 - a Ray that cannot say: not known to be ours
+        return False
+
+
 def ensure_ray(config: EngineConfig) -> None:
     """Joins the cluster `ray_target` picks (a named one must answer within NAMED_RAY_WAIT_S, else
     RayUnavailable), or starts a private local Ray on loopback sized so every rank gets its
@@ -213,6 +266,8 @@ def ensure_ray(config: EngineConfig) -> None:
         # address="local": never the recorded cluster, which ray.init(address=None) would join.
         context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
                            dashboard_host="127.0.0.1")
+    global _private_gcs
+    _private_gcs = context.address_info.get("gcs_address")
     logger.info("started a private local Ray at %s (%d logical CPUs, listening on %s)",
                 context.address_info.get("gcs_address", "?"), num_cpus,
                 "127.0.0.1 only" if loopback else "this node's addresses")

@@ -76,6 +76,7 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     import ray
     from ray import serve
 
+    from strata.app.ray_cluster import on_private_ray
     from strata.app.ray_serve_support import check_driver_node, ensure_ray
     from strata.app.server.serve_app import APP_NAME, ingress_app
 
@@ -85,7 +86,7 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
     _, settings = prepared
     # Until the app is up, SIGTERM interrupts start-up like Ctrl-C, so the cleanup below still runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    rc, serving = 0, False
+    rc, serving, phase = 0, False, "starting or joining Ray"
     try:
         ensure_ray(config)
         signals = _Signals()  # again: ray.init put its own SIGTERM handler in (it ends the process)
@@ -93,7 +94,9 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
             check_driver_node(config)
         extra = {k: v for k, v in (("ssl_keyfile", settings.ssl_keyfile), ("ssl_certfile", settings.ssl_certfile),
                                    ("root_path", settings.root_path)) if v}  # HTTPS, a proxy's path prefix
+        phase = "starting Serve"
         serve.start(http_options={"host": settings.host, "port": settings.port, **extra})
+        phase = "starting the app (placing the ranks, loading the model)"
         handle = serve.run(ingress_app(config, settings, fail_stop_exits=True), name=APP_NAME, route_prefix="/")
         handle.in_flight.remote().result(timeout_s=60)  # readies the handle the drain goes through
         _announce(settings, settings.port)
@@ -107,15 +110,19 @@ def serve_with_ray(config: EngineConfig, settings: ServerSettings) -> int:
         logger.info("shutting down: draining in-flight requests (up to %.0f s), then stopping the engine", drain_s)
         _drain_replica(handle, drain_s, signals.again)
     except KeyboardInterrupt:
-        pass
+        if not serving:
+            logger.warning("interrupted while %s: stopping", phase)
     except Exception as err:  # noqa: BLE001 - start-up failed: say why, then clean up
         print(f"strata serve: error: {err}", file=sys.stderr)
         rc = 1
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # from here, another Ctrl-C stops waiting at once
     if ray.is_initialized():  # else Serve's calls would start (or join) a Ray only to stop nothing
-        if not serving:
-            logger.info("shutting down: stopping Serve and the engine")
-        _stop_serve(APP_NAME)
+        if serving or not on_private_ray():
+            if not serving:
+                logger.info("shutting down: stopping Serve and the engine")
+            _stop_serve(APP_NAME)
+        else:  # Serve would wait (up to its graceful shutdown) on a replica still starting; all of it is ours
+            logger.info("shutting down: stopping the private Ray, and with it Serve and the engine")
         ray.shutdown()
     return rc
 
