@@ -3,21 +3,27 @@ to its whole process group (a terminal's Ctrl-C, systemd's default) drains for -
 not more: meanwhile /health and new requests get 503 with Retry-After; the streams that can
 finish within the limit finish, the rest get 503; the log has no traceback; it exits 0, leaving
 no process, actor or placement group. And the private local Ray `strata serve` starts is out of
-reach of that signal. The drain's own cases, in-process: tests/test_shutdown_drain.py.
+reach of that signal: the same shutdown, end to end, on one (and no async actor of it blocks on
+ray.get, by Ray's own warning). The drain's own cases, in-process: tests/test_shutdown_drain.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.server_fixtures import free_port, server_env, spawn, wait_healthy
@@ -34,7 +40,7 @@ CLEAN_LOG = ("Traceback", "CancelledError", "Event loop is closed", "Exception i
 
 
 async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Event) -> list[dict]:
-    """The stream's events (parsed), [DONE] left out."""
+    """The stream's events (parsed), [DONE] left out; each with "_at", when it came (monotonic)."""
     body = {"model": "smol", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
     events = []
@@ -45,7 +51,7 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int, first: asyncio.Eve
                 first.set()
                 data = line.removeprefix("data: ")
                 if data != "[DONE]":
-                    events.append(json.loads(data))
+                    events.append({**json.loads(data), "_at": time.monotonic()})
     return events
 
 
@@ -54,8 +60,12 @@ async def _shutdown_with_traffic(url: str, proc: subprocess.Popen) -> tuple[list
     server's process group; returns (short streams, long streams, the plain one, what the drain
     answered meanwhile)."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        plain = asyncio.ensure_future(client.post("/v1/completions", json={
-            "model": "smol", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True}))
+        async def timed_plain() -> tuple[httpx.Response, float]:
+            response = await client.post("/v1/completions", json={
+                "model": "smol", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True})
+            return response, time.monotonic()
+
+        plain = asyncio.ensure_future(timed_plain())
         firsts = [asyncio.Event() for _ in range(8)]
         streams = [asyncio.ensure_future(_stream(client, SHORT_TOKENS if i % 2 else LONG_TOKENS, firsts[i]))
                    for i in range(8)]
@@ -71,10 +81,23 @@ async def _shutdown_with_traffic(url: str, proc: subprocess.Popen) -> tuple[list
                 break
             await asyncio.sleep(0.1)
         results = await asyncio.gather(*streams)
-        return results[1::2], results[0::2], await plain, seen
+        response, seen["plain_at"] = await plain
+        return results[1::2], results[0::2], response, seen
 
 
-def _check_shutdown(proc: subprocess.Popen, log, short, long, plain, seen) -> None:
+# How long after the signal the drain may cut what is still in flight, beyond --drain-timeout:
+# the signal handler and, on Ray, the drain's call through Serve's handle to the replica, then the
+# 503 event's way back to the client. Measured here 0.01-0.15 s; seconds of margin for two busy
+# shared cores. (Item 10's bug: the drain lasted --drain-timeout + 30 s.)
+DRAIN_LATE_S = 3.0
+# After the drain, how long the server may take to exit: mp, uvicorn's close and the engine's stop
+# (measured 1.2-1.7 s); Ray, the engine's stop through the replica, Serve's delete and shutdown,
+# and ray.shutdown() (measured 4.7 s on a joined cluster, 5-10 s with a private Ray to stop, whose
+# ray.shutdown() alone took up to 6.7 s on the loaded machine). Margin as above.
+STOP_S = {"mp": 6.0, "ray": 16.0}
+
+
+def _check_shutdown(proc: subprocess.Popen, log, short, long, plain, seen, backend: str) -> None:
     for name in ("health", "new"):
         r = seen.get(name)
         assert r is not None, f"no 503 from /health during the drain:\n{log.read_text()[-3000:]}"
@@ -86,8 +109,17 @@ def _check_shutdown(proc: subprocess.Popen, log, short, long, plain, seen) -> No
         assert events[-1]["error"]["code"] == 503, events[-1]
     assert plain.status_code == 503 and plain.json()["error"]["type"] == "ServiceUnavailableError"
     assert proc.wait(60) == 0, log.read_text()[-4000:]
-    took = time.monotonic() - seen["signalled"]
-    assert DRAIN_S - 1 <= took <= DRAIN_S + 25, f"signal to exit took {took:.1f} s (drain limit {DRAIN_S} s)"
+    took = seen.get("exited", time.monotonic()) - seen["signalled"]
+    # The drain lasts --drain-timeout: the requests still running are cut when it is up, not before
+    # and not seconds later. The 503s are timed as the client reads them, so never early, except
+    # that Serve's replica runs uvloop, which sets a timer from its loop's cached time: seen 0.06 s
+    # early, half a second allowed.
+    cut = [events[-1]["_at"] - seen["signalled"] for events in long] + [seen["plain_at"] - seen["signalled"]]
+    print(f"drain ({backend}): cut {min(cut):.2f}-{max(cut):.2f} s after the signal, exit after {took:.2f} s")
+    assert DRAIN_S - 0.5 <= min(cut) and max(cut) <= DRAIN_S + DRAIN_LATE_S, (
+        f"cut {min(cut):.2f}-{max(cut):.2f} s after the signal (drain limit {DRAIN_S} s)")
+    assert max(cut) <= took <= DRAIN_S + STOP_S[backend], (
+        f"signal to exit took {took:.1f} s (drain limit {DRAIN_S} s)")
     text = log.read_text()
     assert not [bad for bad in CLEAN_LOG if bad in text], text[-6000:]
     with pytest.raises(ProcessLookupError):
@@ -99,14 +131,15 @@ def tiny_model(tiny_models) -> str:
     return tiny_models("qwen2", max_position_embeddings=MAX_MODEL_LEN)
 
 
-def _serve(model: str, backend: str, tmp_path, ray_address: str | None) -> tuple[str, subprocess.Popen, object]:
+def _serve(model: str, backend: str, tmp_path, ray_address: str | None,
+           env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen, object]:
     port, log = free_port(), tmp_path / "server.log"
     cmd = [sys.executable, "-m", "strata.app.cli", "serve", model, "--distributed-executor-backend", backend,
            "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "smol",
            "--drain-timeout", str(DRAIN_S), "--uvicorn-log-level", "warning"]
     # One torch thread, as Ray gives its workers: on two shared cores, more make the mp server's
     # steps erratic (seconds each), and the short streams would not finish within the drain.
-    proc = spawn(cmd, {**server_env(ray_address), "OMP_NUM_THREADS": "1"}, log)
+    proc = spawn(cmd, {**server_env(ray_address), "OMP_NUM_THREADS": "1", **(env or {})}, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
@@ -123,7 +156,7 @@ def _serve(model: str, backend: str, tmp_path, ray_address: str | None) -> tuple
 def _run(model: str, backend: str, tmp_path, ray_address: str | None) -> None:
     url, proc, log = _serve(model, backend, tmp_path, ray_address)
     try:
-        _check_shutdown(proc, log, *asyncio.run(_shutdown_with_traffic(url, proc)))
+        _check_shutdown(proc, log, *asyncio.run(_shutdown_with_traffic(url, proc)), backend=backend)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -150,6 +183,107 @@ def test_sigterm_to_the_group_drains_then_exits_clean_ray(tiny_model, tmp_path, 
             break
         time.sleep(0.5)
     assert not left_actors and not left_groups, (left_actors, left_groups)
+
+
+# Ray's warning, once per process, when an async actor calls ray.get (ray/_private/worker.py):
+# the call blocks the actor's event loop (issue 17 item 4). Ray mutes it in the processes that
+# import ray.serve (its controller, proxy and replicas: ray/serve/__init__.py), so in the logs it
+# can come from the engine's own async actor, the driver, only.
+BLOCKING_GET_WARNING = "Using blocking ray.get inside async actor"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _ray_processes_under(root: str) -> list[psutil.Process]:
+    """Live processes whose command line names `root` (a Ray's GCS, raylet and agents name
+    their session directory, under its RAY_TMPDIR)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if _alive(proc) and any(root in arg for arg in proc.info["cmdline"] or ()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def private_ray_run(tiny_model, tmp_path_factory) -> dict:
+    """`strata serve` on the Ray backend with no cluster to join (no RAY_ADDRESS, nothing recorded
+    under its RAY_TMPDIR), so on a private Ray of its own, shut down by SIGTERM to its whole
+    process group with streams in flight; what the two tests below check: what the drain
+    answered, the processes it had started (by pid) still alive afterwards, and every log of
+    that Ray (the server's, Serve's, each worker's)."""
+    root = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    (Path(root) / "ray").mkdir()
+    started: list[psutil.Process] = []
+    try:
+        url, proc, log = _serve(tiny_model, "ray", tmp_path_factory.mktemp("private-ray"), None,
+                                {"RAY_TMPDIR": root})
+        try:
+            at_start = log.read_text()
+            started = [p for p in psutil.Process(proc.pid).children(recursive=True) if _alive(p)]
+            shielded = [p.name() for p in started if os.getpgid(p.pid) != proc.pid]  # in sessions of their own
+            traffic = asyncio.run(_shutdown_with_traffic(url, proc))
+            rc = proc.wait(60)
+            traffic[-1]["exited"] = time.monotonic()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10  # ray.shutdown() stopped them; a moment for the last to be reaped
+        while [p for p in started if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [(p.pid, p.name()) for p in started if _alive(p)] + [(p.pid, p.name())
+                                                                    for p in _ray_processes_under(root)]
+        logs = [f for f in (Path(root) / "ray").glob("session_2*/logs/**/*")
+                if f.is_file() and f.suffix in (".log", ".out", ".err")]
+        texts = {str(f.relative_to(root)): f.read_text(errors="replace") for f in logs}
+        texts["server.log"] = log.read_text()
+        return dict(proc=proc, rc=rc, log=log, at_start=at_start, shielded=shielded, traffic=traffic, left=left,
+                    texts=texts)
+    finally:
+        for p in [p for p in started if _alive(p)] + _ray_processes_under(root):  # only if something failed
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sigterm_to_the_group_drains_then_exits_clean_on_its_own_private_ray(private_ray_run):
+    """SIGTERM to the group of a `strata serve` on its own private Ray (item 10 end to end): the
+    private Ray is out of the signal's reach (its GCS and raylet in sessions of their own), so it
+    drains as on a joined cluster: the short streams finish, the rest get 503 JSON, no traceback,
+    exit 0; then nothing is left, of its group or of the private Ray."""
+    run = private_ray_run
+    assert "starting a private local Ray" in run["at_start"], run["at_start"][-3000:]
+    assert "joining the Ray cluster" not in run["at_start"], run["at_start"][-3000:]
+    assert {"gcs_server", "raylet"} <= set(run["shielded"]), run["shielded"]
+    assert run["rc"] == 0, run["log"].read_text()[-4000:]
+    _check_shutdown(run["proc"], run["log"], *run["traffic"], backend="ray")
+    assert not run["left"], run["left"]
+    # What test_no_blocking_ray_get_in_an_async_actor reads: the driver actor's log (Ray names a
+    # worker's actor in it) and Serve's are there.
+    texts = run["texts"]
+    assert [name for name, text in texts.items() if ":actor_name:Driver" in text], sorted(texts)
+    assert [name for name in texts if "/serve/" in name], sorted(texts)
+
+
+@pytest.mark.xfail(strict=True, reason="the driver actor (async) calls ray.get while it starts: "
+                                       "Gang.start -> RayRankLauncher.wait_started (actors/launchers.py), "
+                                       "from Driver.__init__ (actors/driver.py)")
+def test_no_blocking_ray_get_in_an_async_actor(private_ray_run):
+    """Item 4: nothing blocks an async actor's event loop: Ray's warning about a blocking ray.get
+    inside an async actor is in no log of the Ray `strata serve` ran on, over its whole life
+    (start, serving, drain, stop). Ray warns once per process, and not at all in Serve's
+    processes (BLOCKING_GET_WARNING), so this watches the driver actor, whose log is read too."""
+    texts = private_ray_run["texts"]  # the driver actor's and Serve's logs among them: checked above
+    warned = {name: next(line for line in text.splitlines() if BLOCKING_GET_WARNING in line)
+              for name, text in texts.items() if BLOCKING_GET_WARNING in text}
+    assert not warned, warned
 
 
 _SHIELD = textwrap.dedent("""
