@@ -110,12 +110,18 @@ _SHARED_EDGES = ("n", "top_k", "seed", "min_tokens", "max_tokens", "temperature"
                  "user")
 
 
-def completion_bodies(model: str = "fake", vocab: int = 100, max_tokens: int = 20) -> st.SearchStrategy:
+def in_parts(parts: tuple[int, int, int], *strategies: st.SearchStrategy) -> st.SearchStrategy:
+    """One of `strategies`, the i-th `parts[i]` times as often as a strategy of part 1."""
+    return st.one_of([s for s, n in zip(strategies, parts, strict=True) for _ in range(n)])
+
+
+def completion_bodies(model: str = "fake", vocab: int = 100, max_tokens: int = 20,
+                      parts: tuple[int, int, int] = (1, 1, 1)) -> st.SearchStrategy:
     """Tame bodies (valid values, though a combination may still be refused), tame bodies with
-    one edge value, and wild ones, in equal parts."""
+    one edge value, and wild ones, in equal parts (or as `parts` weighs them)."""
     tame = _completion_bodies(model, vocab, max_tokens, False)
-    return st.one_of(tame, one_edge(tame, (*_SHARED_EDGES, "logprobs", "best_of", "prompt")),
-                     _completion_bodies(model, vocab, max_tokens, True))
+    return in_parts(parts, tame, one_edge(tame, (*_SHARED_EDGES, "logprobs", "best_of", "prompt")),
+                    _completion_bodies(model, vocab, max_tokens, True))
 
 
 def _completion_bodies(model: str, vocab: int, max_tokens: int, wild: bool) -> st.SearchStrategy:
@@ -141,11 +147,12 @@ TEMPLATES = ["{{ messages[0]['content'] }}", "{% for m in messages %}<{{ m.role 
 BAD_TEMPLATES = ["{{ raise_exception('nope') }}", "{% if %}", "{{ messages.__class__.__mro__ }}", "{{ undefined.x }}"]
 
 
-def chat_bodies(model: str = "fake", vocab: int = 100, max_tokens: int = 20) -> st.SearchStrategy:
-    """Tame, one edge, wild, in equal parts, as completion_bodies."""
+def chat_bodies(model: str = "fake", vocab: int = 100, max_tokens: int = 20,
+                parts: tuple[int, int, int] = (1, 1, 1)) -> st.SearchStrategy:
+    """Tame, one edge, wild, in equal parts (or as `parts` weighs them), as completion_bodies."""
     tame = _chat_bodies(model, vocab, max_tokens, False)
-    return st.one_of(tame, one_edge(tame, (*_SHARED_EDGES, "top_logprobs", "max_completion_tokens")),
-                     _chat_bodies(model, vocab, max_tokens, True))
+    return in_parts(parts, tame, one_edge(tame, (*_SHARED_EDGES, "top_logprobs", "max_completion_tokens")),
+                    _chat_bodies(model, vocab, max_tokens, True))
 
 
 def _chat_bodies(model: str, vocab: int, max_tokens: int, wild: bool) -> st.SearchStrategy:
@@ -179,6 +186,65 @@ raw_bodies = st.one_of(
               st.integers(0, 60)),
     st.builds(lambda v: json.dumps(v).encode(), junk),
 )
+
+
+# ---- bodies read from the served OpenAPI schema ----
+
+def schema_bodies(openapi: dict, name: str, max_optional: int = 4) -> st.SearchStrategy:
+    """Bodies that conform to the served schema's `name` (openapi["components"]["schemas"]): its
+    required properties and up to `max_optional` of the others, each value of a type the schema
+    allows. It covers every field the app declares, those the hand-written strategies leave out
+    too (structured outputs, allowed_token_ids, prompt_logprobs, truncate_prompt_tokens, bad_words,
+    documents, chat_template_kwargs, ...). Small numbers and short texts are drawn often, so a
+    share of the bodies is valid and reaches the engine. (hypothesis-jsonschema is not a
+    dependency: the few keywords FastAPI writes are read here.)"""
+    defs = openapi["components"]["schemas"]
+    return _from_schema(defs[name], defs, max_optional)
+
+
+def _from_schema(schema: dict, defs: dict, max_optional: int | None = None) -> st.SearchStrategy:
+    if "$ref" in schema:
+        return _from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, max_optional)
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    if "anyOf" in schema:
+        return st.one_of([_from_schema(s, defs) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if kind == "null":
+        return st.none()
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "integer":
+        low = None if schema.get("minimum") is None else int(schema["minimum"])
+        return st.one_of(st.integers(max(low or 0, 0), 3), st.integers(min_value=low))
+    if kind == "number":
+        return st.one_of(st.floats(0, 1), st.floats(allow_nan=False, allow_infinity=False))
+    if kind == "string":
+        return st.one_of(st.text(st.characters(codec="ascii"), max_size=8), st.text(max_size=8))
+    if kind == "array":
+        return st.lists(_from_schema(schema.get("items", {}), defs), min_size=schema.get("minItems", 0),
+                        max_size=max(3, schema.get("minItems", 0)))
+    if kind == "object":
+        return _object(schema, defs, max_optional)
+    return junk  # {}: any value
+
+
+def _object(schema: dict, defs: dict, max_optional: int | None) -> st.SearchStrategy:
+    props = {k: _from_schema(v, defs) for k, v in schema.get("properties", {}).items()}
+    extra = schema.get("additionalProperties", False)
+    if not props:
+        if extra is False:
+            return st.just({})
+        values = junk if extra is True else _from_schema(extra, defs)
+        return st.dictionaries(st.text(max_size=4), values, max_size=2)
+    required = {k: props.pop(k) for k in schema.get("required", [])}
+    if max_optional is None:
+        return st.fixed_dictionaries(required, optional=props)
+    names = st.lists(st.sampled_from(sorted(props)), max_size=max_optional, unique=True)
+    return st.builds(lambda req, opt: {**req, **opt}, st.fixed_dictionaries(required),
+                     names.flatmap(lambda chosen: st.fixed_dictionaries({k: props[k] for k in chosen})))
 
 
 def encode(body: Any) -> bytes:
