@@ -18,6 +18,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU
 pytest.importorskip("triton")
 
+from strata.model.kernels.paged_attention import tile_config  # noqa: E402
 from strata.model.layers.attention import AttentionMetadata, PagedAttention  # noqa: E402
 from strata.model.layers.reference_attention import ReferenceBackend  # noqa: E402
 from strata.model.layers.triton_attention import TritonBackend  # noqa: E402
@@ -59,7 +60,8 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
            head_dim: int = 64, dtype: torch.dtype = torch.float32, block_size: int = 16, window: int | None = None,
            shared: int = 0, padding: int = 0, seed: int = 0, rotary: bool = False) -> None:
     """`rotary`: both layers get q and k before their rotary embedding (`forward_rotary`: the
-    reference rotates in torch and writes, the Triton backend rotates into the cache in one kernel)."""
+    reference rotates in torch and writes; the Triton backend rotates into the cache in its rotary
+    kernel, or within the split-KV attention launch, and is also held to its two launches)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     needed = [-(-(s + q) // block_size) for q, s in zip(query_lens, starts, strict=True)]
@@ -96,8 +98,24 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
     torch.testing.assert_close(got[:tokens], expected, **TOLERANCE[dtype])
     assert torch.equal(got[tokens:], torch.zeros_like(got[tokens:])), "padding rows must be zeros"
     torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, atol=0, rtol=0)
+    if rotary:  # against the same backend's two launches too: the cache bit for bit, the output close
+        two_cache = cache.clone()
+        two = _rotary_then_attention(layer, q, k, v, cos, sin, two_cache, attn)
+        torch.testing.assert_close(tri_cache, two_cache, equal_nan=True, atol=0, rtol=0)
+        torch.testing.assert_close(got, two, **TOLERANCE[dtype])
     counters = [b for b in backend._scratch.values() if b.dtype == torch.int32]
     assert not any(c.any() for c in counters), "the split-KV counters must be left at 0 for the next launch"
+
+
+def _rotary_then_attention(layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                           attn: AttentionMetadata) -> torch.Tensor:
+    """The two-launch path: the rotary kernel rotates q and writes k, v; then the backend's attention."""
+    from strata.model.kernels.rotary import apply_rotary_to_cache
+
+    v = v.unflatten(-1, (layer.num_kv_heads, layer.head_dim))
+    q = apply_rotary_to_cache(q, k, v, cos, sin, kv_cache, attn.slot_mapping)
+    return layer.backend._attend(layer, q.flatten(1), kv_cache, attn, attn.backend_metadata(layer.backend))
 
 
 def _cos_sin(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +184,42 @@ def test_split_kv_gqa8_odd_head_dim_f16():
     _check([1, 1], [150, 33], SPLIT_MANY, heads=8, kv_heads=1, head_dim=80, dtype=torch.float16)
 
 
+# Decode through the split-KV kernel under `forward_rotary`: it rotates q and k, writes k and v and
+# attends in one launch. (backend, heads, kv_heads, head_dim, cached tokens, window, padding rows).
+# SPLIT_MANY cuts contexts into 64-key segments at head_dim 64: 300 keys in five, 70 in two, 5 in one
+# (written directly, no partials); 129 and 65 end in a segment holding only the new token.
+ROTARY_SPLIT = {
+    "segments-gqa4-padded": (SPLIT_MANY, 8, 2, 64, [299, 69, 4, 128], None, 2),
+    "new-token-alone": (SPLIT_MANY, 4, 2, 64, [128, 64], None, 0),
+    "window": (SPLIT_MANY, 6, 2, 64, [299, 90, 3], 110, 0),
+    "one-segment": (SPLIT_ONE, 8, 2, 64, [299, 69, 4], None, 1),
+    "gqa8-head-dim-80": (SPLIT_MANY, 8, 1, 80, [150, 33], None, 1),  # head_dim / 2 not a power of two
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("case", list(ROTARY_SPLIT))
+def test_rotary_fused_into_split_kv(case, dtype):
+    """Output close to the reference's and to the two launches' (rotary kernel, then split-KV); the
+    cache equal to both bit for bit, padding rows (slot -1) writing nothing."""
+    backend, heads, kv_heads, head_dim, starts, window, padding = ROTARY_SPLIT[case]
+    if case == "new-token-alone":  # the 64-key segments the comment above counts on
+        assert tile_config(head_dim, heads // kv_heads, "decode", dtype).block_n == 64
+    _check([1] * len(starts), starts, backend, heads, kv_heads, head_dim, dtype, window=window, padding=padding,
+           rotary=True)
+
+
+def test_split_kv_decode_runs_no_rotary_kernel(monkeypatch):
+    """A split-KV decode under `forward_rotary` is one launch: the rotary kernel is not called."""
+    import strata.model.layers.triton_attention as triton_attention
+
+    def rotary_kernel(*args):
+        raise AssertionError("the rotary kernel ran before a split-KV decode")
+
+    monkeypatch.setattr(triton_attention, "apply_rotary_to_cache", rotary_kernel)
+    _check([1, 1], [40, 7], SPLIT_MANY, heads=4, kv_heads=2, rotary=True)
+
+
 @pytest.mark.parametrize("backend", [UNIFIED, SPLIT_MANY], ids=["unified", "split"])
 def test_padding_rows_decode(backend):
     """Padding rows (seq_len 0, slot -1) give zeros and leave the cache untouched."""
@@ -224,3 +278,22 @@ def test_split_kv_reduction_by_the_last_segment_holds_under_repetition():
     for seed in range(40):
         lens = [random.Random(seed).randrange(1, 3000) for _ in range(1 + seed % 4)]
         _check([1] * len(lens), lens, backend, **shape, seed=seed, padding=seed % 2)
+
+
+@pytest.mark.gpu
+def test_rotary_fused_into_split_kv_bf16_on_gpu():
+    """Llama-3.1-8B's attention shape in bf16, decode on the split path with the rotation and the cache
+    write in its launch: against the reference and the two launches (the cache bit for bit), as auto
+    splits on an H200 and with many segments, repeated. 1025 keys (nine 128-key tiles) end in a
+    segment of the new token alone both ways: auto cuts them in five segments of two tiles, `many`
+    in nine of one."""
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
+    auto = TritonBackend()
+    _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], auto, **shape, padding=2, rotary=True)
+    _check([1], [1024], auto, **shape, rotary=True)
+    _check([1, 1], [1800, 900], auto, **shape, window=512, rotary=True)
+    many = TritonBackend(split_kv="always", sm_count=132, min_segment_tokens=16)
+    _check([1], [1024], many, **shape, rotary=True)
+    for seed in range(20):
+        lens = [random.Random(seed).randrange(1, 3000) for _ in range(1 + seed % 4)]
+        _check([1] * len(lens), lens, many, **shape, seed=seed, padding=seed % 2, rotary=True)

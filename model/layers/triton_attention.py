@@ -1,18 +1,24 @@
 """The Triton attention backend: kernels that read the paged cache through the block table.
 
-A step is one cache write (`strata.model.kernels.kv_cache_write`, or fused with the rotary
-embedding of q and k: `forward_rotary`) and one attention launch:
+Per layer and step, the step's keys and values go into the cache and attention runs over it:
 
     decode (max_query_len == 1), split-KV    the context of each sequence is cut into segments
-                                             attended in parallel, then combined (two launches);
+                                             attended in parallel, then combined by the last
+                                             segment to finish. Under `forward_rotary` this is
+                                             the only launch: it also rotates q and k and
+                                             writes k and v into the cache;
     anything else, the unified kernel        one program per (query tile, sequence, kv head).
+
+Otherwise the cache write is a launch of its own before attention: `strata.model.kernels.
+kv_cache_write`, or under `forward_rotary` the rotary kernel (q and k rotated, k and v stored).
 
 Why split only some decode steps: the unified kernel runs num_seqs x kv_heads programs, each
 walking a whole context. When that is less than one program per SM (batch 1 has 8 at Llama-8B's
 shape, against 132 SMs on an H200), most of the GPU idles: on an H200 batch 1 at 8k context took
 146 us unsplit and 21 us split, batch 8 about 2.8x faster split. Once the batch fills the SMs, the
-split's second launch and float32 partials cost more than they give (batch 32, 256 programs: 84 us
-unified against 91 us split at 2k context), so `split_kv="auto"` splits only below one wave.
+split's float32 partials and their reduction cost more than they give (batch 32, 256 programs:
+84 us unified against 91 us split at 2k context), so `split_kv="auto"` splits only below one wave.
+In those steps the rotary kernel's own launch (~2 us at batch 1, one per layer) is folded into the split's.
 
 Nothing here synchronises with the device: launches are sized by the metadata's host ints. The
 split's float32 scratch and its int32 counters (zero between launches: the kernel re-arms them)
@@ -36,7 +42,11 @@ if triton_available():
     from strata.model.kernels.kv_cache_write import write_kv_cache
     from strata.model.kernels.paged_attention import unified_attention
     from strata.model.kernels.rotary import apply_rotary_to_cache
-    from strata.model.kernels.split_kv_attention import split_kv_attention, split_kv_scratch_numel
+    from strata.model.kernels.split_kv_attention import (
+        split_kv_attention,
+        split_kv_attention_rotary,
+        split_kv_scratch_numel,
+    )
 
 if TYPE_CHECKING:
     from strata.model.layers.attention import AttentionMetadata, PagedAttention
@@ -121,8 +131,13 @@ class TritonBackend(AttentionBackend):
 
     def forward_rotary(self, layer, q, k, v, cos, sin, kv_cache, attn, metadata) -> torch.Tensor | None:
         t = q.shape[0]
-        q = apply_rotary_to_cache(q, k, v.unflatten(-1, (layer.num_kv_heads, layer.head_dim)), cos, sin,
-                                  kv_cache, attn.slot_mapping)
+        v = v.unflatten(-1, (layer.num_kv_heads, layer.head_dim))
+        segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
+        if segments:  # the rotation and the cache write ride in the attention launch
+            return split_kv_attention_rotary(q, k, v, cos, sin, kv_cache, attn.slot_mapping, attn.query_start_loc,
+                                             attn.seq_lens, attn.block_tables, layer.scale, layer.sliding_window,
+                                             segments, *self._split_buffers(layer, attn, segments, q.device))
+        q = apply_rotary_to_cache(q, k, v, cos, sin, kv_cache, attn.slot_mapping)
         return self._attend(layer, q.view(t, -1), kv_cache, attn, metadata)
 
     def _attend(self, layer: PagedAttention, q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata,
@@ -130,13 +145,18 @@ class TritonBackend(AttentionBackend):
         """Attention over the cache, this step's keys and values already in it."""
         segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
         if segments:
-            numel = split_kv_scratch_numel(attn.num_seqs, layer.num_heads, layer.head_dim, segments)
             return split_kv_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
                                       layer.scale, layer.sliding_window, segments,
-                                      self._scratch_buffer(q.device, numel),
-                                      self._scratch_buffer(q.device, attn.num_seqs * layer.num_kv_heads, torch.int32))
+                                      *self._split_buffers(layer, attn, segments, q.device))
         return unified_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
                                  layer.scale, layer.sliding_window, attn.max_query_len)
+
+    def _split_buffers(self, layer: PagedAttention, attn: AttentionMetadata, segments: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 scratch, int32 counters) for a split-KV launch of this layer's shape."""
+        numel = split_kv_scratch_numel(attn.num_seqs, layer.num_heads, layer.head_dim, segments)
+        return (self._scratch_buffer(device, numel),
+                self._scratch_buffer(device, attn.num_seqs * layer.num_kv_heads, torch.int32))
 
     def _segments(self, metadata: TritonMetadata, attn: AttentionMetadata, kv_heads: int,
                   device: torch.device) -> int:
