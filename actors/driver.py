@@ -1,10 +1,13 @@
 """The driver: rank 0 (pipeline stage 0, tensor rank 0) plus the engine loop and the request streams.
 
-Under Ray it is an async actor placed in bundle 0 of stage 0; under the mp backend a plain
-object in the serving process. Either way the engine loop runs in its own thread (a step blocks
-on the model: see actors/engine/engine_loop.py), and callers talk to it through `generate` (an
-async stream of RequestDelta per request), `generate_batch` (offline: one list of deltas per
-engine step) and `abort`, which it inherits from EngineLoop. It loads no tokenizer: requests
+Under Ray it is an async actor placed in bundle 0 of stage 0 (its `__init__`, the whole bring-up,
+runs on the actor's event loop before Ray lets any method run, so nothing waits on the loop
+meanwhile; the waits on the other ranks are concurrent futures, never a blocking ray.get: see
+actors/launchers.py); under the mp backend a plain object in the serving process. Either way
+the engine loop runs in its own thread (a step blocks on the model: see
+actors/engine/engine_loop.py), and callers talk to it through `generate` (an async stream of
+RequestDelta per request), `generate_batch` (offline: one list of deltas per engine step) and
+`abort`, which it inherits from EngineLoop. It loads no tokenizer: requests
 arrive as token ids (strata.engine_protocol.EngineRequest); text is the caller's business.
 
 The ranks are a Gang (actors/gang.py). A watchdog (actors/watchdog.py) watches it while serving;

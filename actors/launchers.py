@@ -5,6 +5,13 @@ starts them as processes on this node. Either way every rank runs the same
 `RankWorker.bring_up`, and all but rank 0 enter `run_loop`. While serving, `dead_rank` says
 whether one is gone (a run loop that ended: a killed actor or process) and `kill` ends them all
 at once, a hung one too; `stop` is the orderly end, after the shutdown plan.
+
+The Ray launcher lives in the driver, an async actor, and never calls `ray.get`: it watches its
+calls to the ranks as concurrent futures (`ObjectRef.future()`, completed by Ray's core worker),
+which the threads that start and watch the gang (the driver's start-up, its engine thread, its
+watchdog) wait on without touching the actor's event loop. A blocking `ray.get` there is what Ray
+warns about ("Using blocking ray.get inside async actor"): it would stall every request stream
+the loop serves.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+from concurrent import futures
 
 import torch
 
@@ -61,28 +69,24 @@ class RayRankLauncher:
             self.actors.append(actor_cls.options(**opts).remote(config_json, facts_json, rank, 0))
         self._loops = []
 
-    def start(self, master_addr: str, master_port: int):
-        """Begins bring-up on every remote rank; returns a handle to wait on."""
-        return [a.bring_up.remote(master_addr, master_port) for a in self.actors]
+    def start(self, master_addr: str, master_port: int) -> list[futures.Future]:
+        """Begins bring-up on every remote rank; returns its futures (rank r's at r - 1) to wait on."""
+        return _futures(a.bring_up.remote(master_addr, master_port) for a in self.actors)
 
-    def failure(self, handle) -> str | None:
+    def failure(self, handle: list[futures.Future]) -> str | None:
         """The error of a rank whose bring-up already failed, if any (does not wait)."""
-        import ray
-
-        ready, _ = ray.wait(handle, num_returns=len(handle), timeout=0)
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - reported to the caller as text
-                cause = getattr(err, "cause", None)  # the rank's own exception, without Ray's wrapping
-                return f"rank {1 + handle.index(ref)}: {cause if cause is not None else err}"
+        for rank, call in enumerate(handle, start=1):
+            if call.done() and call.exception() is not None:
+                return f"rank {rank}: {_cause(call.exception())}"
         return None
 
-    def wait_started(self, handle) -> None:
-        import ray
-
-        ray.get(handle)
-        self._loops = [a.run_loop.remote() for a in self.actors]
+    def wait_started(self, handle: list[futures.Future]) -> None:
+        """Waits for every rank's bring-up to return (rank 0's has: they all met it in the
+        rendezvous, so this is the last moment of theirs), raising the first error; then starts
+        their run loops."""
+        for call in handle:
+            call.result()
+        self._loops = _futures(a.run_loop.remote() for a in self.actors)
 
     async def step_times(self) -> list[list[tuple[float, float]]]:
         """Awaited, not ray.get: the driver is an async actor, and a blocking get would stall
@@ -93,33 +97,16 @@ class RayRankLauncher:
         """A rank whose run loop ended while serving: its actor died, or the loop raised. A death
         is named before a raise: a rank whose peer died raises a moment later (its collective
         broke), so when only raises are seen, the other loops get DEATH_GRACE_S to show a death."""
-        import ray
-
-        if not self._loops:
+        ended, running = [], []
+        for rank, call in enumerate(self._loops, start=1):  # read once: `kill`, on another thread, replaces it
+            (ended if call.done() else running).append((rank, call))
+        if not ended:
             return None
-        ready, pending = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
-        if not ready:
-            return None
-        faults = [self._loop_fault(ref) for ref in ready]
-        if not any(died for _, died in faults) and pending:
-            late, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
-            faults += [self._loop_fault(ref) for ref in late]
+        faults = [_loop_fault(rank, call) for rank, call in ended]
+        if not any(died for _, died in faults) and running:
+            futures.wait([call for _, call in running], timeout=DEATH_GRACE_S)
+            faults += [_loop_fault(rank, call) for rank, call in running if call.done()]
         return next((f for f, died in faults if died), faults[0][0])
-
-    def _loop_fault(self, ref) -> tuple[Fault, bool]:
-        """(the fault a finished run loop tells, whether its actor died)."""
-        import ray
-
-        rank = 1 + self._loops.index(ref)
-        try:
-            ray.get(ref, timeout=0)
-            return Fault(f"rank {rank}'s run loop returned", rank), False
-        except ray.exceptions.RayActorError as err:
-            return Fault(f"rank {rank}'s actor is gone ({_first_line(err)})", rank, died=True), True
-        except Exception as err:  # noqa: BLE001 - reported as text
-            cause = getattr(err, "cause", None)
-            return Fault(f"rank {rank}'s run loop raised ({_first_line(cause if cause is not None else err)})",
-                         rank), False
 
     def stopped_rank(self) -> int | None:
         return None  # Ray does not tell a stopped actor from a busy one
@@ -136,10 +123,34 @@ class RayRankLauncher:
         import ray
 
         if self._loops:
-            ray.wait(self._loops, num_returns=len(self._loops), timeout=timeout_s)
+            futures.wait(self._loops, timeout=timeout_s)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _futures(refs) -> list[futures.Future]:
+    """Ray calls as concurrent futures: any thread may wait on one, none calls ray.get. A failed
+    call's future holds what ray.get would raise (the actor's exception, or RayActorError)."""
+    return [ref.future() for ref in refs]
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The rank's own exception, without Ray's wrapping (RayTaskError)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def _loop_fault(rank: int, call: futures.Future) -> tuple[Fault, bool]:
+    """(the fault a finished run loop tells, whether its actor died)."""
+    import ray
+
+    err = call.exception()
+    if err is None:
+        return Fault(f"rank {rank}'s run loop returned", rank), False
+    if isinstance(err, ray.exceptions.RayActorError):
+        return Fault(f"rank {rank}'s actor is gone ({_first_line(err)})", rank, died=True), True
+    return Fault(f"rank {rank}'s run loop raised ({_first_line(_cause(err))})", rank), False
 
 
 def _first_line(err: BaseException) -> str:

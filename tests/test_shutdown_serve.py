@@ -272,9 +272,6 @@ def test_sigterm_to_the_group_drains_then_exits_clean_on_its_own_private_ray(pri
     assert [name for name in texts if "/serve/" in name], sorted(texts)
 
 
-@pytest.mark.xfail(strict=True, reason="the driver actor (async) calls ray.get while it starts: "
-                                       "Gang.start -> RayRankLauncher.wait_started (actors/launchers.py), "
-                                       "from Driver.__init__ (actors/driver.py)")
 def test_no_blocking_ray_get_in_an_async_actor(private_ray_run):
     """Item 4: nothing blocks an async actor's event loop: Ray's warning about a blocking ray.get
     inside an async actor is in no log of the Ray `strata serve` ran on, over its whole life
