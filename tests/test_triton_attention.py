@@ -58,10 +58,13 @@ def _with_padding(attn: AttentionMetadata, padding: int) -> AttentionMetadata:
 
 def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, heads: int = 4, kv_heads: int = 2,
            head_dim: int = 64, dtype: torch.dtype = torch.float32, block_size: int = 16, window: int | None = None,
-           shared: int = 0, padding: int = 0, seed: int = 0, rotary: bool = False) -> None:
+           shared: int = 0, padding: int = 0, seed: int = 0, rotary: bool = False, qk_norm: bool = False) -> None:
     """`rotary`: both layers get q and k before their rotary embedding (`forward_rotary`: the
     reference rotates in torch and writes; the Triton backend rotates into the cache in its rotary
-    kernel, or within the split-KV attention launch, and is also held to its two launches)."""
+    kernel, or within the split-KV attention launch, and is also held to its two launches).
+    `qk_norm`: with Qwen3's per-head q/k RMSNorms before the rotation (torch's RMSNorm in the
+    reference; in the split-KV launch too on that path). Their sums of squares add in another order
+    there, so a normalised value may be a rounding step off: the cache is then held close, not equal."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     needed = [-(-(s + q) // block_size) for q, s in zip(query_lens, starts, strict=True)]
@@ -81,10 +84,12 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
     scale = head_dim**-0.5
     ref_cache = cache.clone()
     ref = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=ReferenceBackend())
+    norms = _qk_norms(head_dim, dtype) if qk_norm else None
     if rotary:
         cos, sin = _cos_sin(tokens + padding, head_dim, dtype)
         q, k = q.unflatten(1, (heads, head_dim)), k.unflatten(1, (kv_heads, head_dim))
-        expected = ref.forward_rotary(q[:tokens], k[:tokens], v[:tokens], cos[:tokens], sin[:tokens], ref_cache, attn)
+        expected = ref.forward_rotary(q[:tokens], k[:tokens], v[:tokens], cos[:tokens], sin[:tokens], ref_cache, attn,
+                                      norms)
     else:
         expected = ref(q[:tokens], k[:tokens], v[:tokens], ref_cache, attn)
 
@@ -92,16 +97,20 @@ def _check(query_lens: list[int], starts: list[int], backend: TritonBackend, hea
         attn = _with_padding(attn, padding)
     tri_cache = cache.clone()
     layer = PagedAttention(heads, kv_heads, head_dim, scale, window, backend=backend)
-    got = layer.forward_rotary(q, k, v, cos, sin, tri_cache, attn) if rotary else layer(q, k, v, tri_cache, attn)
+    got = layer.forward_rotary(q, k, v, cos, sin, tri_cache, attn, norms) if rotary else layer(q, k, v, tri_cache,
+                                                                                                  attn)
 
     assert got.shape == (tokens + padding, heads * head_dim) and got.dtype == dtype
     torch.testing.assert_close(got[:tokens], expected, **TOLERANCE[dtype])
     assert torch.equal(got[tokens:], torch.zeros_like(got[tokens:])), "padding rows must be zeros"
-    torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, atol=0, rtol=0)
+    cache_tolerance = TOLERANCE[dtype] if qk_norm else dict(atol=0, rtol=0)
+    torch.testing.assert_close(tri_cache, ref_cache, equal_nan=True, **cache_tolerance)
     if rotary:  # against the same backend's two launches too: the cache bit for bit, the output close
         two_cache = cache.clone()
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         two = _rotary_then_attention(layer, q, k, v, cos, sin, two_cache, attn)
-        torch.testing.assert_close(tri_cache, two_cache, equal_nan=True, atol=0, rtol=0)
+        torch.testing.assert_close(tri_cache, two_cache, equal_nan=True, **cache_tolerance)
         torch.testing.assert_close(got, two, **TOLERANCE[dtype])
     counters = [b for b in backend._scratch.values() if b.dtype == torch.int32]
     assert not any(c.any() for c in counters), "the split-KV counters must be left at 0 for the next launch"
@@ -116,6 +125,20 @@ def _rotary_then_attention(layer: PagedAttention, q: torch.Tensor, k: torch.Tens
     v = v.unflatten(-1, (layer.num_kv_heads, layer.head_dim))
     q = apply_rotary_to_cache(q, k, v, cos, sin, kv_cache, attn.slot_mapping)
     return layer.backend._attend(layer, q.flatten(1), kv_cache, attn, attn.backend_metadata(layer.backend))
+
+
+def _qk_norms(head_dim: int, dtype: torch.dtype) -> tuple:
+    """Qwen3's q_norm and k_norm over head_dim, with distinct weights around 1."""
+    from strata.distributed.process_groups import single_rank_group
+    from strata.model.context import ModelContext
+    from strata.model.layers.norm import RMSNorm
+
+    ctx = ModelContext(tp=single_rank_group(), dtype=dtype, device=torch.device(DEVICE))
+    norms = (RMSNorm(head_dim, 1e-6, ctx), RMSNorm(head_dim, 1e-6, ctx))
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(1 + 0.5 * torch.randn(head_dim))
+    return norms
 
 
 def _cos_sin(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +232,32 @@ def test_rotary_fused_into_split_kv(case, dtype):
            rotary=True)
 
 
+# Qwen3's q/k norms in the same launch: (backend, heads, kv_heads, head_dim, cached tokens, padding rows).
+QK_NORM_SPLIT = {
+    "segments-gqa4-padded": (SPLIT_MANY, 8, 2, 64, [299, 69, 4], 1),
+    "one-segment": (SPLIT_ONE, 4, 2, 64, [130, 5], 0),
+    "gqa8-head-dim-80": (SPLIT_MANY, 8, 1, 80, [150, 33], 1),  # BLOCK_D 128: padded dims must not count
+    "unified": (UNIFIED, 4, 2, 64, [40, 7], 0),  # no split: the norms run as torch's, then the rotary kernel
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("case", list(QK_NORM_SPLIT))
+def test_qk_norm_fused_into_split_kv(case, dtype, monkeypatch):
+    """Close to the reference (torch's norms, then rotary) and to the backend's own unfused launches;
+    on the split path the norms' modules are not called (their weights are read in the launch)."""
+    from strata.model.layers.norm import RMSNorm
+
+    backend, heads, kv_heads, head_dim, starts, padding = QK_NORM_SPLIT[case]
+    calls = []
+    torch_norm = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, *a: calls.append(self) or torch_norm(self, *a))
+    _check([1] * len(starts), starts, backend, heads, kv_heads, head_dim, dtype, padding=padding, rotary=True,
+           qk_norm=True)
+    # q and k by the reference and by the two-launch check: 4; the backend under test adds 2 unless fused.
+    assert len(calls) == (6 if backend is UNIFIED else 4)
+
+
 def test_split_kv_decode_runs_no_rotary_kernel(monkeypatch):
     """A split-KV decode under `forward_rotary` is one launch: the rotary kernel is not called."""
     import strata.model.layers.triton_attention as triton_attention
@@ -292,6 +341,7 @@ def test_rotary_fused_into_split_kv_bf16_on_gpu():
     _check([1] * 6, [2047, 1499, 1000, 511, 76, 3], auto, **shape, padding=2, rotary=True)
     _check([1], [1024], auto, **shape, rotary=True)
     _check([1, 1], [1800, 900], auto, **shape, window=512, rotary=True)
+    _check([1] * 3, [2047, 700, 5], auto, **shape, padding=1, rotary=True, qk_norm=True)  # Qwen3's q/k norms
     many = TritonBackend(split_kv="always", sm_count=132, min_segment_tokens=16)
     _check([1], [1024], many, **shape, rotary=True)
     for seed in range(20):

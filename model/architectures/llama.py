@@ -97,9 +97,8 @@ class LlamaAttention(nn.Module):
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
         )
         q, k = q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn.forward_rotary(q, k, v, cos, sin, kv_cache, attn)
+        qk_norm = None if self.q_norm is None or self.k_norm is None else (self.q_norm, self.k_norm)
+        out = self.attn.forward_rotary(q, k, v, cos, sin, kv_cache, attn, qk_norm)
         return self.o_proj(out)
 
 

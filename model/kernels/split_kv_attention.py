@@ -17,7 +17,8 @@ counted nor reduced; a segment wholly before the sliding window writes an empty 
 step's only launch per layer (the rotary kernel's launches cost ~2 us each at batch 1). Every
 program rotates its kv head's query heads itself; the program of the segment holding the new token
 (position seq_len - 1) also rotates that token's key, stores it and its value in the cache, and
-folds them into its softmax from registers, so no program reads the slot being written.
+folds them into its softmax from registers, so no program reads the slot being written. With
+`qk_norm` (Qwen3) the per-head RMSNorm of q and k before the rotation rides in the launch too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from strata.model.kernels.rotary import _check as _check_rotary_inputs
 from strata.model.kernels.rotary import _rows_of
 from strata.model.kernels.tuning import TileConfig
 
+QKNormWeights = tuple[torch.Tensor, torch.Tensor, float]  # q_norm weight, k_norm weight, eps
+
 
 @triton.jit
 def _tiles_per_segment(seq_len, num_segments, BLOCK_N: tl.constexpr):
@@ -39,14 +42,31 @@ def _tiles_per_segment(seq_len, num_segments, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _rotate_half(head_at, stride_d, cos, sin, dims, mask, HALF: tl.constexpr):
+def _rms_normed(x, norm_at, dims, mask, rstd):
+    """RMSNorm's `weight * (x * rstd).to(dtype)`, each step rounded as `RMSNorm._norm` rounds it."""
+    dt = x.dtype
+    w = tl.load(norm_at + dims, mask=mask, other=0.0).to(tl.float32)
+    return (w * (x.to(tl.float32) * rstd).to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _rotate_half(head_at, stride_d, cos, sin, dims, mask, norm_at, eps, HALF: tl.constexpr,
+                 QK_NORM: tl.constexpr):
     """Whole heads (starting at `head_at`, dims `dims`) rotated "rotate half" style, with the roundings
     of rotary.py's `_rotated` (each product rounded to the heads' dtype, then their sum). `_rotated`
     gives the two halves apart, which cannot be put side by side in registers when HALF is not a
-    power of two (head_dim 80); attention needs a head in one tile, as `_attend_keys` reads keys."""
+    power of two (head_dim 80); attention needs a head in one tile, as `_attend_keys` reads keys.
+    QK_NORM: each head is first RMS-normalised over its dims with the weight at `norm_at` (Qwen3's
+    q_norm / k_norm); its partner half is a permutation of the same head, so one rstd serves both."""
     first = dims < HALF
+    partner_dims = tl.where(first, dims + HALF, dims - HALF)
     x = tl.load(head_at + dims * stride_d, mask=mask, other=0.0)
-    partner = tl.load(head_at + tl.where(first, dims + HALF, dims - HALF) * stride_d, mask=mask, other=0.0)
+    partner = tl.load(head_at + partner_dims * stride_d, mask=mask, other=0.0)
+    if QK_NORM:
+        f = x.to(tl.float32)
+        # Multiplying by 1 / HALF / 2, as torch's mean (and the RMSNorm kernel) multiply by 1 / width.
+        rstd = tl.math.rsqrt(tl.sum(f * f, axis=-1, keep_dims=True) * (1.0 / (2 * HALF)) + eps)
+        x, partner = _rms_normed(x, norm_at, dims, mask, rstd), _rms_normed(partner, norm_at, partner_dims, mask, rstd)
     dt = x.dtype
     f = x.to(tl.float32)
     g = tl.where(first, -partner.to(tl.float32), partner.to(tl.float32))  # rotate_half(x) = cat(-x2, x1)
@@ -81,14 +101,14 @@ def _attend_key(acc, l_i, m_i, q, k, v, qk_scale):
 @triton.jit
 def _split_kv_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, count_ptr, q_ptr, kv_ptr, table_ptr, seq_lens_ptr, query_start_ptr,
-    k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr,
+    k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, norm_eps,
     qk_scale, window, num_heads, num_kv_heads, num_segments,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_od, stride_tb,
     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, stride_ct, stride_cd, stride_st, stride_sd,
     stride_kv, stride_block, stride_slot, stride_head, stride_dim,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SLIDING: tl.constexpr, ROTARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, ROTARY: tl.constexpr, QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -118,7 +138,8 @@ def _split_kv_kernel(
     if ROTARY:
         cos = tl.load(cos_ptr + token * stride_ct + dims * stride_cd, mask=dim_ok, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + token * stride_st + dims * stride_sd, mask=dim_ok, other=0.0).to(tl.float32)
-        q = _rotate_half(q_at, stride_qd, cos[None, :], sin[None, :], dims[None, :], out_ok, HEAD_DIM // 2)
+        q = _rotate_half(q_at, stride_qd, cos[None, :], sin[None, :], dims[None, :], out_ok, q_norm_ptr, norm_eps,
+                         HEAD_DIM // 2, QK_NORM)
         # The new token (position seq_len - 1) lies in this segment alone: the others end before it,
         # so only this program writes its slot. Its loop stops short of it and the key is folded in
         # from registers after: no barrier, no read of what was just stored, and the store is issued
@@ -126,7 +147,7 @@ def _split_kv_kernel(
         # values, so that they are in registers across the loop without a branch.)
         elem = kv_ptr.dtype.element_ty
         new_k = _rotate_half(k_ptr + token * stride_kt + kv_head * stride_kh, stride_kd, cos, sin, dims, dim_ok,
-                             HEAD_DIM // 2).to(elem)
+                             k_norm_ptr, norm_eps, HEAD_DIM // 2, QK_NORM).to(elem)
         new_v = tl.load(v_ptr + token * stride_vt + kv_head * stride_vh + dims * stride_vd, mask=dim_ok,
                         other=0.0).to(elem)
         if seg_hi == seq_len:
@@ -230,6 +251,7 @@ def split_kv_attention_rotary(
     scratch: torch.Tensor,
     counters: torch.Tensor,
     tiles: TileConfig | None = None,
+    qk_norm: QKNormWeights | None = None,
 ) -> torch.Tensor:
     """`apply_rotary_to_cache` (rotary.py) then `split_kv_attention`, in one launch: q [B, heads,
     head_dim], k, v [B, kv_heads, head_dim] (any strides) before the rotation, cos, sin ([B,
@@ -240,8 +262,15 @@ def split_kv_attention_rotary(
     The rotation's products are rounded as torch rounds them, so this launch is compiled without
     fused multiply-adds: the softmax's elementwise ones (the rescaling, exp2's argument) are then two
     roundings too, a last-bit change; tl.dot is unaffected.
+
+    `qk_norm` (q weight [head_dim], k weight [head_dim], eps): q and k are RMS-normalised per head
+    first, as `RMSNorm` does it (Qwen3), in the same launch.
     """
     _check_rotary_inputs(q, k, cos, sin)
+    if qk_norm is not None and any(w.shape != (q.shape[2],) or w.dtype != q.dtype or w.stride(0) != 1
+                                   for w in qk_norm[:2]):
+        raise ValueError(f"q/k norm weights must be contiguous [{q.shape[2]}] of {q.dtype}; got "
+                         f"{[(tuple(w.shape), w.dtype) for w in qk_norm[:2]]}")
     tokens, num_heads, head_dim = q.shape
     if v.shape != k.shape or kv_cache.shape[3:] != k.shape[1:] or slot_mapping.shape != (tokens,):
         raise ValueError(f"v {tuple(v.shape)}, cache {tuple(kv_cache.shape)}, slots {tuple(slot_mapping.shape)} "
@@ -249,17 +278,18 @@ def split_kv_attention_rotary(
     rotary = (k, v, cos, sin, slot_mapping, *k.stride(), *v.stride(), *_rows_of(cos, tokens, head_dim),
               *_rows_of(sin, tokens, head_dim))
     return _launch(q, q.stride(), num_heads, rotary, kv_cache, query_start_loc, seq_lens, block_tables, scale,
-                   sliding_window, num_segments, scratch, counters, tiles)
+                   sliding_window, num_segments, scratch, counters, tiles, qk_norm)
 
 
 def _launch(
     q: torch.Tensor, q_strides: tuple[int, ...], num_heads: int, rotary: tuple | None, kv_cache: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
     sliding_window: int | None, num_segments: int, scratch: torch.Tensor, counters: torch.Tensor,
-    tiles: TileConfig | None,
+    tiles: TileConfig | None, qk_norm: QKNormWeights | None = None,
 ) -> torch.Tensor:
     """The split-KV kernel over q's rows (strides: token, head, dim). `rotary`: the ROTARY arguments
-    (k, v, cos, sin, slots, then their strides), or None for q already rotated and the cache written."""
+    (k, v, cos, sin, slots, then their strides), or None for q already rotated and the cache written;
+    `qk_norm` only with `rotary`."""
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     group = num_heads // kv_heads
     num_seqs = seq_lens.shape[0]
@@ -276,14 +306,16 @@ def _launch(
     no_fma = {"enable_fp_fusion": False} if is_rotary else {}
     if rotary is None:  # unused pointer arguments still need tensors: q stands in for them
         rotary = (q,) * 5 + (0,) * 10
+    norm_args = (q, q, 0.0) if qk_norm is None else qk_norm
     _split_kv_kernel[(num_seqs, kv_heads, num_segments)](
         out, part_out, part_lse, counters, q, kv_cache, block_tables, seq_lens, query_start_loc, *rotary[:5],
-        scale * LOG2E, sliding_window or 0, num_heads, kv_heads, num_segments,
+        *norm_args, scale * LOG2E, sliding_window or 0, num_heads, kv_heads, num_segments,
         *q_strides, out.stride(0), out.stride(1), block_tables.stride(0), *rotary[5:],
         *kv_cache.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        SLIDING=sliding_window is not None, ROTARY=is_rotary, DOT_PRECISION=dot_precision(q.dtype),
+        SLIDING=sliding_window is not None, ROTARY=is_rotary, QK_NORM=qk_norm is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **no_fma,
     )
     return out

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend
+from strata.model.layers.attention_backend import AttentionBackend, QKNorm, get_attention_backend
 from strata.model.layers.rotary import RotaryEmbedding
 
 
@@ -152,14 +152,18 @@ class PagedAttention(nn.Module):
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
+        qk_norm: QKNorm | None = None,
     ) -> torch.Tensor:
         """`forward` of q [T, heads, head_dim], k [T, kv_heads, head_dim] not yet rotated (cos, sin:
-        `RotaryEmbedding.cos_sin`): the backend fuses the rotation with its cache write where it can."""
+        `RotaryEmbedding.cos_sin`): the backend fuses the rotation with its cache write where it can.
+        `qk_norm` (q_norm, k_norm): per-head RMSNorms before the rotation (Qwen3), fused there too."""
         metadata = attn.backend_metadata(self.backend)
-        out = self.backend.forward_rotary(self, q, k, v, cos, sin, kv_cache, attn, metadata)
+        out = self.backend.forward_rotary(self, q, k, v, cos, sin, kv_cache, attn, metadata, qk_norm)
         if out is not None:
             return out
         t = q.shape[0]
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = RotaryEmbedding.apply(q, k, cos, sin)
         return self.backend.forward(self, q.reshape(t, -1), k.reshape(t, -1), v, kv_cache, attn, metadata)
 

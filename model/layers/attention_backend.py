@@ -31,11 +31,13 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from strata.model.layers.attention import AttentionMetadata, PagedAttention
 
 DEFAULT_BACKEND = "reference"
+QKNorm = tuple[nn.Module, nn.Module]  # (q_norm, k_norm): RMSNorms over head_dim, with .weight and .eps
 
 # name -> "module:Class", imported on first use (so registering costs no import).
 _REGISTRY: dict[str, str] = {
@@ -90,10 +92,11 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
         metadata: Any,
+        qk_norm: QKNorm | None = None,
     ) -> torch.Tensor | None:
-        """`forward` of q, k [T, heads, head_dim] before their rotary embedding, for a backend that
-        fuses the rotation with its cache write; None (the default): the caller rotates, then
-        calls `forward`."""
+        """`forward` of q, k [T, heads, head_dim] before their rotary embedding (and before
+        `qk_norm`'s per-head norms, when given), for a backend that fuses the rotation with its
+        cache write; None (the default): the caller norms and rotates, then calls `forward`."""
         return None
 
 

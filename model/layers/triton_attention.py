@@ -18,7 +18,8 @@ shape, against 132 SMs on an H200), most of the GPU idles: on an H200 batch 1 at
 146 us unsplit and 21 us split, batch 8 about 2.8x faster split. Once the batch fills the SMs, the
 split's float32 partials and their reduction cost more than they give (batch 32, 256 programs:
 84 us unified against 91 us split at 2k context), so `split_kv="auto"` splits only below one wave.
-In those steps the rotary kernel's own launch (~2 us at batch 1, one per layer) is folded into the split's.
+In those steps the rotary kernel's own launch (~2 us at batch 1, one per layer) is folded into the split's,
+and so are Qwen3's q/k norms (two launches a layer).
 
 Nothing here synchronises with the device: launches are sized by the metadata's host ints. The
 split's float32 scratch and its int32 counters (zero between launches: the kernel re-arms them)
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from strata.model.kernels import interpreting, triton_available
-from strata.model.layers.attention_backend import AttentionBackend
+from strata.model.layers.attention_backend import AttentionBackend, QKNorm
 
 if triton_available():
     from strata.model.kernels.kv_cache_write import write_kv_cache
@@ -49,6 +50,7 @@ if triton_available():
     )
 
 if TYPE_CHECKING:
+    from strata.model.kernels.split_kv_attention import QKNormWeights
     from strata.model.layers.attention import AttentionMetadata, PagedAttention
 
 # Split-KV aims at this many programs per SM; within the split, 2, 4 or 8 per SM and segments of
@@ -79,6 +81,19 @@ def _plan_segments(num_seqs: int, kv_heads: int, max_seq_len: int, sm_count: int
     by_length = -(-max_seq_len // min_segment_tokens)
     by_occupancy = -(-PROGRAMS_PER_SM * sm_count // max(1, num_seqs * kv_heads))
     return max(1, min(max_segments, by_length, by_occupancy))
+
+
+def _fusable_norm_weights(qk_norm: QKNorm | None, q: torch.Tensor) -> QKNormWeights | None:
+    """(q weight, k weight, eps) when the split-KV launch can apply `qk_norm` itself: one eps, weights
+    contiguous [head_dim] in q's dtype (as every RMSNorm loads them)."""
+    if qk_norm is None:
+        return None
+    q_norm, k_norm = qk_norm
+    weights = (q_norm.weight, k_norm.weight)
+    if q_norm.eps != k_norm.eps or any(w.shape != q.shape[2:] or w.dtype != q.dtype or not w.is_contiguous()
+                                       for w in weights):
+        return None
+    return (*weights, float(q_norm.eps))
 
 
 class TritonBackend(AttentionBackend):
@@ -129,14 +144,18 @@ class TritonBackend(AttentionBackend):
         write_kv_cache(k, v, kv_cache, attn.slot_mapping)
         return self._attend(layer, q, kv_cache, attn, metadata)
 
-    def forward_rotary(self, layer, q, k, v, cos, sin, kv_cache, attn, metadata) -> torch.Tensor | None:
+    def forward_rotary(self, layer, q, k, v, cos, sin, kv_cache, attn, metadata, qk_norm=None) -> torch.Tensor | None:
         t = q.shape[0]
         v = v.unflatten(-1, (layer.num_kv_heads, layer.head_dim))
         segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
-        if segments:  # the rotation and the cache write ride in the attention launch
+        norm_weights = _fusable_norm_weights(qk_norm, q)
+        if segments and (qk_norm is None or norm_weights):  # norms, rotation and cache write ride in attention
             return split_kv_attention_rotary(q, k, v, cos, sin, kv_cache, attn.slot_mapping, attn.query_start_loc,
                                              attn.seq_lens, attn.block_tables, layer.scale, layer.sliding_window,
-                                             segments, *self._split_buffers(layer, attn, segments, q.device))
+                                             segments, *self._split_buffers(layer, attn, segments, q.device),
+                                             qk_norm=norm_weights)
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
         q = apply_rotary_to_cache(q, k, v, cos, sin, kv_cache, attn.slot_mapping)
         return self._attend(layer, q.view(t, -1), kv_cache, attn, metadata)
 
