@@ -17,6 +17,7 @@ after a fault the engine thread calls `_rebuild` for a new gang and resumes ever
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -50,6 +51,7 @@ class Driver(EngineLoop):
         self.facts = facts = ModelFacts.from_json(facts_json)
         self._facts_json, self._placement = facts_json, placement
         self.nodes: HeadNodes | None = None  # the other nodes (mp across nodes)
+        self._interrupt = threading.Event()  # the shutdown ends a rebuild's wait for room
         self.master_addr, listener = self._meet_nodes()
         try:
             self.gang = Gang.start(config, facts_json, placement, self.master_addr, listener, self.nodes)
@@ -103,6 +105,8 @@ class Driver(EngineLoop):
         config = rebuild_config(self.config, self.gang.num_blocks)
         if self.nodes is not None:  # a node that went away is waited for, /health naming it
             self.nodes.wait_for_all(lambda why: self.tracker.describe(Fault(why)))
+        if self._placement is not None:  # a stage whose node left waits for room, /health saying what lacks
+            self._placement.wait_for_room(lambda why: self.tracker.describe(Fault(why)), self._interrupt)
         started = time.monotonic()
         self.gang = Gang.start(config, self._facts_json, self._placement, self.master_addr,
                                bind_listener(self.master_addr), self.nodes)
@@ -151,8 +155,9 @@ class Driver(EngineLoop):
             return
         if self.watchdog is not None:
             self.watchdog.stop()
+        self._stopping = True  # first: the engine thread, woken from its wait, must see it
+        self._interrupt.set()  # a rebuild waiting for room gives up
         if self.nodes is not None:
-            self._stopping = True  # first: the engine thread, woken from its wait, must see it
             self.nodes.interrupt()  # a rebuild waiting for a node gives up
         self.stop_loop()
         gang = self.gang

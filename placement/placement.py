@@ -8,14 +8,17 @@ given, else the head when it has room for a stage (so the driver sits beside the
 and the HTTP proxy).
 
 Placement either succeeds within `placement_timeout_s` or fails with a message that says what was
-asked and what the cluster has. It never leaves a group pending forever.
+asked and what the cluster has. It never leaves a group pending forever. A rebuild after a fault
+reuses the groups, and waits for them to be placed again when a node left (placement/room_wait.py).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -23,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from strata.config import EngineConfig
 from strata.distributed.rank_layout import rank_coords
+from strata.placement.room_wait import homes_of, wait_for_room
 
 logger = logging.getLogger("strata")
 
@@ -56,6 +60,7 @@ class StagePlacement:
     resource: str  # "GPU" or "CPU"
     groups: list[PlacementGroup]  # one per pipeline stage
     tp_size: int
+    homes: dict[int, str] = field(default_factory=dict)  # each stage's node address, as last placed
 
     def strategy_for_rank(self, rank: int) -> PlacementGroupSchedulingStrategy:
         """Rank `rank`'s bundle: its tensor rank's, in its stage's group (see rank_layout)."""
@@ -68,6 +73,13 @@ class StagePlacement:
     def actor_resources(self) -> dict:
         """What one rank actor asks for inside its bundle."""
         return {"num_gpus": 1, "num_cpus": 0} if self.resource == "GPU" else {"num_gpus": 0, "num_cpus": 1}
+
+    def wait_for_room(self, describe: Callable[[str], None], stop: threading.Event) -> float:
+        """A rebuild's wait until every stage is placed again on a node that answers, `describe`
+        saying meanwhile what is missing (placement/room_wait.py); the seconds waited."""
+        waited = wait_for_room(self.groups, self.resource, self.homes, describe, stop)
+        self.homes = homes_of(self.groups)
+        return waited
 
     def release(self) -> None:
         for pg in self.groups:
@@ -172,6 +184,7 @@ def reserve(config: EngineConfig, detached: bool = False) -> StagePlacement:
             f"{config.placement_timeout_s:.0f} s; {resource} free now: {available:g} "
             f"(nodes: {describe_nodes(nodes, resource)}). Other jobs may hold them."
         )
+    placement.homes = homes_of(groups)
     logger.info("placement: %d stage(s) x %d %s bundle(s), STRICT_PACK per stage: %s",
                 config.pipeline_parallel_size, tp, resource, stage_map(groups, nodes))
     return placement
