@@ -85,3 +85,33 @@ def test_the_shutdown_ends_the_wait_at_once(monkeypatch):
     waiter.join(5)
     assert not waiter.is_alive() and time.monotonic() - started < 2
     assert isinstance(outcome[0], RoomWaitInterrupted)
+
+
+def _fake_ray(monkeypatch, nodes: list[dict], tables: list[dict], refused: set[str] = frozenset()):
+    import ray
+    import ray.util
+
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray.util, "placement_group_table", lambda pg: tables[pg])
+    monkeypatch.setattr(room_wait, "_raylet_answers",
+                        lambda address, port: "refused" if address in refused else None)
+
+
+def _node(node_id: str, address: str, alive: bool = True) -> dict:
+    return {"NodeID": node_id, "NodeManagerAddress": address, "NodeManagerPort": 4000, "Alive": alive}
+
+
+def _table(state: str, on: dict[int, str]) -> dict:
+    return {"state": state, "bundles": {i: {"CPU": 1.0} for i in on}, "bundles_to_node_id": on}
+
+
+def test_stage_needs_reads_ray_unplaced_dead_and_silent_nodes(monkeypatch):
+    nodes = [_node("a", "10.0.0.1"), _node("b", "10.0.0.2", alive=False), _node("c", "10.0.0.3")]
+    tables = [_table("CREATED", {0: "a"}), _table("RESCHEDULING", {0: "", 1: ""}), _table("CREATED", {0: "b"}),
+              _table("CREATED", {0: "c"})]
+    _fake_ray(monkeypatch, nodes, tables, refused={"10.0.0.3"})
+    needs = room_wait.stage_needs([0, 1, 2, 3], {1: "10.0.0.2"})
+    assert needs == [StageNeed(1, [0, 1], {"CPU": 1.0}, "10.0.0.2"),  # Ray re-places it
+                     StageNeed(2, [0], {"CPU": 1.0}, None),  # on a node Ray knows is dead
+                     StageNeed(3, [0], {"CPU": 1.0}, "10.0.0.3", "refused")]  # on one that does not answer
+    assert room_wait.homes_of([0, 1, 3]) == {0: "10.0.0.1", 2: "10.0.0.3"}
