@@ -6,7 +6,8 @@ A greedy stream runs through a tiny llama at pp 2; at its third token the second
 (every process of its group: raylet, its workers, rank 1). The engine turns `recovering` and its
 health reason says what it waits for ("waiting for room: stage 1 needs a node with 1 CPU free
 ..."); no failed recovery is counted meanwhile. A second node started again ends the wait: the
-gang is rebuilt and the stream ends with the text of an undisturbed run.
+gang is rebuilt and the stream ends with the text of an undisturbed run. Without node 2 coming
+back, the shutdown ends the wait at once.
 
 The engine runs in a child process (_ENGINE_SCRIPT): the test session's own Ray stays as it is.
 """
@@ -39,7 +40,8 @@ NODE2_IP = "127.0.0.2"  # its own address, so the driver's pin to the head's add
 
 # Prints one JSON line per event: {"ready": pids}, {"killed_at": n}, {"health": ...} on each
 # change, then {"done": ...}. Argv: model dir, the second node's `ray start` pid: it and every
-# process under it (raylet, workers: Ray starts those in sessions of their own) die at the 3rd token.
+# process under it (raylet, workers: Ray starts those in sessions of their own) die at the 3rd
+# token; "resume" or "shutdown" (the engine is shut down while it waits for room: {"shut": s}).
 _ENGINE_SCRIPT = """
 import asyncio, json, os, signal, sys, time
 from strata import LLM, SamplingParams
@@ -63,7 +65,7 @@ def descendants(root):
         todo += [p for p, pp in parents.items() if pp == pid]
     return found
 
-model, node2 = sys.argv[1], int(sys.argv[2])
+model, node2, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 llm = LLM(model, pipeline_parallel_size=2, distributed_executor_backend="ray", max_model_len=256,
           placement_timeout_s=20)
 engine = llm._engine
@@ -97,13 +99,25 @@ async def main():
         if now != last:
             say(health=now, t=time.time())
             last = now
+        if mode == "shutdown" and "waiting for room" in (h.reason or ""):
+            started = time.monotonic()
+            await asyncio.to_thread(llm.shutdown)
+            shut_s = time.monotonic() - started
+            try:
+                await asyncio.wait_for(task, 30)
+                ended = "completed"
+            except Exception as err:
+                ended = type(err).__name__ + ": " + str(err)[:200]
+            say(shut=shut_s, stream=ended)
+            return
         await asyncio.sleep(0.2)
     got = task.result()
     h = await engine.health()
     say(done=got, reference=reference, health=[h.state, h.reason, h.recoveries], t=time.time())
 
 asyncio.run(main())
-llm.shutdown()
+if mode != "shutdown":
+    llm.shutdown()
 """
 
 
@@ -194,8 +208,8 @@ def test_a_lost_node_is_waited_for_with_the_reason_then_the_stream_completes(ray
     env = {**nodes.env, "RAY_ADDRESS": nodes.address}
     log = Path(nodes.root) / "engine.log"
     with open(log, "w") as err:
-        engine = subprocess.Popen([sys.executable, "-c", _ENGINE_SCRIPT, tiny_models("llama"), str(node2.pid)],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        engine = subprocess.Popen([sys.executable, "-c", _ENGINE_SCRIPT, tiny_models("llama"), str(node2.pid),
+                                   "resume"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [*map(lines.put, iter(engine.stdout.readline, "")), lines.put(None)],
                      daemon=True).start()
@@ -242,3 +256,24 @@ def test_a_lost_node_is_waited_for_with_the_reason_then_the_stream_completes(ray
                for e in events if "health" in e), events
     assert done["health"][0] == "serving" and done["health"][2] == 1, done
     assert done["done"] == done["reference"] and len(done["done"]) == 64
+
+
+def test_the_shutdown_ends_a_wait_for_room(ray_nodes, tiny_models):
+    """Node 2 killed and not started again: the engine waits for room until it is shut down, and
+    then the shutdown takes seconds, the open stream ending with an error rather than hanging."""
+    nodes = ray_nodes
+    nodes.start_head()
+    node2 = nodes.start_node2()
+    nodes.wait_for_nodes(2)
+    log = Path(nodes.root) / "engine.log"
+    with open(log, "w") as err:
+        done = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, tiny_models("llama"), str(node2.pid),
+                               "shutdown"], cwd=REPO, env={**nodes.env, "RAY_ADDRESS": nodes.address},
+                              stdout=subprocess.PIPE, stderr=err, text=True, timeout=180)
+    served = log.read_text(errors="replace")
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and events and "shut" in events[-1], served[-6000:] + done.stdout
+    shut = events[-1]
+    print(f"shut down {shut['shut']:.2f} s after 'waiting for room'; the open stream: {shut['stream']}")
+    assert shut["shut"] < 20 and shut["stream"] != "completed", shut
+    assert "the engine was shut down" in shut["stream"], shut
