@@ -30,10 +30,9 @@ from tests.test_model_parity import CONTIGUOUS, check_against_hf  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-6
-# float32: reduction and rounding order only. float16: the fused path rounds nw * h where the unfused
-# one rounds h * rstd and then nw * that, so each product may sit a rounding step or two away
-# (~1e-3 relative each); y moves by a few of those at most.
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+# float32: reduction order only. float16: a normalised value may sit one rounding step from the
+# unfused one (the sum of squares is added in another order), which moves y by far less than this.
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
 def make_norm(width: int, dtype: torch.dtype, device: torch.device = DEVICE) -> RMSNorm:

@@ -3,17 +3,15 @@
 A decoder layer's input RMSNorm and the qkv projection after it are two launches per layer at
 decode sizes (~2 us each in a CUDA graph, 32 layers). Here the skinny matmul
 (`strata.model.kernels.skinny_matmul`: one program owns BLOCK_N output columns for every row and
-walks K) does both in one walk. rstd is one scalar per row, so rms_norm(h) W^T = rstd * ((nw * h) W^T):
-each program dots its rows, scaled by the norm weight, against W while it sums their squares, and
-scales the accumulator by rstd at the end. The rows are a few KB, read from L2 by every program; W,
-the bandwidth, is read once. With a residual, program 0 alone writes the rounded sum x + residual,
-which the layer carries on.
+walks K) gets a prologue instead: each program first walks its rows once to sum their squares
+(the rows are a few KB, read from L2 by every program; W, the bandwidth, is still read once),
+then normalises each K chunk of x as it loads it, and feeds that to the dot. With a residual,
+program 0 alone writes the rounded sum x + residual, which the layer carries on.
 
-Roundings differ from `RMSNorm.forward_torch` in one place: the unfused path rounds h * rstd to the
-dtype before the weight multiply; this path rounds nw * h and applies rstd in float32 after the dot.
-A first version normalised before the dot and so needed a pass over x before it: that stalled the
-weight loads (22 us against the plain skinny kernel's ~13 us for Llama-8B's qkv on an H200). The
-new residual is bit for bit.
+Roundings are those of `RMSNorm.forward_torch` and the RMSNorm kernel (`rms_norm.py`): x + residual
+rounded to the dtype, float32 rsqrt(mean(h^2) + eps), h * rstd rounded to the dtype, weight * that
+rounded to the dtype. Only the float32 sum of squares is added in another order, so a normalised
+value may be one rounding step from the unfused path's; the new residual is bit for bit.
 
 Which shapes take it is the skinny table's: the same tiles as the plain kernel for (N, K, rows
 bucket), so a projection that would stay on cuBLAS keeps its norm unfused too.
@@ -50,29 +48,32 @@ def _norm_matmul_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    # One walk over K: the dot runs on the unnormalised rows (times the norm weight) while their
-    # squares are summed, and rstd scales the accumulator at the end, so W's loads are pipelined
-    # from the first iteration.
+    # Pass 1: every program sums its rows' squares itself, so no launch (or sync) sits before the dot.
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        mask = row_ok[:, None] & k_ok[None, :]
+        mask = row_ok[:, None] & (ks < K)[None, :]
         h = _load_rows(x_ptr, res_ptr, rows, ks, mask, s_xm, s_xk, s_rm, s_rk, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             if tl.program_id(0) == 0:  # the sum is contiguous [M, K]; one writer, the others only read
                 tl.store(sum_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
         hf = h.to(tl.float32)
         squares += hf * hf
+    # Multiplying by 1 / K, not dividing: torch's mean (and the RMSNorm kernel) do the same.
+    rstd = tl.math.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)
+    # Pass 2: the skinny matmul, its x chunk normalised on the way in.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        h = _load_rows(x_ptr, res_ptr, rows, ks, row_ok[:, None] & k_ok[None, :], s_xm, s_xk, s_rm, s_rk,
+                       HAS_RESIDUAL)
+        normed = (h.to(tl.float32) * rstd[:, None]).to(h.dtype)
         nw = tl.load(nw_ptr + ks * s_nw, mask=k_ok, other=0.0)
-        a = (nw.to(tl.float32)[None, :] * hf).to(h.dtype)
+        a = (nw.to(tl.float32)[None, :] * normed.to(tl.float32)).to(h.dtype)
         w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)
         acc = tl.dot(a, w, acc, input_precision="ieee" if a.dtype == tl.float32 else "tf32")
-    # Multiplying by 1 / K, not dividing: torch's mean (and the RMSNorm kernel) do the same.
-    rstd = tl.math.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)
-    acc = acc * rstd[:, None]
     out = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
