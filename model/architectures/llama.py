@@ -81,19 +81,8 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
     ) -> torch.Tensor:
-        return self.forward_projected(self.qkv_proj(x), cos, sin, kv_cache, attn)
-
-    def forward_projected(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        """`forward` from qkv_proj's output on: the decoder layer projects x itself, fused with its norm."""
-        t = qkv.shape[0]
-        q, k, v = qkv.split(
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
         )
         q, k = q.reshape(t, self.num_heads, self.head_dim), k.reshape(t, self.num_kv_heads, self.head_dim)
@@ -162,9 +151,11 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The input norm (and its residual add) with the qkv projection: one launch at decode sizes.
-        qkv, residual = self.input_layernorm.forward_linear(hidden, residual, self.self_attn.qkv_proj)
-        hidden = self.self_attn.forward_projected(qkv, cos, sin, kv_cache, attn)
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

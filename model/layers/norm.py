@@ -9,9 +9,7 @@ from torch import nn
 
 from strata.model.context import ModelContext
 from strata.model.kernels import triton_available
-from strata.model.layers.linear import ColumnParallelLinear, default_weight_loader
-
-Tiles = tuple[int, int, int, int]  # skinny matmul tiles: block_n, block_k, num_warps, num_stages
+from strata.model.layers.linear import default_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +17,6 @@ class RMSNorm(nn.Module):
 
     On CUDA one Triton kernel (`strata.model.kernels.rms_norm`) does the add and the norm, with the
     same roundings; the torch code below is its reference and the path everywhere else.
-    `forward_linear` also folds the norm into the projection after it at decode sizes.
     """
 
     def __init__(self, hidden_size: int, eps: float, ctx: ModelContext):
@@ -60,32 +57,3 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
-
-    def forward_linear(
-        self, x: torch.Tensor, residual: torch.Tensor | None, proj: ColumnParallelLinear
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(proj(norm(s)), s) for s = x + residual, or s = x when residual is None: a decoder
-        layer's input norm and its qkv projection. One launch (`strata.model.kernels.norm_matmul`)
-        where `fused_linear_tiles` gives tiles, else this norm then `proj`, exactly as two calls."""
-        tiles = self.fused_linear_tiles(x, residual, proj.weight)
-        if tiles is None:
-            if residual is None:
-                return proj(self(x)), x
-            h, residual = self(x, residual)
-            return proj(h), residual
-        from strata.model.kernels.norm_matmul import rms_norm_matmul
-
-        y, residual = rms_norm_matmul(x, residual, self.weight, self.eps, proj.weight, *tiles)
-        # The bias after the product, as `linear` adds it after the skinny matmul.
-        return (y if proj.bias is None else y + proj.bias), residual
-
-    def fused_linear_tiles(
-        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
-    ) -> Tiles | None:
-        """The skinny matmul's tiles for `weight` when norm + x @ weight^T can be one launch: CUDA
-        and decode-sized 16-bit x, the shapes where `linear` would take the skinny kernel too."""
-        if not (x.is_cuda and triton_available()):
-            return None
-        from strata.model.kernels.norm_matmul import norm_matmul_tiles
-
-        return norm_matmul_tiles(x, residual, self.weight, weight)
