@@ -60,6 +60,8 @@ def expected_layout(ids: torch.Tensor, block_m: int, start: int, num_local: int)
         (300, 8, 16, 0, 16, None),  # three chunks of pairs
         (1100, 1, 8, 0, 8, [3]),  # all on one expert: more tiles than the layout writes in one pass
         (33, 2, 8, 4, 4, None),  # expert parallel: the second half of the experts
+        (1, 8, 128, 0, 128, None),  # Qwen3-30B-A3B at decode batch 1: the one chunk cut to 16 pairs
+        (3, 8, 128, 64, 64, None),  # 24 pairs: a 32-pair chunk, half of them another rank's
     ],
 )
 def test_align_sorts_and_pads_by_expert(tokens, top_k, experts, start, num_local, only) -> None:
