@@ -1,12 +1,14 @@
 """The decode step's matmuls alone: every layer's projections of a shape, in one CUDA graph (GPU).
 
     python benchmarks/bench_gemm.py [--shape llama-3.1-8b] [--batches 1,32]
-    python benchmarks/bench_gemm.py --tune [--out FILE]   # the skinny matmul's table
+    python benchmarks/bench_gemm.py --tune [--tune-shapes a,b] [--out FILE]   # the skinny matmul's table
 
---tune times, for every projection of the Llama-3.1-8B, Qwen2-7B and Qwen3-8B shapes and each rows
+--tune times, for every projection of the --tune-shapes (default Llama-3.1-8B, Qwen2-7B and Qwen3-8B;
+of an MoE shape only the attention's, its experts run in the grouped kernels) and each rows
 bucket of the skinny Triton matmul (model/kernels/skinny_matmul.py), cuBLAS against every
 candidate tile (at the bucket's fewest and most rows, summed, over a layer stack in one graph) and
-writes the winners that beat cuBLAS by more than 3% to --out (default: the bundled table).
+writes the winners that beat cuBLAS by more than 3% to --out (default: the bundled table), keeping
+the entries of shapes not tuned in this run.
 
 Each layer gets its own weights (as in the model, so nothing is served from L2), torch's cuBLAS
 picks the kernels, as in the engine. Printed beside the read floor of the same bytes at the
@@ -67,11 +69,20 @@ def stack_ms(matmul, xs: list[torch.Tensor], ws: list[torch.Tensor]) -> float:
     return sum(graph_ms(lambda x=x: [matmul(x, w) for w in ws]) for x in xs)
 
 
-def tune(out: str) -> None:
+def tuned_projections(name: str) -> list[tuple[int, int]]:
+    """(in, out) features of the dense projections the skinny kernel may take for shape `name`."""
+    projections = layer_projections(SHAPES[name])
+    names = ("qkv", "o") if SHAPES[name].get("num_experts") else tuple(projections)
+    return [projections[p] for p in names]
+
+
+def tune(out: str, shape_names: list[str]) -> None:
     """The skinny matmul's table: per (N, K, rows bucket), the fastest tiles where they beat cuBLAS."""
     dtype, dev = torch.bfloat16, torch.device("cuda")
-    shapes = {nk for name in TUNE_SHAPES for nk in layer_projections(SHAPES[name]).values()}
-    table = {"_about": json.loads(skinny.TILES_FILE.read_text())["_about"]}
+    shapes = {nk for name in shape_names for nk in tuned_projections(name)}
+    table = json.loads(skinny.TILES_FILE.read_text())
+    if os.path.exists(out):
+        table = json.loads(open(out).read())
     for k, n in sorted(shapes):
         ws = [torch.randn(n, k, dtype=dtype, device=dev) * 0.02 for _ in range(24)]
         low = 1
@@ -94,6 +105,7 @@ def tune(out: str) -> None:
                 if ms < best_ms:
                     best, best_ms = tiles, ms
             verdict = "cuBLAS kept"
+            table.pop(skinny.tile_key(n, k, bucket), None)
             if best is not None and best_ms < 0.97 * cublas:
                 table[skinny.tile_key(n, k, bucket)] = list(best)
                 verdict = f"kernel {best}"
@@ -103,7 +115,7 @@ def tune(out: str) -> None:
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
-    print(f"wrote {len(table) - 1} entries to {out}")
+    print(f"wrote {len(table) - 1} entries to {out} (tuned now: {', '.join(shape_names)})")
 
 
 def main() -> None:
@@ -111,10 +123,11 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-shapes", default=",".join(TUNE_SHAPES))
     ap.add_argument("--out", default=str(skinny.TILES_FILE))
     args = ap.parse_args()
     if args.tune:
-        return tune(args.out)
+        return tune(args.out, args.tune_shapes.split(","))
     shape = SHAPES[args.shape]
     bandwidth = measure_hbm_bandwidth()
     dtype, dev = torch.bfloat16, torch.device("cuda")
