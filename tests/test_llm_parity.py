@@ -7,7 +7,7 @@ import pytest
 from strata import LLM, SamplingParams
 from tests.hf_reference import assert_logprobs_close, hf_greedy, hf_prompt_logprobs
 
-MAX_NEW = 64
+MAX_NEW = 32  # past two KV blocks of every prompt; Hugging Face's own steps are most of this file's time
 
 RAW_PROMPTS = [
     "The capital of France is",
