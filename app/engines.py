@@ -155,9 +155,15 @@ class RayEngine:
 
     async def _stream(self, method, arg) -> AsyncIterator:
         """The values of one of the actor's streaming generators, Ray's wrapping removed."""
+        from ray.exceptions import RayActorError
+
         try:
             async for ref in method.remote(arg):
                 yield await ref
+        except RayActorError as err:
+            if self._closed:  # our shutdown killed the driver: its streams' last words may be lost with it
+                raise RuntimeError("the engine was shut down") from None
+            raise _unwrap(err) from None
         except Exception as err:  # noqa: BLE001 - re-raised, unwrapped
             raise _unwrap(err) from None
 
