@@ -12,7 +12,9 @@ engine. In bfloat16 they need not: a resumed request's prompt and delivered toke
 again, and a prefill rounds differently from the decode steps that first made that KV (as vLLM's
 preemption by recompute); so the run also prints where the first difference falls (after the
 fault, or before it: a defect) and an undisturbed run after the recovery (the rebuilt weights
-must give the reference tokens again).
+must give the reference tokens again). A control in the same run: the first request alone, no
+fault, against the same request in the batch: where they differ, the greedy tokens depend on what
+else is in the batch, so no resume by recompute could be held to an undisturbed run's tokens either.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ def main() -> None:
         got, gap, fault_at = asyncio.run(stream_all(engine, requests("run"), FAULT_AFTER))
         health = asyncio.run(engine.health())
         after, _, _ = asyncio.run(stream_all(engine, requests("after"), None))
+        alone, _, _ = asyncio.run(stream_all(engine, requests("alone")[:1], None))
         llm.shutdown()
+    alone_differs_at = next((j for j, (a, b) in enumerate(zip(alone[0], expected[0], strict=True)) if a != b), None)
     first_differences = [next((j for j, (a, b) in enumerate(zip(g, e, strict=False)) if a != b),
                               None if len(g) == len(e) else min(len(g), len(e)))
                          for g, e in zip(got, expected, strict=True)]
@@ -102,12 +106,14 @@ def main() -> None:
               "max_gap_s": round(gap, 2), "max_gap_undisturbed_s": round(base_gap, 3),
               "tokens_match_undisturbed": got == expected, "faulted": bool(fault_at),
               "streams_differing": len(differing), "earliest_difference": min(differing, default=None),
-              "after_recovery_matches_reference": after == expected}
+              "after_recovery_matches_reference": after == expected,
+              "first_request_alone_differs_from_batched_at": alone_differs_at}
     print(f"one injected step fault, {args.streams} streams: longest stall a stream saw {gap:.2f} s "
           f"(undisturbed run: {base_gap * 1000:.1f} ms); recoveries {health.recoveries}; tokens match the "
           f"undisturbed run: {got == expected} ({len(differing)} stream(s) differ, the earliest at token "
           f"{min(differing, default='-')}; the fault came at token >= {FAULT_AFTER}); an undisturbed run "
-          f"after the recovery matches the reference: {after == expected}", flush=True)
+          f"after the recovery matches the reference: {after == expected}; the first request run alone "
+          f"(no fault) differs from it in the batch at token {alone_differs_at}", flush=True)
     print("RESULT " + json.dumps(record), flush=True)
 
 
