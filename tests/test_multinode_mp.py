@@ -3,8 +3,9 @@ node 0 on host 1 serves the API, node 1 on host 2 runs headless. tp=2 x pp=2 ans
 Face does with a stage on each host; the headless node exits once the head stops, or is killed;
 a node pointed at a wrong master, and a head whose other node never comes, fail in time naming
 what is missing; `strata doctor` with the same node flags checks both hosts and their link. A
-rank of the headless node killed, then the whole headless node killed and started again, cost no
-request: the head rebuilds the gang (waiting, /health naming the node, until it rejoins)."""
+rank of the headless node killed, then the whole headless node killed and started again, then the
+whole headless node stopped (hung) and continued, cost no request: the head rebuilds the gang
+(waiting, /health naming the node, until it rejoins)."""
 
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ class Streams:
             if self.proc.poll() is not None and not self._reader.is_alive():
                 break
             time.sleep(0.1)
-        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-5000:]}" for p in logs)
+        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-5000:]}" for p in logs if p.exists())
         raise AssertionError(f"no {what} after {timeout_s} s; client said {self.lines[-20:]}\n"
                              f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}\n{tails}")
 
@@ -250,21 +251,26 @@ def _pid_of(log, rank: int) -> int:
     return int(next(p for p in found[-1] if p))
 
 
+@pytest.mark.timeout(500)
 def test_the_headless_nodes_ranks_killed_and_the_node_restarted_cost_no_request(hosts, tiny_models, tmp_path):
     """(a) one rank of node 1 SIGKILLed (its node's launcher lives on): the head rebuilds the gang
     with a fresh rank there; (b) the whole of node 1 (launcher and ranks) SIGKILLed: the head's
     /health names node 1 and its address while it waits, and once node 1 is started again with the
-    same command the gang is rebuilt. Every stream resumes with an undisturbed run's greedy text."""
+    same command the gang is rebuilt; (c) the whole of node 1 stopped (SIGSTOP, a hung host): the head
+    finds it silent, /health naming it; continued (SIGCONT), node 1 finds itself dropped, ends its
+    stale ranks and exits; the rebuild waits for it, and started again it rejoins. Every stream
+    resumes with an undisturbed run's greedy text."""
     model = tiny_models("llama")
     began = time.monotonic()
     head_log, node_log, node_log2 = tmp_path / "head.log", tmp_path / "node1.log", tmp_path / "node1-again.log"
+    node_log3 = tmp_path / "node1-third.log"
     node_cmd = _serve(model, "--node-rank", "1", "--master-addr", hosts.head.ip, "--headless",
                       "--dist-init-timeout", "90")
     head = hosts.spawn(hosts.head, _serve(model, "--node-rank", "0", "--master-addr", hosts.head.ip, "--port",
                                           str(PORT), "--dist-init-timeout", "90", "--step-timeout", "30",
-                                          "--max-recoveries", "3"), head_log)
+                                          "--max-recoveries", "4"), head_log)
     node = hosts.spawn(hosts.worker, node_cmd, node_log)
-    logs = (head_log, node_log, node_log2)
+    logs = (head_log, node_log, node_log2, node_log3)
     try:
         query_completions(hosts, hosts.head, PORT, [[5]], 1, head, head_log)  # healthy, warmed up
         print(f"serving {time.monotonic() - began:.1f} s after the start")
@@ -306,6 +312,47 @@ def test_the_headless_nodes_ranks_killed_and_the_node_restarted_cost_no_request(
         print(f"(b) node 1 killed: {waiting}; serving again {back[0] - restarted_at:.1f} s after its restart "
               f"({back[0] - killed_at:.1f} s after the kill)")
         assert streams.healths()[-1][2]["recoveries"] == 2, streams.healths()
+
+        # (c) the whole of node 1 hung (SIGSTOP): its silence is seen before the step timeout (30 s).
+        streams = Streams(hosts, PORT)
+        streams.wait_for(lambda line: line[1] == "progress", 120, "progress", logs)
+        stopped = hosts.worker.pids()
+        hung_at = time.monotonic() - streams.started
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+
+        def health_says(start: str):
+            return lambda line: line[1] == "health" and json.loads(line[2])[1].get("reason", "").startswith(start)
+
+        silent = "node 1 (10.77.0.2) sent nothing for 20 s"  # HeadNodes' NODE_SILENCE_S
+        lost = streams.wait_for(health_says(silent), 60, "node 1 lost", logs)
+        status, body = json.loads(lost[2])
+        assert (status, body["state"], body["reason"]) == (503, "recovering", silent), body
+        # The head's step may still wait on a stopped rank of node 1 (rank 0 collecting the last
+        # stage's result over gloo): its kill reaches only node 0's ranks, and StopRanks cannot reach
+        # a node it dropped. Continued, node 1 finds its connection to the head closed: it ends its
+        # stale ranks (which ends that step) and exits, 1, saying why; the rebuild waits for node 1.
+        continued_at = time.monotonic() - streams.started
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        waiting = streams.wait_for(health_says("waiting for node 1 (10.77.0.2) to rejoin; it sent nothing for 20 s"),
+                                   30, "health naming node 1", logs)
+        assert json.loads(waiting[2])[0] == 503, waiting
+        assert node.wait(30) == 1, node_log2.read_text()[-4000:]
+        assert "strata serve: error: node 1: the head at 10.77.0.1:" in node_log2.read_text(), node_log2.read_text()
+        deadline = time.monotonic() + 15
+        while hosts.worker.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not hosts.worker.pids(), hosts.worker.pids()  # no stale rank left to disturb the next gang
+        assert list(streams.healths()[-1][1:]) == json.loads(waiting[2]), streams.healths()  # it did not rejoin
+        node = hosts.spawn(hosts.worker, node_cmd, node_log3)
+        restarted_at = time.monotonic() - streams.started
+        assert streams.texts(240, logs) == undisturbed
+        back = [t for t, status, _ in streams.healths() if status == 200 and t > hung_at]
+        print(f"(c) node 1 stopped: lost {lost[0] - hung_at:.1f} s later; continued at once, the rebuild waiting "
+              f"for it {waiting[0] - continued_at:.1f} s after; serving again {back[0] - restarted_at:.1f} s after "
+              f"its restart ({back[0] - hung_at:.1f} s after the stop)")
+        assert streams.healths()[-1][2]["recoveries"] == 3, streams.healths()
     finally:
         head_rc = stop(head)
         try:
@@ -316,4 +363,4 @@ def test_the_headless_nodes_ranks_killed_and_the_node_restarted_cost_no_request(
         hosts.worker.kill_all()
         hosts.head.kill_all()
     assert head_rc == 0, head_log.read_text()[-4000:]
-    assert node_rc == 0, node_log2.read_text()[-4000:]
+    assert node_rc == 0, node_log3.read_text()[-4000:]
