@@ -129,7 +129,7 @@ def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[MoeTi
     if quick:
         return [MoeTiles(16, 32, 32, 4, 2)]
     if tokens * top_k <= 16 * experts:  # a few rows per expert: streaming weights, 16-row tiles
-        grid = itertools.product([16], [32, 64, 128], [64, 128, 256], [4], [3, 4])
+        grid = itertools.product([16], [16, 32, 64, 128], [64, 128, 256], [2, 4], [3, 4, 5])
     else:  # dozens of rows per expert: tensor-core tiles
         grid = itertools.product([32, 64, 128], [64, 128], [64], [4, 8], [3, 4])
     return [MoeTiles(*c) for c in grid]
