@@ -190,7 +190,6 @@ def align_by_expert(
         used_tiles, ends, chunks, num_pairs, num_experts, expert_start, num_local,
         ONE_CHUNK=chunks == 1, COUNT_LOAD=expert_counts is not None, BLOCK_M=block_m, E_PAD=e_pad,
         CHUNK=layout_chunk, BLOCK=_BLOCK,
-        num_warps=1 if chunks == 1 else 4,  # at decode its reductions are small: warp shuffles, no barriers
     )
     if chunks > 1:
         _scatter_kernel[(chunks,)](
