@@ -45,6 +45,9 @@ class DriverExecutor:
         self.plans = PlanPublisher(rank_facts, worker.groups.control) if self.coords.world_size > 1 else None
         # Async scheduling (one rank): submit returns a PendingStep as soon as the step is launched.
         self.defer = async_steps(worker.config)
+        # A result not come within the step timeout fails the step here: the watchdog can kill
+        # this node's ranks, not another host's, and a stopped peer keeps its sockets open.
+        self.result_timeout_s = worker.config.step_timeout_s
 
     def _send_plan(self, plan: StepPlan) -> None:
         if self.plans is not None:
@@ -65,7 +68,8 @@ class DriverExecutor:
 
     def collect(self, plan: StepPlan) -> StepResult:
         """The sampling rank's result of `plan`, the oldest step not yet collected."""
-        result = StepResult.decode(recv_bytes(self.sampler_rank, self.worker.groups.control))
+        result = StepResult.decode(recv_bytes(self.sampler_rank, self.worker.groups.control,
+                                              timeout_s=self.result_timeout_s))
         self._attach_remote_loads(plan, result)
         return result
 
@@ -77,7 +81,8 @@ class DriverExecutor:
         loads = [local] if local is not None else []
         for stage in range(1, self.coords.pp_size):
             leader = stage_leader(stage, self.coords.tp_size)
-            loads.append(msgpack.unpackb(recv_bytes(leader, self.worker.groups.control)))
+            loads.append(msgpack.unpackb(recv_bytes(leader, self.worker.groups.control,
+                                                    timeout_s=self.result_timeout_s)))
         result.expert_load = loads
 
     def shutdown(self) -> None:

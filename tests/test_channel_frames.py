@@ -30,3 +30,45 @@ def test_a_frame_length_past_the_cap_is_refused_before_anything_is_allocated(mon
     monkeypatch.setattr(channel, "MAX_FRAME_BYTES", 100)
     with pytest.raises(channel.FrameTooLarge, match="over the 100-byte limit"):  # refused where it is made
         channel.isend_bytes(b"x" * 101, 1, None, channel.PendingSends())
+
+
+# Two real gloo ranks in child processes: rank 1 joins and then sends nothing (a stopped peer keeps
+# its sockets open, as here). Gloo closes the pair on the timeout: the gang is rebuilt after it.
+_RANK = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from strata.distributed import channel
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=120))
+if rank == 0:
+    started = time.monotonic()
+    try:
+        channel.recv_bytes(1, None, timeout_s=1.5)
+    except channel.RecvTimeout as err:
+        print(f"timeout after {time.monotonic() - started:.1f} s: {err}", flush=True)
+else:
+    time.sleep(60)
+os._exit(0)
+"""
+
+
+def test_a_receive_with_a_timeout_gives_up_on_a_silent_peer():
+    """Without the timeout the receive would wait for the group's 120 s."""
+    import subprocess
+    import sys
+
+    from tests.server_fixtures import free_port
+
+    port = str(free_port())
+    peer = subprocess.Popen([sys.executable, "-c", _RANK, "1", port])
+    try:
+        done = subprocess.run([sys.executable, "-c", _RANK, "0", port], capture_output=True, text=True, timeout=90)
+    finally:
+        peer.kill()
+        peer.wait(30)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 1, done.stdout + done.stderr
+    seconds = float(lines[0].split()[2])
+    assert 1.4 <= seconds < 10 and lines[0].endswith("rank 1 sent nothing for 1.5 s"), lines

@@ -9,6 +9,8 @@ length fails that link with a clear error instead of exhausting the host's memor
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import msgpack
 import torch
 import torch.distributed as dist
@@ -20,6 +22,10 @@ MAX_FRAME_BYTES = 1 << 30
 
 class FrameTooLarge(RuntimeError):
     """A peer announced a frame no receiver should allocate: the link's framing is lost."""
+
+
+class RecvTimeout(RuntimeError):
+    """A peer sent nothing within the receiver's time limit (hung, or on a host that is)."""
 
 
 def check_frame_size(size: int, src: int | str, limit: int = MAX_FRAME_BYTES) -> int:
@@ -58,13 +64,28 @@ def isend_bytes(data: bytes, dst: int, group: dist.ProcessGroup, pending: Pendin
     pending.add(dist.isend(payload, dst=dst, group=group), payload)
 
 
-def recv_bytes(src: int, group: dist.ProcessGroup, limit: int = MAX_FRAME_BYTES) -> bytes:
-    """One frame from `src`; FrameTooLarge when its announced length is over `limit`."""
+def recv_bytes(src: int, group: dist.ProcessGroup, limit: int = MAX_FRAME_BYTES,
+               timeout_s: float | None = None) -> bytes:
+    """One frame from `src`; FrameTooLarge when its announced length is over `limit`. With
+    `timeout_s`, RecvTimeout when a part of it has not come within that many seconds: a stopped
+    process keeps its sockets open, so a plain receive from it waits for the group's own timeout."""
     size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src=src, group=group)
+    _recv(size, src, group, timeout_s)
     buf = torch.empty(check_frame_size(int(size.item()), src, limit), dtype=torch.uint8)
-    dist.recv(buf, src=src, group=group)
+    _recv(buf, src, group, timeout_s)
     return buf.numpy().tobytes()
+
+
+def _recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, timeout_s: float | None) -> None:
+    if timeout_s is None:
+        dist.recv(tensor, src=src, group=group)
+        return
+    try:
+        dist.irecv(tensor, src=src, group=group).wait(timedelta(seconds=timeout_s))
+    except RuntimeError as err:
+        if "Timed out" not in str(err):  # a peer that died: its own error, as a plain receive gives
+            raise
+        raise RecvTimeout(f"rank {src} sent nothing for {timeout_s:g} s") from err
 
 
 def all_gather_msgpack(obj, group: dist.ProcessGroup | None, world_size: int) -> list:
