@@ -347,3 +347,23 @@ def test_rotary_fused_into_split_kv_bf16_on_gpu():
     for seed in range(20):
         lens = [random.Random(seed).randrange(1, 3000) for _ in range(1 + seed % 4)]
         _check([1] * len(lens), lens, many, **shape, seed=seed, padding=seed % 2, rotary=True)
+
+
+def test_qk_norm_weights_that_do_not_fit_are_refused_or_left_unfused():
+    """A weight of another width or dtype: the kernel's entry refuses it by name; the backend does
+    not hand it to the kernel (the norms then run on their own, as torch's)."""
+    from strata.model.kernels.split_kv_attention import qk_norm_fits, split_kv_attention_rotary
+    from strata.model.layers.triton_attention import _fusable_norm_weights
+
+    q = torch.zeros(1, 4, 64)
+    good = torch.ones(64)
+    assert qk_norm_fits(q, good, good)
+    assert not qk_norm_fits(q, good, torch.ones(32)) and not qk_norm_fits(q, good.half(), good)
+    with pytest.raises(ValueError, match=r"q/k norm weights must be contiguous \[64\] of torch.float32"):
+        split_kv_attention_rotary(q, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), torch.ones(1, 64),
+                                  torch.zeros(1, 64), torch.zeros(2, 1, 16, 2, 64), torch.zeros(1, dtype=torch.long),
+                                  None, None, None, 1.0, None, 1, None, None, qk_norm=(good, torch.ones(32), 1e-6))
+    norms = _qk_norms(64, torch.float32)
+    assert _fusable_norm_weights(norms, q) is not None
+    norms[1].eps = 1e-5  # two epsilons: one launch has one
+    assert _fusable_norm_weights(norms, q) is None

@@ -203,6 +203,12 @@ def _split_kv_kernel(
         tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+def qk_norm_fits(q: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> bool:
+    """Whether the launch can norm the heads of q [T, heads, head_dim] (and k) with these weights:
+    each contiguous [head_dim], in q's dtype."""
+    return all(w.shape == q.shape[2:] and w.dtype == q.dtype and w.stride(0) == 1 for w in (q_weight, k_weight))
+
+
 def split_kv_scratch_numel(num_seqs: int, num_heads: int, head_dim: int, num_segments: int) -> int:
     """Float32 elements of scratch `split_kv_attention` needs (partial outputs, then their lse)."""
     return num_seqs * num_heads * num_segments * (head_dim + 1)
@@ -267,8 +273,7 @@ def split_kv_attention_rotary(
     first, as `RMSNorm` does it (Qwen3), in the same launch.
     """
     _check_rotary_inputs(q, k, cos, sin)
-    if qk_norm is not None and any(w.shape != (q.shape[2],) or w.dtype != q.dtype or w.stride(0) != 1
-                                   for w in qk_norm[:2]):
+    if qk_norm is not None and not qk_norm_fits(q, *qk_norm[:2]):
         raise ValueError(f"q/k norm weights must be contiguous [{q.shape[2]}] of {q.dtype}; got "
                          f"{[(tuple(w.shape), w.dtype) for w in qk_norm[:2]]}")
     tokens, num_heads, head_dim = q.shape

@@ -44,6 +44,7 @@ if triton_available():
     from strata.model.kernels.paged_attention import unified_attention
     from strata.model.kernels.rotary import apply_rotary_to_cache
     from strata.model.kernels.split_kv_attention import (
+        qk_norm_fits,
         split_kv_attention,
         split_kv_attention_rotary,
         split_kv_scratch_numel,
@@ -84,16 +85,14 @@ def _plan_segments(num_seqs: int, kv_heads: int, max_seq_len: int, sm_count: int
 
 
 def _fusable_norm_weights(qk_norm: QKNorm | None, q: torch.Tensor) -> QKNormWeights | None:
-    """(q weight, k weight, eps) when the split-KV launch can apply `qk_norm` itself: one eps, weights
-    contiguous [head_dim] in q's dtype (as every RMSNorm loads them)."""
+    """(q weight, k weight, eps) when the split-KV launch can apply `qk_norm` itself (one eps, weights
+    `qk_norm_fits`), else None."""
     if qk_norm is None:
         return None
     q_norm, k_norm = qk_norm
-    weights = (q_norm.weight, k_norm.weight)
-    if q_norm.eps != k_norm.eps or any(w.shape != q.shape[2:] or w.dtype != q.dtype or not w.is_contiguous()
-                                       for w in weights):
+    if q_norm.eps != k_norm.eps or not qk_norm_fits(q, q_norm.weight, k_norm.weight):
         return None
-    return (*weights, float(q_norm.eps))
+    return q_norm.weight, k_norm.weight, float(q_norm.eps)
 
 
 class TritonBackend(AttentionBackend):
@@ -148,7 +147,7 @@ class TritonBackend(AttentionBackend):
         t = q.shape[0]
         v = v.unflatten(-1, (layer.num_kv_heads, layer.head_dim))
         segments = self._segments(metadata, attn, layer.num_kv_heads, q.device)
-        norm_weights = _fusable_norm_weights(qk_norm, q)
+        norm_weights = _fusable_norm_weights(qk_norm, q) if segments else None
         if segments and (qk_norm is None or norm_weights):  # norms, rotation and cache write ride in attention
             return split_kv_attention_rotary(q, k, v, cos, sin, kv_cache, attn.slot_mapping, attn.query_start_loc,
                                              attn.seq_lens, attn.block_tables, layer.scale, layer.sliding_window,
