@@ -32,7 +32,8 @@ from benchmarks.shapes import SHAPES  # noqa: E402
 from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
 
 TUNE_SHAPES = ("llama-3.1-8b", "qwen2-7b", "qwen3-8b")
-CANDIDATES = [(n, k, 4, s) for n in (16, 32, 64) for k in (64, 128, 256) for s in (3, 4, 5)]
+# (block_n, block_k, warps, stages, split): split-K only where K leaves each split a few tiles
+CANDIDATES = [(n, k, 4, s, split) for n in (16, 32, 64) for k in (128, 256) for s in (3, 4, 5) for split in (1, 2, 4)]
 
 
 def layer_projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -92,6 +93,8 @@ def tune(out: str, shape_names: list[str]) -> None:
             cublas = stack_ms(torch.nn.functional.linear, xs, ws)
             best, best_ms = None, cublas
             for tiles in CANDIDATES:
+                if k // tiles[4] < 2 * tiles[1]:
+                    continue
                 try:
                     ref = torch.nn.functional.linear(xs[1], ws[0])
                     got = skinny.skinny_matmul(xs[1], ws[0], *tiles)
@@ -107,7 +110,7 @@ def tune(out: str, shape_names: list[str]) -> None:
             verdict = "cuBLAS kept"
             table.pop(skinny.tile_key(n, k, bucket), None)
             if best is not None and best_ms < 0.97 * cublas:
-                table[skinny.tile_key(n, k, bucket)] = list(best)
+                table[skinny.tile_key(n, k, bucket)] = list(best[:4] if best[4] == 1 else best)
                 verdict = f"kernel {best}"
             print(f"{n}x{k} rows<={bucket}: cuBLAS {cublas / 48 * 1000:.1f} us, best kernel "
                   f"{best_ms / 48 * 1000:.1f} us per matmul -> {verdict}", flush=True)

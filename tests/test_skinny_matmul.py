@@ -64,7 +64,7 @@ def test_only_tuned_16_bit_cuda_products_take_the_kernel(monkeypatch, tmp_path):
 
 
 def test_bundled_table_reads():
-    assert all(len(v) == 4 for v in skinny.load_tiles().values())
+    assert all(len(v) in (4, 5) for v in skinny.load_tiles().values())
 
 
 @pytest.mark.gpu
@@ -80,3 +80,21 @@ def test_tuned_shapes_match_cublas_in_bfloat16():
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             torch.testing.assert_close(skinny.skinny_matmul(x, w, *tiles), torch.nn.functional.linear(x, w),
                                        atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("rows,n,k,tiles", [
+    (1, 96, 200, (32, 64, 4, 2, 2)),     # K's last split shorter than the others
+    (3, 48, 512, (16, 64, 2, 2, 4)),
+    (20, 40, 96, (32, 32, 2, 2, 8)),     # more splits asked than K has tiles: 3 run
+])
+def test_split_k_matches_torch_and_rearms_its_counters(rows, n, k, tiles, dtype):
+    torch.manual_seed(k)
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k**0.5
+    for _ in range(2):  # the second launch finds the counters the first left at zero
+        x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+        got = skinny.skinny_matmul(x, w, *tiles)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), w.float()).to(dtype), **TOLERANCE[dtype])
+    assert not skinny._scratch.arrivals[torch.device(DEVICE)].any()
+    with pytest.raises(ValueError, match="split"):
+        skinny.skinny_matmul(x, w, 16, 32, 2, 2, 0)

@@ -8,6 +8,11 @@ BLOCK_N output columns for every row and walks K, so the grid is N / BLOCK_N pro
 streaming its own [BLOCK_N, K] slice of W once; x (a few KB) comes from L2. Accumulation in
 float32, one rounding at the end, as cuBLAS without split-K.
 
+Products with few column blocks and a long K (o_proj of a narrow model: 2048 x 4096) leave most
+SMs with one short stream each; a tuned `split` divides K among that many programs per column
+block. Their float32 partials meet in the last program to finish, in split order (no second
+launch, and the same sum whichever split ends first).
+
 Which shapes take it is data (`skinny_tiles.json`, written by `benchmarks/bench_gemm.py --tune`
 on the GPU machine): a (N, K, rows bucket) the table does not name stays on cuBLAS.
 """
@@ -31,24 +36,69 @@ ROW_BUCKETS = (16, 32)  # rows padded to a tl.dot-friendly height; more rows go 
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, w_ptr, y_ptr, M, N, K,
+    x_ptr, w_ptr, y_ptr, partial_ptr, arrivals_ptr, M, N, K, k_per_split,
     s_xm, s_xk, s_wn, s_wk, s_ym, s_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    col_block, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
+        k_ok = ks < k_end
         x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)
         acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
     out = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if SPLIT > 1:
+        # Each split stores its float32 partial; the last of a column block's splits to finish
+        # (an atomic count, acq_rel at GPU scope, after a barrier that puts every thread's stores
+        # first) adds them in split order, so the sum does not depend on which finished first,
+        # and re-arms the counter for the next launch (a graph replays it). Partials are read
+        # from L2 (.cg), past this SM's L1.
+        part = partial_ptr + rows[:, None] * N + cols[None, :]
+        tl.store(part + split * BLOCK_M * N, acc, mask=col_ok[None, :])
+        tl.debug_barrier()
+        counter = arrivals_ptr + col_block
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed")
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(part + s * BLOCK_M * N, mask=col_ok[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+class _SplitScratch:
+    """Split-K's float32 partials and int32 arrival counters for one device, grown (never while a
+    CUDA graph is captured: the runner's eager warm-up before capture grows them) and reused, so
+    a graph replays the same addresses. Every launch leaves the counters at zero."""
+
+    def __init__(self) -> None:
+        self.partials: dict[torch.device, torch.Tensor] = {}
+        self.arrivals: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, device: torch.device, partial_elems: int, counters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The two buffers, at least this large; None while capturing if they would have to grow."""
+        partials, arrivals = self.partials.get(device), self.arrivals.get(device)
+        if partials is None or partials.numel() < partial_elems or arrivals.numel() < counters:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            if partials is None or partials.numel() < partial_elems:
+                partials = self.partials[device] = torch.empty(partial_elems, dtype=torch.float32, device=device)
+            if arrivals is None or arrivals.numel() < counters:
+                arrivals = self.arrivals[device] = torch.zeros(counters, dtype=torch.int32, device=device)
+        return partials, arrivals
+
+
+_scratch = _SplitScratch()
 
 
 def row_bucket(rows: int) -> int | None:
@@ -56,18 +106,28 @@ def row_bucket(rows: int) -> int | None:
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int,
-                  num_stages: int) -> torch.Tensor:
-    """x [M, K] (M <= 32) @ weight [N, K]^T -> [M, N] in x's dtype, with the given tiles."""
+                  num_stages: int, split: int = 1) -> torch.Tensor:
+    """x [M, K] (M <= 32) @ weight [N, K]^T -> [M, N] in x's dtype, with the given tiles. `split` > 1
+    divides K among that many programs per column block (split-K): more programs streaming W at
+    once, for products with few column blocks and a long K."""
     rows, k = x.shape
     n = weight.shape[0]
     bucket = row_bucket(rows)
     if bucket is None or weight.shape[1] != k:
         raise ValueError(f"skinny_matmul takes x [M <= {ROW_BUCKETS[-1]}, K] and weight [N, K]; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if split < 1:
+        raise ValueError(f"skinny_matmul: split must be >= 1, got {split}")
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, rows, n, k, *x.stride(), *weight.stride(), *y.stride(),
-        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    col_blocks = triton.cdiv(n, block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)  # no split left without K
+    buffers = _scratch.get(x.device, split * bucket * n, col_blocks) if split > 1 else None
+    if buffers is None:  # unsplit (or its scratch cannot grow inside a capture)
+        split, k_per_split, buffers = 1, k, (y, y)
+    _skinny_kernel[(col_blocks, split)](
+        x, weight, y, *buffers, rows, n, k, k_per_split, *x.stride(), *weight.stride(), *y.stride(),
+        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
@@ -77,8 +137,9 @@ def tile_key(n: int, k: int, bucket: int) -> str:
 
 
 @functools.cache
-def load_tiles(path: str = str(TILES_FILE)) -> dict[str, tuple[int, int, int, int]]:
-    """(N, K, rows bucket) key -> (block_n, block_k, warps, stages); {} when the file is unreadable."""
+def load_tiles(path: str = str(TILES_FILE)) -> dict[str, tuple[int, ...]]:
+    """(N, K, rows bucket) key -> (block_n, block_k, warps, stages[, split]); {} when the file is
+    unreadable."""
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -88,7 +149,7 @@ def load_tiles(path: str = str(TILES_FILE)) -> dict[str, tuple[int, int, int, in
         return {}
 
 
-def tiles_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+def tiles_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...] | None:
     """The tuned tiles when this product should take the kernel (16-bit, on CUDA, few rows, a
     shape the table names), else None (cuBLAS)."""
     if not x.is_cuda or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
