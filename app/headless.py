@@ -5,9 +5,14 @@ this node's ranks as local processes on node 0's orders (node K of N runs ranks 
 (K+1)*W/N - 1, device index = the rank's place on the node): StartRanks starts a gang's (a
 rebuilt gang's after a fault), StopRanks kills them. A rank that dies is reported to node 0
 (RanksDied), which rebuilds the gang; the node stays. It pings node 0 every few seconds, so a
-hung node is noticed there. It exits 0 when the head shut down cleanly (its ranks got the
-shutdown plan), and 1 with a message when the head went away: a node never hangs on a head that
-is gone. Started again with the same command, it rejoins, and node 0 rebuilds the gang with it.
+hung node is noticed there.
+
+It exits 0 when the head shut down cleanly (a Bye, or its ranks got the shutdown plan). A head
+lost without a Bye (node 0 dropped this node as silent after a hang, the link broke, or the head
+died) is rejoined: the node kills its stale ranks, says the same hello again for up to
+dist_init_timeout_s, and serves the rebuilt gang's orders; node 0 takes it back as it takes a
+node started again (actors/nodes/head_nodes.py). Only a head that cannot be reached within that
+time ends it: 1, with a message. A node never hangs on a head that is gone.
 
 Each node's own environment reaches its ranks (NCCL_*, GLOO_*, STRATA_HOST_IP, ...): unlike
 Ray, nothing is forwarded from node 0, so set them on every node.
@@ -15,6 +20,7 @@ Ray, nothing is forwarded from node 0, so set them on every node.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import signal
@@ -25,7 +31,7 @@ import time
 import torch
 
 from strata.actors.executor import MpRankLauncher
-from strata.actors.nodes.node_messages import Ping, RanksDied, RendezvousError, StartRanks, StopRanks
+from strata.actors.nodes.node_messages import Hello, Ping, RanksDied, RendezvousError, StartRanks, StopRanks
 from strata.actors.nodes.rendezvous import PING_INTERVAL_S, HeadConnection, hello_for, join_head
 from strata.config import EngineConfig
 from strata.distributed.rank_layout import ranks_of_node
@@ -34,24 +40,47 @@ from strata.model_facts import ModelFacts
 logger = logging.getLogger("strata")
 
 _RANKS_STOP_S = 30.0  # after the head's Bye, how long this node's ranks may take to finish
+_REJOIN_PAUSE_S = 1.0  # between two tries at rejoining that were answered (refused, or closed)
 
 
 def run_headless(config: EngineConfig, facts: ModelFacts) -> int:
-    node = config.node_rank
+    hello = hello_for(config, "serve")
     try:
-        head = join_head(hello_for(config, "serve"), config.master_addr, config.master_port,
-                         config.dist_init_timeout_s)
+        head = join_head(hello, config.master_addr, config.master_port, config.dist_init_timeout_s)
     except RendezvousError as err:
         print(f"strata serve: error: {err}", file=sys.stderr)
         return 1
     ranks = NodeRanks(config, facts)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _serve(node, head, ranks)
+        return follow_head(config, hello, head, ranks)
     except KeyboardInterrupt:
-        logger.info("node %d: interrupted; stopping this node's ranks", node)
+        logger.info("node %d: interrupted; stopping this node's ranks", config.node_rank)
         ranks.stop(0.0)
         return 0
+
+
+def follow_head(config: EngineConfig, hello: Hello, head: HeadConnection, ranks: NodeRanks) -> int:
+    """Serves the head's orders until it shuts down (0; 1 if this node's ranks did not end
+    cleanly). A head lost without a Bye is rejoined with `hello`; one that cannot be reached
+    within dist_init_timeout_s ends it (1, saying why on stderr)."""
+    node = config.node_rank
+    while (verdict := _serve(node, head, ranks)) is not None:
+        clean, why = verdict
+        if clean:
+            logger.info("node %d: %s; waiting for this node's ranks to finish", node, why)
+            return 0 if ranks.stop(_RANKS_STOP_S) else 1
+        head.close()
+        ranks.kill()  # stale: node 0 rebuilds the gang, and its old ranks must not meet the new ones
+        logger.warning("node %d: lost the head (%s); stopped this node's ranks; rejoining for up to %.0f s", node,
+                       why, config.dist_init_timeout_s)
+        try:
+            head = _rejoin(config, hello)
+        except RendezvousError as err:
+            print(f"strata serve: error: node {node}: {why}; stopped this node's ranks; {err}", file=sys.stderr)
+            return 1
+    logger.info("node %d: every rank of this node finished (the head shut down)", node)
+    return 0
 
 
 class NodeRanks:
@@ -114,8 +143,10 @@ class NodeRanks:
         return clean
 
 
-def _serve(node: int, head: HeadConnection, ranks: NodeRanks) -> int:
-    orders: queue.SimpleQueue = queue.SimpleQueue()
+def _serve(node: int, head: HeadConnection, ranks: NodeRanks) -> tuple[bool, str] | None:
+    """Carries out one connection's orders until it ends: the head's verdict (clean, why), or
+    None when every rank of this node finished (the shutdown plan reached them)."""
+    orders: queue.SimpleQueue = queue.SimpleQueue()  # this connection's only: a lost one's are stale
     verdict: list[tuple[bool, str]] = []
     threading.Thread(target=lambda: verdict.append(head.watch(orders.put)), name="strata-head-watch",
                      daemon=True).start()
@@ -139,17 +170,29 @@ def _serve(node: int, head: HeadConnection, ranks: NodeRanks) -> int:
         except OSError:
             pass  # the head is gone: the watch thread says so in a moment
         if ranks.finished():
-            logger.info("node %d: every rank of this node finished (the head shut down)", node)
-            return 0
+            return None
         if verdict:
-            clean, why = verdict[0]
-            if clean:
-                logger.info("node %d: %s; waiting for this node's ranks to finish", node, why)
-                return 0 if ranks.stop(_RANKS_STOP_S) else 1
-            ranks.stop(0.0)
-            print(f"strata serve: error: node {node}: {why}; stopped this node's ranks", file=sys.stderr)
-            return 1
+            return verdict[0]
         time.sleep(0.2)
+
+
+def _rejoin(config: EngineConfig, hello: Hello) -> HeadConnection:
+    """join_head again with the same hello, until dist_init_timeout_s has passed: each try's
+    outcome is logged; the last one's error is raised."""
+    node, timeout_s = config.node_rank, config.dist_init_timeout_s
+    deadline = time.monotonic() + timeout_s
+    for attempt in itertools.count(1):
+        try:
+            head = join_head(hello, config.master_addr, config.master_port, max(deadline - time.monotonic(), 0.1))
+        except RendezvousError as err:
+            if time.monotonic() + _REJOIN_PAUSE_S >= deadline:
+                raise
+            logger.warning("node %d: rejoining, try %d: %s; trying again", node, attempt, err)
+            time.sleep(_REJOIN_PAUSE_S)
+            continue
+        logger.warning("node %d: rejoined the head at %s (try %d); waiting for node 0's orders", node, head.where,
+                       attempt)
+        return head
 
 
 def _raise_interrupt(*_: object) -> None:

@@ -6,8 +6,9 @@ the gang is being rebuilt), one gang at a time, numbered; a node reports its ran
 (RanksDied) and pings every few seconds. A node whose connection ends, or that is silent for
 NODE_SILENCE_S, is lost: that is a fault of the gang serving now (actors/nodes/nodes_launcher.py
 hands it to the watchdog). The listener stays open, so a node started again with the same
-command rejoins, and the rebuild that waits for it (`wait_for_all`, which tells /health whom it
-waits for) goes on. A report about an earlier gang is stale and ignored.
+command rejoins, as does a headless node that lost this head (woken after a hang, its link
+back), and the rebuild that waits for it (`wait_for_all`, which tells /health whom it waits
+for) goes on. A report about an earlier gang is stale and ignored.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class HeadNodes(HeadRendezvous):
                     raise RendezvousError("the head is shutting down")
                 why = "waiting for " + "; ".join(self._whom(k) for k in missing)
                 if why != said:
-                    logger.warning("node 0: %s (start it again with the same command)", why)
+                    logger.warning("node 0: %s (a node still running rejoins by itself; start one that is gone "
+                                   "again with the same command)", why)
                     describe(why)
                     said = why
                 self._changed.wait(1.0)
@@ -159,12 +161,13 @@ class HeadNodes(HeadRendezvous):
         threading.Thread(target=run, name=f"strata-node-{rank}", daemon=True).start()
 
     def _check(self, hello: Hello) -> str | None:
-        # A node that comes again from the same address was restarted: its old connection is
-        # dead, if not yet seen so. (From another address it is a second node given that rank.)
+        # A node that comes again from the same address was restarted, or rejoins after it lost
+        # this head (app/headless.py): its old connection is dead, if not yet seen so. (From
+        # another address it is a second node given that rank.)
         old = self.peers.get(hello.node_rank) if isinstance(hello, Hello) else None
         if old is not None and old[1].facts.ip == hello.facts.ip:
             with self._lock:
-                self._drop(hello.node_rank, "was started again")
+                self._drop(hello.node_rank, "came again (started again, or it lost its link to node 0)")
         return super()._check(hello)
 
     def close(self, say_bye: bool = True) -> None:

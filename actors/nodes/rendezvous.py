@@ -9,9 +9,9 @@ length and JSON checked against schemas (actors/nodes/node_messages.py): nothing
 
 The connection then stays open as a watchdog: node 0 sends a Ping every few seconds and a Bye
 when it shuts down cleanly, so a headless node notices a head that went away (end of stream, or
-silence) and exits instead of waiting forever in a collective. While serving, node 0 keeps the
-listener and the connections for more (actors/nodes/head_nodes.py: nodes that rejoin, their ranks
-started and stopped per gang).
+silence) and rejoins, or exits, instead of waiting forever in a collective (app/headless.py).
+While serving, node 0 keeps the listener and the connections for more (actors/nodes/head_nodes.py:
+nodes that rejoin, their ranks started and stopped per gang).
 """
 
 from __future__ import annotations
@@ -199,6 +199,10 @@ class HeadConnection:
         """To the head (from any thread); OSError when it is gone."""
         with self._send_lock:
             send_msg(self.sock, msg)
+
+    def close(self) -> None:
+        """After `watch` returned: this link is done (a node that rejoins makes a new one)."""
+        self.sock.close()
 
 
 def join_head(me: Hello, master_addr: str, master_port: int, timeout_s: float) -> HeadConnection:
