@@ -14,6 +14,13 @@ Restarts are bounded by the engine's recovery budget (max_recoveries within reco
 counted apart from the driver's own gang rebuilds); past it every stream gets EngineDeadError,
 and health stays `failed`, as a fail-stop inside the driver reports it. Health says `recovering`
 while a new driver starts.
+
+A driver that died with its node cannot start again before that node's placement groups are
+placed again: first the restart waits for room (RayEngine.wait_for_room, the wait of a gang
+rebuild: placement/room_wait.py), without limit but the shutdown, and meanwhile the /health
+reason (and /metrics' fault label) is what it waits for, e.g. "waiting for room: stage 0 needs
+a node with 1 CPU free (bundle 0, {'CPU': 1} each, STRICT_PACK; it was on 10.0.0.2, which left
+the cluster); free now: 10.0.0.1 (head): 0 CPU". A node that comes back (or one added) ends it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from strata.actors.engine.engine_health import Fault, HealthTracker
 from strata.app.engines import RayEngine
@@ -136,9 +143,13 @@ class DriverSupervisor:
                            fault.reason, len(self._open))
             started = time.monotonic()
             try:
+                await asyncio.to_thread(self.ray_engine.wait_for_room, self._say_waiting)
+                self._tracker.describe(fault)  # placed: what /health says again while the driver loads
                 await asyncio.to_thread(self.ray_engine.restart_driver)
                 break
             except Exception as err:  # noqa: BLE001 - tried again, within the recovery budget
+                if self._closed:  # our shutdown ended the wait for room, or the new driver's load
+                    self._fail("the engine was shut down")
                 logger.exception("starting a new driver failed")
                 fault = Fault(f"starting a new driver after '{fault.reason}' failed: {_first_line(err)}")
         self.info = self.ray_engine.info
@@ -147,6 +158,10 @@ class DriverSupervisor:
         self._tracker.recovered()
         logger.warning("a new driver serves, %.1f s after it was asked for; %d request(s) resume on it "
                        "(driver restarts: %d)", time.monotonic() - started, len(self._open), self.restarts)
+
+    def _say_waiting(self, why: str) -> None:
+        """The room wait's reason, each time it changes (on the wait's thread): /health's."""
+        self._tracker.describe(Fault(why))
 
     def _fail(self, reason: str) -> None:
         logger.error("the engine failed stop: %s", reason)
@@ -180,7 +195,14 @@ class DriverSupervisor:
         return replace(health, recoveries=health.recoveries + self.restarts)
 
     async def stats(self) -> dict:
-        return await self._ask(self.ray_engine.stats)
+        """The driver's; while none serves (a new one starts, or none will), the supervisor's own:
+        nothing runs, the open requests wait, and `health` says why (/metrics' fault label: the
+        room a new driver waits for, say)."""
+        if self._restart is None and self._tracker.health.state != "failed":
+            return await self._ask(self.ray_engine.stats)
+        blocks = self.info.num_blocks
+        return {"num_running": 0, "num_waiting": len(self._open), "kv_cache_usage": 0.0, "num_free_blocks": blocks,
+                "num_blocks": blocks, "health": asdict(self._tracker.health)}
 
     async def step_times(self) -> list[list[tuple[float, float]]]:
         return await self._ask(self.ray_engine.step_times)

@@ -14,7 +14,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
 
 from strata.app.ray_cluster import ensure_ray
@@ -27,6 +27,7 @@ logger = logging.getLogger("strata")
 SHUTDOWN_WAIT_S = 60.0  # how long RayEngine.shutdown waits for the driver to stop its ranks
 NAME_FREED_WAIT_S = 30.0  # how long a new driver waits for Ray to free the dead one's name
 ATTACH_WAIT_S = 600.0  # how long a new replica waits for a running driver to answer (it may be loading)
+LOAD_POLL_S = 0.5  # how often a loading driver's wait looks whether the engine is shutting down
 DRIVER_NAMESPACE = "strata"
 
 
@@ -55,7 +56,8 @@ class RayEngine:
     engine running, and the replica Serve starts next attaches to it rather than loading a second
     engine (`_attach`). Nothing then owns the driver: `shutdown` stops it explicitly. A driver
     that died is replaced in the same placement groups by `restart_driver` (DriverSupervisor's
-    call). Without a name (the offline LLM) the driver belongs to this process and dies with it."""
+    call), once its placement groups have room again (`wait_for_room`). Without a name (the
+    offline LLM) the driver belongs to this process and dies with it."""
 
     info: EngineInfo
 
@@ -64,6 +66,7 @@ class RayEngine:
 
         ensure_ray(config)
         self._closed = False
+        self._interrupt = threading.Event()  # the shutdown ends a new driver's wait for room or load
         self.config, self.facts, self.driver_name = config, facts, driver_name
         if driver_name is None or not self._attach(driver_name, config):
             self.placement = reserve(config, detached=driver_name is not None)
@@ -74,8 +77,9 @@ class RayEngine:
                 raise
 
     def _start_driver(self, config: EngineConfig) -> None:
-        """Starts the driver actor in `self.placement` and waits for it to load; on failure the
-        actor is killed (the placement groups are the caller's)."""
+        """Starts the driver actor in bundle 0 of stage 0 of `self.placement` and waits for it to
+        load (a wait the shutdown ends); on failure the actor is killed (the placement groups are
+        the caller's)."""
         import ray
 
         from strata.actors.driver import Driver
@@ -88,17 +92,30 @@ class RayEngine:
         actor = ray.remote(Driver).options(**opts).remote(config.model_dump_json(), self.facts.to_json(),
                                                           self.placement)
         try:
-            self.info = ray.get(actor.info.remote())
+            loaded = actor.info.remote()
+            while not ray.wait([loaded], timeout=LOAD_POLL_S)[0]:
+                if self._interrupt.is_set():
+                    raise RuntimeError("the engine was shut down")
+            self.info = ray.get(loaded)
         except BaseException:
             with suppress(Exception):
                 ray.kill(actor, no_restart=True)
             raise
         self.actor = actor
 
+    def wait_for_room(self, describe: Callable[[str], None]) -> float:
+        """After the driver actor died, before `restart_driver`: blocks until every stage's
+        placement group is placed on a node that answers (the node that left with the driver may
+        have taken a stage with it), `describe` saying meanwhile what lacks, as a gang rebuild
+        does (placement/room_wait.py). No limit but the shutdown, which ends it with
+        RoomWaitInterrupted. Returns the seconds waited."""
+        return self.placement.wait_for_room(describe, self._interrupt)
+
     def restart_driver(self) -> None:
-        """After the driver actor died (app/engine_supervisor.py): a new one of the same name in
-        the same placement groups, with a new gang (the old ranks died with the driver that owned
-        them), its KV size that of the first (no profiling again). Blocks until it serves."""
+        """After the driver actor died (app/engine_supervisor.py), once `wait_for_room` returned:
+        a new one of the same name in the same placement groups, with a new gang (the old ranks
+        died with the driver that owned them), its KV size that of the first (no profiling
+        again). Blocks until it serves; the shutdown ends the wait."""
         import ray
 
         from strata.actors.gang import rebuild_config
@@ -244,6 +261,7 @@ class RayEngine:
         if self._closed:
             return
         self._closed = True
+        self._interrupt.set()  # a new driver waiting for room, or loading, gives up
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop on this thread: waiting here blocks nobody

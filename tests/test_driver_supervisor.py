@@ -3,21 +3,49 @@ EngineLoop over a fake executor, and whose death makes every open stream raise A
 Resubmitted requests (prompt + delivered tokens: EngineCore takes them as their output so far)
 continue with the tokens of an undisturbed run; one restart serves every stream; health says
 `recovering` meanwhile and new requests wait; past the budget every stream gets EngineDeadError.
+A driver whose node left waits for room first (RayEngine.wait_for_room over a scripted cluster),
+/health and /metrics saying what lacks, until a node has room or the shutdown. (On a real
+two-node Ray: tests/test_driver_room.py.)
 Also EngineCore's side alone: a resumed request's limits and what it is not sent again."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 from ray.exceptions import ActorDiedError
 
 from strata.actors.engine.engine_loop import EngineLoop
 from strata.app.engine_supervisor import DriverSupervisor, _without_repeats
+from strata.app.engines import RayEngine
+from strata.app.server.metrics import ServerMetrics
 from strata.config import EngineConfig
 from strata.engine_protocol import EngineDeadError, EngineRequest, RequestDelta, TokenLogprobs
+from strata.placement import placement, room_wait
+from strata.placement.placement import StagePlacement
+from strata.placement.room_wait import NodeFree, StageNeed
 from tests.engine_fakes import FakeExecutor, by_request, make_engine, request, run, tokens
+
+NODE2 = "10.0.0.2"  # stage 0's node, the driver's
+ROOM_REASON = ("waiting for room: stage 0 needs a node with 1 CPU free (bundle 0, {'CPU': 1} each, STRICT_PACK; "
+               f"it was on {NODE2}, which left the cluster); free now: 10.0.0.1 (head): 0 CPU")
+
+
+@pytest.fixture(autouse=True)
+def room(monkeypatch) -> threading.Event:
+    """The cluster as a new driver's wait for room (placement/room_wait.py) sees it, scripted: set,
+    every stage is placed; cleared, stage 0's node has left and the head has no CPU free."""
+    room = threading.Event()
+    room.set()
+    monkeypatch.setattr(room_wait, "POLL_S", 0.01)
+    monkeypatch.setattr(room_wait, "stage_needs", lambda groups, homes: [] if room.is_set() else
+                        [StageNeed(0, [0], {"CPU": 1.0, "node:10.0.0.2": 0.001}, homes.get(0))])
+    monkeypatch.setattr(room_wait, "free_now", lambda resource: [NodeFree("10.0.0.1", 0, is_head=True)])
+    monkeypatch.setattr(placement, "homes_of", lambda groups: {0: NODE2})
+    return room
 
 
 def _engine_by_prompt():
@@ -29,14 +57,19 @@ def _engine_by_prompt():
 
 
 class FakeRayEngine:
-    """What DriverSupervisor needs of a RayEngine; `kill` is the driver's SIGKILL."""
+    """What DriverSupervisor needs of a RayEngine; `kill` is the driver's SIGKILL. Its wait for
+    room is RayEngine's own, over a StagePlacement of one stage (the `room` fixture's cluster)."""
+
+    wait_for_room = RayEngine.wait_for_room
 
     def __init__(self, max_recoveries: int = 3, gate: threading.Event | None = None):
         self.config = EngineConfig(max_recoveries=max_recoveries)
         self.gate = gate  # restart_driver waits on it (a driver that takes a while to load)
+        self.placement = StagePlacement("CPU", groups=[], tp_size=1, homes={0: NODE2})
+        self._interrupt = threading.Event()  # set by the shutdown, as RayEngine's
         self.started: list[FakeExecutor] = []
         self.loop = self._new_loop()
-        self.info = None
+        self.info = SimpleNamespace(num_blocks=256)
         self.dead: set[int] = set()
         self.shut = False
 
@@ -78,6 +111,7 @@ class FakeRayEngine:
 
     def shutdown(self) -> None:
         self.shut = True
+        self._interrupt.set()
         self.loop.stop_loop()
 
 
@@ -203,6 +237,70 @@ def test_an_abort_while_the_driver_is_dead_ends_the_stream() -> None:
     finally:
         supervisor.shutdown()
     assert len(deltas) == 4 and deltas[-1].finish_reason == "abort"
+
+
+async def _until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_new_driver_waits_for_room_saying_why_on_health_and_metrics_then_every_stream_continues(room) -> None:
+    expected = _undisturbed()
+    fake = FakeRayEngine()
+    supervisor = DriverSupervisor(fake)
+    metrics = ServerMetrics("m")
+
+    def node_lost_at_five(r, out):
+        if r.request_id == "r0" and len(out) == 5 and not fake.dead:
+            room.clear()  # the driver died with its node: stage 0 is not placed
+            fake.kill()
+
+    async def scenario():
+        streams = asyncio.ensure_future(_stream_all(supervisor, _requests("r"), node_lost_at_five))
+        await _until(lambda: (supervisor._tracker.health.reason or "").startswith("waiting for room"))
+        await asyncio.sleep(0.3)  # many polls of the cluster later: still waiting, nothing given up
+        health = await supervisor.health()
+        assert health.state == "recovering" and health.reason == ROOM_REASON, health
+        metrics.update_stats(await supervisor.stats())
+        assert f'reason="{ROOM_REASON}"' in metrics.render().decode()
+        assert 'strata:engine_state{model_name="m",state="recovering"} 1.0' in metrics.render().decode()
+        assert not streams.done() and len(fake.started) == 1  # no driver started meanwhile
+        room.set()  # node 2 is back
+        return await streams
+
+    try:
+        got = asyncio.run(scenario())
+        health = asyncio.run(supervisor.health())
+    finally:
+        supervisor.shutdown()
+    assert got == expected
+    assert supervisor.restarts == 1 and len(fake.started) == 2
+    assert health.state == "serving" and health.recoveries == 1, health
+
+
+def test_the_shutdown_ends_a_new_drivers_wait_for_room_at_once(room) -> None:
+    fake = FakeRayEngine()
+    supervisor = DriverSupervisor(fake)
+
+    async def scenario():
+        room.clear()
+        fake.kill()
+        await supervisor.health()  # noticed: the restart starts
+        late = asyncio.ensure_future(_stream_all(supervisor, _requests("r")))
+        await _until(lambda: supervisor._tracker.health.reason == ROOM_REASON)
+        started = time.monotonic()
+        supervisor.shutdown()
+        with pytest.raises(EngineDeadError, match="the engine was shut down"):
+            await asyncio.wait_for(late, 5)
+        return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    health = asyncio.run(supervisor.health())
+    assert took < 2, took
+    assert health.state == "failed" and health.reason == "the engine was shut down", health
+    assert len(fake.started) == 1
 
 
 # ---- EngineCore: a request resumed with its delivered tokens ----
