@@ -8,7 +8,8 @@ of an MoE shape only the attention's, its experts run in the grouped kernels) an
 bucket of the skinny Triton matmul (model/kernels/skinny_matmul.py), cuBLAS against every
 candidate tile (at the bucket's fewest and most rows, summed, over a layer stack in one graph) and
 writes the winners that beat cuBLAS by more than 3% to --out (default: the bundled table), keeping
-the entries of shapes not tuned in this run.
+the entries of shapes not tuned in this run, and an earlier entry of a tuned shape while some
+candidate still beats cuBLAS.
 
 Each layer gets its own weights (as in the model, so nothing is served from L2), torch's cuBLAS
 picks the kernels, as in the engine. Printed beside the read floor of the same bytes at the
@@ -107,11 +108,16 @@ def tune(out: str, shape_names: list[str]) -> None:
                     continue
                 if ms < best_ms:
                     best, best_ms = tiles, ms
-            verdict = "cuBLAS kept"
-            table.pop(skinny.tile_key(n, k, bucket), None)
+            key, verdict = skinny.tile_key(n, k, bucket), "cuBLAS kept"
             if best is not None and best_ms < 0.97 * cublas:
-                table[skinny.tile_key(n, k, bucket)] = list(best[:4] if best[4] == 1 else best)
+                table[key] = list(best[:4] if best[4] == 1 else best)
                 verdict = f"kernel {best}"
+            elif key in table and best is not None:
+                # Hysteresis: a kernel an earlier run took stays while it still beats cuBLAS here;
+                # runs differ by a few percent, and a 3% bar alone flips such entries run to run.
+                verdict = f"earlier kernel {table[key]} kept (still faster than cuBLAS)"
+            else:
+                table.pop(key, None)
             print(f"{n}x{k} rows<={bucket}: cuBLAS {cublas / 48 * 1000:.1f} us, best kernel "
                   f"{best_ms / 48 * 1000:.1f} us per matmul -> {verdict}", flush=True)
         ws = None
