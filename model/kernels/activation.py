@@ -26,20 +26,26 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, d, x_sr, x_sc, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < d
-    gate = tl.load(x_ptr + row * x_sr + cols * x_sc, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * x_sr + (cols + d) * x_sc, mask=mask, other=0.0)
+def silu_mul(gate, up, PRECISE: tl.constexpr):
+    """silu(gate) * up in gate's dtype, rounded as torch does (see above); also the prologue or
+    epilogue of the matmuls that fuse it."""
     g = gate.to(tl.float32)
     if PRECISE:
         e = libdevice.exp(-g)
     else:  # the interpreter has no libdevice
         e = tl.exp(-g)
     act = tl.math.div_rn(g, 1.0 + e).to(gate.dtype)
-    y = act.to(tl.float32) * up.to(tl.float32)
-    tl.store(y_ptr + row * d + cols, y.to(gate.dtype), mask=mask)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, y_ptr, d, x_sr, x_sc, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_sr + cols * x_sc, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * x_sr + (cols + d) * x_sc, mask=mask, other=0.0)
+    tl.store(y_ptr + row * d + cols, silu_mul(gate, up, PRECISE), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

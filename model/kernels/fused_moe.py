@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels import interpreting
+from strata.model.kernels.activation import silu_mul
 from strata.model.kernels.moe_align import AlignedPairs, align_by_expert
 from strata.model.kernels.moe_grouped_mm import grouped_mm_available, grouped_mm_experts
 from strata.model.kernels.moe_sum import sum_topk
@@ -33,11 +34,6 @@ from strata.model.kernels.moe_tuning import Backend, MoeTiles, lookup
 from strata.model.kernels.paged_attention import dot_precision
 
 _GROUP_M = 8  # row tiles per L2 group (see the kernel); a guess, not swept yet
-
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # older Triton
-    from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -81,13 +77,7 @@ def _grouped_gemm_kernel(
         b_at += BLOCK_K * b_sk
     dtype = c_ptr.dtype.element_ty
     if GATE_UP:
-        g = acc.to(dtype).to(tl.float32)
-        if PRECISE:
-            e = libdevice.exp(-g)
-        else:  # the interpreter has no libdevice
-            e = tl.exp(-g)
-        act = tl.math.div_rn(g, 1.0 + e).to(dtype)
-        out = (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        out = silu_mul(acc.to(dtype), acc_up.to(dtype), PRECISE)
     elif MUL_WEIGHT:
         w = tl.load(weights_ptr + pairs, mask=real, other=0.0).to(dtype)
         out = (acc.to(dtype).to(tl.float32) * w.to(tl.float32)[:, None]).to(dtype)
