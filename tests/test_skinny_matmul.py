@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
-from strata.model.layers.activation import SiluAndMul  # noqa: E402
 from strata.model.layers.linear import linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +71,7 @@ def test_bundled_table_reads():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tuned_shapes_match_cublas_in_bfloat16():
     """Every product the bundled table sends to the kernel, at its bucket's fewest and most rows,
-    within bf16 rounding of cuBLAS (both accumulate in float32); and gated, one row of [gate | up]."""
+    within bf16 rounding of cuBLAS (both accumulate in float32)."""
     for key, tiles in skinny.load_tiles().items():
         shape, bucket = key.split("/m")
         n, k = map(int, shape.split("x"))
@@ -81,10 +80,6 @@ def test_tuned_shapes_match_cublas_in_bfloat16():
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             torch.testing.assert_close(skinny.skinny_matmul(x, w, *tiles), torch.nn.functional.linear(x, w),
                                        atol=2e-2, rtol=2e-2)
-        gate_up = torch.randn(1, 2 * k, dtype=torch.bfloat16, device="cuda")
-        torch.testing.assert_close(skinny.skinny_matmul(gate_up, w, *tiles, gated=True),
-                                   torch.nn.functional.linear(SiluAndMul.forward_torch(gate_up), w),
-                                   atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -103,20 +98,3 @@ def test_split_k_matches_torch_and_rearms_its_counters(rows, n, k, tiles, dtype)
     assert not skinny._scratch.arrivals[torch.device(DEVICE)].any()
     with pytest.raises(ValueError, match="split"):
         skinny.skinny_matmul(x, w, 16, 32, 2, 2, 0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("n,k,tiles", [(96, 200, (32, 64, 4, 2)), (48, 512, (16, 64, 2, 2, 4))])
-def test_gated_row_matches_silu_and_mul_then_torch(n, k, tiles, dtype):
-    """One row of [gate | up]: the activation in the matmul's prologue, as SiluAndMul then F.linear."""
-    torch.manual_seed(n)
-    gate_up = torch.randn(1, 2 * k, dtype=dtype, device=DEVICE) * 3
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k**0.5
-    act = SiluAndMul.forward_torch(gate_up)
-    got = skinny.skinny_matmul(gate_up, w, *tiles, gated=True)
-    torch.testing.assert_close(got, torch.nn.functional.linear(act.float(), w.float()).to(dtype), **TOLERANCE[dtype])
-    with pytest.raises(ValueError, match="gate"):
-        skinny.skinny_matmul(torch.cat([gate_up, gate_up]), w, *tiles, gated=True)  # one row only
-    # off CUDA (and for more rows) linear(gated=True) is SiluAndMul then F.linear
-    x, w = gate_up.float(), w.float()
-    torch.testing.assert_close(linear(x, w, gated=True), SiluAndMul.forward_torch(x) @ w.T)

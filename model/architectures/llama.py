@@ -20,6 +20,7 @@ from strata.model.architectures.intermediate import IntermediateTensors
 from strata.model.architectures.partition import even_layer_partition, layer_range_for_stage
 from strata.model.architectures.weights import CheckpointRename, PackedModules, ShardId, load_packed_weights
 from strata.model.context import ModelContext
+from strata.model.layers.activation import SiluAndMul
 from strata.model.layers.attention import AttentionMetadata, PagedAttention
 from strata.model.layers.attention_backend import AttentionBackend, get_attention_backend
 from strata.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -108,12 +109,13 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(cfg, "mlp_bias", False))
         inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], ctx, bias=bias)
+        self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(
             inter, cfg.hidden_size, ctx, bias=bias, reduce_results=reduce_results
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), gated=True)  # SiluAndMul, fused where it pays
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 # Builds the feed-forward block of one decoder layer: (config, ctx, layer index) -> module whose

@@ -27,8 +27,8 @@ _BLOCK = 1024
 
 @triton.jit
 def silu_mul(gate, up, PRECISE: tl.constexpr):
-    """silu(gate) * up in gate's dtype, rounded as torch does (see above); also the prologue or
-    epilogue of the matmuls that fuse it."""
+    """silu(gate) * up in gate's dtype, rounded as torch does (see above); also the fused MoE
+    gate_up GEMM's epilogue."""
     g = gate.to(tl.float32)
     if PRECISE:
         e = libdevice.exp(-g)

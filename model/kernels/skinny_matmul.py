@@ -28,9 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.model.kernels import interpreting
-from strata.model.kernels.activation import silu_mul
-
 logger = logging.getLogger("strata")
 
 TILES_FILE = Path(__file__).with_name("skinny_tiles.json")
@@ -42,7 +39,6 @@ def _skinny_kernel(
     x_ptr, w_ptr, y_ptr, partial_ptr, arrivals_ptr, M, N, K, k_per_split,
     s_xm, s_xk, s_wn, s_wk, s_ym, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    GATED: tl.constexpr, PRECISE: tl.constexpr,
 ):
     col_block, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -54,14 +50,8 @@ def _skinny_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
-        if GATED:  # one row of [gate | up]: its activation as a vector, into row 0 of the tile
-            gate = tl.load(x_ptr + ks * s_xk, mask=k_ok, other=0.0)
-            up = tl.load(x_ptr + (ks + K) * s_xk, mask=k_ok, other=0.0)
-            act = silu_mul(gate, up, PRECISE)
-            x = tl.where(rows[:, None] == 0, act[None, :], tl.zeros_like(act)[None, :]).to(act.dtype)
-        else:
-            x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)
         acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
@@ -116,21 +106,15 @@ def row_bucket(rows: int) -> int | None:
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int,
-                  num_stages: int, split: int = 1, gated: bool = False) -> torch.Tensor:
+                  num_stages: int, split: int = 1) -> torch.Tensor:
     """x [M, K] (M <= 32) @ weight [N, K]^T -> [M, N] in x's dtype, with the given tiles. `split` > 1
     divides K among that many programs per column block (split-K): more programs streaming W at
-    once, for products with few column blocks and a long K. `gated`: x is one row [gate | up] of
-    2K and the product is silu(gate) * up @ weight^T (the MLP's activation in this launch, not its
-    own: one row only, where its arithmetic is a vector; a 16-row tile of divisions costs more
-    than the launch it saves)."""
+    once, for products with few column blocks and a long K."""
     rows, k = x.shape
-    if gated:
-        k //= 2
     n = weight.shape[0]
     bucket = row_bucket(rows)
-    if bucket is None or weight.shape[1] != k or (gated and (rows != 1 or x.shape[1] != 2 * k)):
-        want = "x [1, 2K] ([gate | up])" if gated else f"x [M <= {ROW_BUCKETS[-1]}, K]"
-        raise ValueError(f"skinny_matmul takes {want} and weight [N, K]; got "
+    if bucket is None or weight.shape[1] != k:
+        raise ValueError(f"skinny_matmul takes x [M <= {ROW_BUCKETS[-1]}, K] and weight [N, K]; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if split < 1:
         raise ValueError(f"skinny_matmul: split must be >= 1, got {split}")
@@ -143,8 +127,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: 
         split, k_per_split, buffers = 1, k, (y, y)
     _skinny_kernel[(col_blocks, split)](
         x, weight, y, *buffers, rows, n, k, k_per_split, *x.stride(), *weight.stride(), *y.stride(),
-        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, GATED=gated, PRECISE=not interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=bucket, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 

@@ -16,9 +16,6 @@ from torch import nn
 
 from strata.model.context import ModelContext
 from strata.model.kernels import triton_available
-from strata.model.layers.activation import SiluAndMul
-
-_SILU_AND_MUL = SiluAndMul()
 
 
 class LoadedSlice(Protocol):
@@ -58,20 +55,17 @@ def default_weight_loader(param: nn.Parameter, loaded: LoadedSlice, shard_id: An
         copy_checked(param.data, read_all(loaded), "replicated parameter")
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or on CUDA for decode-sized x the Triton matmul that streams W, where the tuned
-    table (model/kernels/skinny_tiles.json) says it beats cuBLAS for this shape. `gated`: x is
-    [gate | up] and the input is silu(gate) * up (SiluAndMul), inside the matmul for one row."""
+    table (model/kernels/skinny_tiles.json) says it beats cuBLAS for this shape."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] <= 32 and triton_available():
         from strata.model.kernels.skinny_matmul import skinny_matmul, tiles_for
 
         tiles = tiles_for(x, weight)
-        if tiles is not None and (not gated or x.shape[0] == 1):
-            y = skinny_matmul(x, weight, *tiles, gated=gated)
+        if tiles is not None:
+            y = skinny_matmul(x, weight, *tiles)
             return y if bias is None else y + bias
-    return F.linear(_SILU_AND_MUL(x) if gated else x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _param(data: torch.Tensor, loader: Any) -> nn.Parameter:
@@ -206,9 +200,8 @@ class RowParallelLinear(nn.Module):
         with torch.no_grad():
             copy_checked(param.data, read_narrow(loaded, 1, self.tp.rank * n, n), "row-parallel")
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """`gated`: x is a gate_up projection's [gate | up] and this multiplies silu(gate) * up."""
-        y = linear(x, self.weight, gated=gated)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         # Without the reduction the caller sums the ranks' outputs, so only rank 0 adds the bias.
