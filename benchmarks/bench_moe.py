@@ -17,9 +17,10 @@ each shape and token count T it prints, in microseconds per layer:
              thousands of tokens, where arithmetic, not the weight-read floor, binds;
 and each one's ratio to the floor, the bf16 max |triton - loop|, and the tiles the table gives T.
 
---tune times candidate tiles (block_m, block_n, block_k, warps, stages; 18 or 24 per token count)
-for each shape and token count, graphed, keeps the fastest (or grouped_mm where it is faster
-still), and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
+--tune times candidate tiles (block_m, block_n, block_k, warps, stages; 24 or 72 per token count)
+for each shape and token count, graphed, keeps the fastest, then tries the down GEMM on tiles of
+its own (24, gate_up's fixed; kept for a 2% gain), or grouped_mm where it is faster still,
+and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
 the engine reads at start;
 STRATA_MOE_TILES=FILE tries a table without replacing the bundled one. `--tp N` benchmarks or
 tunes the shape of one rank of N with split experts (expert width / N). A full sweep compiles a
@@ -35,6 +36,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads
@@ -135,6 +137,29 @@ def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[MoeTi
     return [MoeTiles(*c) for c in grid]
 
 
+def down_candidates(quick: bool) -> list[tuple[int, int, int, int]]:
+    """The down GEMM's own (block_n, block_k, warps, stages), tried with gate_up's best fixed."""
+    if quick:
+        return [(32, 16, 4, 2)]
+    return list(itertools.product([16, 32, 64, 128], [64, 128, 256], [4], [3, 4]))
+
+
+def fastest(case: Case, want: torch.Tensor, tiles_list, iters: int, quick: bool, label: str):
+    """(tiles, us) of the fastest candidate that computes `want`; (None, inf) if none does."""
+    best, best_us = None, float("inf")
+    for tiles in tiles_list:
+        try:
+            got = case.fused("triton", tiles)()
+            torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+            us = graph_us(case.fused("triton", tiles), iters) if not quick else 0.0
+        except Exception as err:  # a tile that does not fit or miscomputes is skipped
+            print(f"  {label} {tiles}: skipped ({type(err).__name__}: {str(err)[:80]})")
+            continue
+        if us < best_us:
+            best, best_us = tiles, us
+    return best, best_us
+
+
 def tune(args, device: torch.device, dtype: torch.dtype) -> None:
     quick = device.type != "cuda"
     table = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -144,26 +169,23 @@ def tune(args, device: torch.device, dtype: torch.dtype) -> None:
         for tokens in map(int, args.tokens.split(",")):
             case = Case(name, tokens, args.tp, device, dtype)
             want = case.loop()()
-            best, best_us = None, float("inf")
-            for tiles in candidates(tokens, top_k, experts, quick):
-                try:
-                    got = case.fused("triton", tiles)()
-                    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
-                    us = graph_us(case.fused("triton", tiles), args.iters) if not quick else 0.0
-                except Exception as err:  # a tile that does not fit or miscomputes is skipped
-                    print(f"  {name} T={tokens} {tiles}: skipped ({type(err).__name__}: {str(err)[:80]})")
-                    continue
-                if us < best_us:
-                    best, best_us = tiles, us
+            label = f"{name} T={tokens}"
+            best, best_us = fastest(case, want, candidates(tokens, top_k, experts, quick), args.iters, quick, label)
             if best is None:
-                raise SystemExit(f"{name} T={tokens}: no candidate tile worked")
+                raise SystemExit(f"{label}: no candidate tile worked")
+            # Then down's own tiles, gate_up's fixed: taken only for a clear (2%) gain.
+            own = [replace(best, down=d) for d in down_candidates(quick)]
+            with_down, down_us = fastest(case, want, own, args.iters, quick, f"{label} down")
+            if with_down is not None and (quick or down_us < 0.98 * best_us):
+                print(f"{label}: down's own tiles {with_down.down}: {best_us:.1f} -> {down_us:.1f} us")
+                best, best_us = with_down, down_us
             entry: list = [best.block_m, best.block_n, best.block_k, best.num_warps, best.num_stages]
             if not quick and dtype == torch.bfloat16:
                 grouped = graph_us(case.fused("grouped_mm", best), args.iters)
                 if grouped < best_us:
-                    entry.append("grouped_mm")
+                    entry, best = entry + ["grouped_mm"], replace(best, down=None)
                 print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
-            entries[str(tokens)] = entry
+            entries[str(tokens)] = entry + ([list(best.down)] if best.down is not None else [])
     table.setdefault("_about", "see strata.model.kernels.moe_tuning")
     lines = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in sorted(table.items())]
     with open(args.out, "w") as f:  # a shape a line, as the bundled file is written

@@ -158,6 +158,15 @@ def test_grouped_mm_backend_matches_reference(ep: bool) -> None:
                                **TOLERANCE.get(dtype, dict(atol=3e-2, rtol=2e-2)))
 
 
+def test_down_gemm_with_tiles_of_its_own() -> None:
+    """gate_up and down on different column blocks, K steps, warps and stages (one align)."""
+    layer = make_layer(16, torch.float32)
+    weights, ids = routing(5, 4, 16)
+    x = torch.randn(5, HIDDEN).to(DEVICE)
+    tiles = MoeTiles(16, 16, 16, 4, 2, down=(32, 32, 2, 3))
+    check(run_fused(layer, x, weights, ids, tiles=tiles), layer.forward_reference(x, weights, ids))
+
+
 def test_default_tiles_and_no_tokens() -> None:
     layer = make_layer(8, torch.float32)
     weights, ids = routing(3, 2, 8)

@@ -25,7 +25,8 @@ def test_lookup_takes_the_nearest_token_count(tmp_path, monkeypatch) -> None:
     path = tmp_path / "tiles.json"
     key = shape_key(128, 768, 2048)
     path.write_text(json.dumps({"_about": "x", key: {"1": [16, 64, 64, 4, 3], "256": [64, 128, 64, 8, 3],
-                                                     "4096": [64, 128, 64, 8, 3, "grouped_mm"]}}))
+                                                     "4096": [64, 128, 64, 8, 3, "grouped_mm"],
+                                                     "32": [16, 32, 128, 4, 4, [64, 256, 4, 3]]}}))
     monkeypatch.setenv(moe_tuning.TILES_ENV, str(path))
     load_tiles.cache_clear()
     try:
@@ -33,13 +34,17 @@ def test_lookup_takes_the_nearest_token_count(tmp_path, monkeypatch) -> None:
         assert lookup(12, 8, 128, 768, 2048).block_m == 16  # nearer 1 than 256 on a log scale
         assert lookup(300, 8, 128, 768, 2048).backend == "triton"
         assert lookup(100_000, 8, 128, 768, 2048).backend == "grouped_mm"
+        with_down = lookup(32, 8, 128, 768, 2048)  # down's own tiles; block_m and the backend shared
+        assert with_down.for_down() == MoeTiles(16, 64, 256, 4, 3) and with_down.block_n == 32
         assert lookup(1, 2, 8, 14336, 4096) == default_tiles(1, 2, 8)  # a shape the file does not name
     finally:
         load_tiles.cache_clear()
 
 
 @pytest.mark.parametrize("entry,match", [([16, 64, 64, 4], "want"), ([24, 64, 64, 4, 3], "block_m"),
-                                         ([16, 64, 64, 4, 3, "cublas"], "want")])
+                                         ([16, 64, 64, 4, 3, "cublas"], "want"),
+                                         ([16, 64, 64, 4, 3, [64, 64, 4]], "want"),
+                                         ([16, 64, 64, 4, 3, "triton", [24, 64, 4, 3]], "block_n")])
 def test_malformed_entry_is_named(tmp_path, entry, match) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"e8/i32/h64": {"32": entry}}))

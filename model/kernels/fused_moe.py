@@ -121,7 +121,7 @@ def fused_experts(
     grouped_gemm(x, w13, act, aligned, tiles, rows_per_a=top_k, gate_up=True)
     y = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1)
-    grouped_gemm(act, w2, y, aligned, tiles, rows_per_a=1, gate_up=False, weights=weights.contiguous())
+    grouped_gemm(act, w2, y, aligned, tiles.for_down(), rows_per_a=1, gate_up=False, weights=weights.contiguous())
     return sum_topk(y, topk_ids, expert_start, w13.shape[0])
 
 

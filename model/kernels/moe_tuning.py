@@ -2,8 +2,10 @@
 
 `moe_tiles.json` (beside this module, written by `benchmarks/bench_moe.py --tune` on the GPU
 machine) maps "e{local experts}/i{local expert width}/h{hidden}" to {tokens: entry}, an entry being
-[block_m, block_n, block_k, num_warps, num_stages] and optionally a backend name, "triton" (our
-grouped GEMMs, the default) or "grouped_mm" (`torch._grouped_mm`, bf16 on CUDA). A step of T tokens
+[block_m, block_n, block_k, num_warps, num_stages], then optionally a backend name, "triton" (our
+grouped GEMMs, the default) or "grouped_mm" (`torch._grouped_mm`, bf16 on CUDA), and optionally
+the down GEMM's own [block_n, block_k, num_warps, num_stages] (its K and N are gate_up's swapped, so
+its best tiles may differ; without it down runs gate_up's; block_m is one, the align's). A step of T tokens
 takes the entry whose token count is nearest T (on a log scale); a shape the file does not name gets
 a heuristic default. STRATA_MOE_TILES names another file (a tuning run's output, before it is
 checked in).
@@ -16,7 +18,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +38,14 @@ class MoeTiles:
     num_warps: int
     num_stages: int
     backend: Backend = "triton"
+    down: tuple[int, int, int, int] | None = None  # the down GEMM's (block_n, block_k, warps, stages), if its own
+
+    def for_down(self) -> MoeTiles:
+        """The tiles the down GEMM runs: `down`'s where given, else the same."""
+        if self.down is None:
+            return self
+        block_n, block_k, num_warps, num_stages = self.down
+        return replace(self, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, down=None)
 
 
 def default_tiles(tokens: int, top_k: int, num_local: int) -> MoeTiles:
@@ -54,14 +64,21 @@ def shape_key(num_local: int, inter_local: int, hidden: int) -> str:
 
 
 def _entry(value: list, where: str) -> MoeTiles:
-    if not isinstance(value, list) or len(value) not in (5, 6) or (value[5:] and value[5] not in BACKENDS):
-        raise ValueError(f"{where}: want [block_m, block_n, block_k, warps, stages(, {'|'.join(BACKENDS)})], "
-                         f"got {value}")
-    tiles = MoeTiles(*map(int, value[:5]), *value[5:])
-    for name in ("block_m", "block_n", "block_k"):
-        size = getattr(tiles, name)
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{where}: {name} must be a power of two >= 16, got {size}")
+    want = f"[block_m, block_n, block_k, warps, stages(, {'|'.join(BACKENDS)})(, [down's block_n, block_k, " \
+           f"warps, stages]))]"
+    if not isinstance(value, list) or len(value) < 5:
+        raise ValueError(f"{where}: want {want}, got {value}")
+    rest = value[5:]
+    backend = rest.pop(0) if rest and isinstance(rest[0], str) else "triton"
+    down = rest.pop(0) if rest and isinstance(rest[0], list) else None
+    if rest or backend not in BACKENDS or (down is not None and len(down) != 4):
+        raise ValueError(f"{where}: want {want}, got {value}")
+    tiles = MoeTiles(*map(int, value[:5]), backend, tuple(map(int, down)) if down is not None else None)
+    for gemm in (tiles, tiles.for_down()):
+        for name in ("block_m", "block_n", "block_k"):
+            size = getattr(gemm, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{where}: {name} must be a power of two >= 16, got {size}")
     return tiles
 
 
