@@ -31,13 +31,15 @@ from strata.app.bench.throughput import measure_throughput  # noqa: E402
 GREEDY = 0.0  # as the earlier runs in RESULTS.md (`strata bench` samples at temperature 1, as vLLM)
 
 
-def decode_ms_per_token(llm: LLM, batch: int, vocab: int, prompt_len: int = 128, steps: int = 64) -> float:
-    """(time of prefill + `steps` decodes - time of prefill alone) / steps."""
+def decode_ms_per_token(llm: LLM, batch: int, vocab: int, prompt_len: int = 128, steps: int = 64,
+                        repeats: int = 5) -> list[float]:
+    """(time of prefill + `steps` decodes - time of prefill alone) / steps, `repeats` times, sorted:
+    one run moved by ~0.05 ms at batch 1 between calls, as much as the margins asked of it."""
     prompts = [r.prompt_token_ids for r in random_requests(batch, prompt_len, 1, vocab, seed=batch)]
     time_batch(llm, prompts, 4, GREEDY)  # warm-up: prefill and a few decodes
     prefill_only = min(measure_latency(llm, prompts, 1, num_iters_warmup=0, num_iters=2, temperature=GREEDY))
-    [full] = measure_latency(llm, prompts, steps + 1, num_iters_warmup=0, num_iters=1, temperature=GREEDY)
-    return (full - prefill_only) / steps * 1000
+    runs = measure_latency(llm, prompts, steps + 1, num_iters_warmup=0, num_iters=repeats, temperature=GREEDY)
+    return sorted((full - prefill_only) / steps * 1000 for full in runs)
 
 
 def ttft_ms(llm: LLM, input_len: int, vocab: int, runs: int = 5) -> float:
@@ -84,12 +86,14 @@ def main() -> None:
         record["kv_cache_tokens"] = facts[0]["num_blocks"] * llm.config.block_size
         record["gpu"] = facts[0]["gpu"]
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:
-            ms = decode_ms_per_token(llm, batch, shape["vocab_size"])
+            runs = decode_ms_per_token(llm, batch, shape["vocab_size"])
+            ms = runs[len(runs) // 2]
             floor = decode_step_floor_s(shape, facts, batch, 160, args.tp, bandwidth) * 1000
             record[f"decode_b{batch}_ms"] = round(ms, 2)
+            record[f"decode_b{batch}_runs_ms"] = [round(r, 3) for r in runs]
             record[f"decode_b{batch}_roofline_ms"] = round(floor, 2)
-            print(f"decode batch {batch}: {ms:.2f} ms/token, roofline {floor:.2f} ms -> {ms / floor:.2f}x roofline",
-                  flush=True)
+            print(f"decode batch {batch}: {ms:.2f} ms/token, roofline {floor:.2f} ms -> {ms / floor:.2f}x roofline "
+                  f"(median of {len(runs)} runs: {runs[0]:.2f}-{runs[-1]:.2f})", flush=True)
         if args.ttft:
             ms = ttft_ms(llm, args.input_len, shape["vocab_size"])
             record["ttft_ms"] = round(ms, 2)
