@@ -95,6 +95,18 @@ def test_split_k_matches_torch_and_rearms_its_counters(rows, n, k, tiles, dtype)
         x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
         got = skinny.skinny_matmul(x, w, *tiles)
         torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), w.float()).to(dtype), **TOLERANCE[dtype])
-    assert not skinny._scratch.arrivals[torch.device(DEVICE)].any()
+    assert not skinny._scratch.buffers[torch.int32, torch.device(DEVICE)].any()
     with pytest.raises(ValueError, match="split"):
         skinny.skinny_matmul(x, w, 16, 32, 2, 2, 0)
+
+
+def test_split_scratch_grows_and_keeps_what_graphs_captured():
+    """A larger split product after a smaller one gets a larger buffer; the outgrown one is kept
+    (a CUDA graph captured with it still writes there), and both products stay right."""
+    scratch = skinny._SplitScratch()
+    dev = torch.device(DEVICE)
+    small, _ = scratch.get(dev, 64, 4)
+    assert scratch.get(dev, 32, 2)[0] is small  # fits: reused, the same address
+    large, counters = scratch.get(dev, 100, 9)
+    assert large.numel() >= 128 and counters.numel() >= 9 and any(r is small for r in scratch.retired)
+    assert not counters.any()

@@ -79,23 +79,31 @@ def _skinny_kernel(
 class _SplitScratch:
     """Split-K's float32 partials and int32 arrival counters for one device, grown (never while a
     CUDA graph is captured: the runner's eager warm-up before capture grows them) and reused, so
-    a graph replays the same addresses. Every launch leaves the counters at zero."""
+    a graph replays the same addresses. A buffer outgrown is kept, not freed: graphs captured
+    before still write to it. Every launch leaves the counters at zero."""
 
     def __init__(self) -> None:
-        self.partials: dict[torch.device, torch.Tensor] = {}
-        self.arrivals: dict[torch.device, torch.Tensor] = {}
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, partial_elems: int, counters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The two buffers, at least this large; None while capturing if they would have to grow."""
-        partials, arrivals = self.partials.get(device), self.arrivals.get(device)
-        if partials is None or partials.numel() < partial_elems or arrivals.numel() < counters:
+        wants = ((torch.float32, partial_elems), (torch.int32, counters))
+        if any(self._short(dtype, device, numel) for dtype, numel in wants):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
-            if partials is None or partials.numel() < partial_elems:
-                partials = self.partials[device] = torch.empty(partial_elems, dtype=torch.float32, device=device)
-            if arrivals is None or arrivals.numel() < counters:
-                arrivals = self.arrivals[device] = torch.zeros(counters, dtype=torch.int32, device=device)
-        return partials, arrivals
+            for dtype, numel in wants:
+                if self._short(dtype, device, numel):
+                    old = self.buffers.get((dtype, device))
+                    if old is not None:
+                        self.retired.append(old)
+                        numel = max(numel, 2 * old.numel())  # geometric: few retired buffers
+                    self.buffers[dtype, device] = torch.zeros(numel, dtype=dtype, device=device)
+        return self.buffers[torch.float32, device], self.buffers[torch.int32, device]
+
+    def _short(self, dtype: torch.dtype, device: torch.device, numel: int) -> bool:
+        buf = self.buffers.get((dtype, device))
+        return buf is None or buf.numel() < numel
 
 
 _scratch = _SplitScratch()
