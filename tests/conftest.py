@@ -107,5 +107,6 @@ def tiny_models(tmp_path_factory, smollm2_dir):
 
 
 # The HTTP server tests' fixtures (a live `strata serve` per backend, the offline reference).
+from tests.ray_room import ray_nodes  # noqa: E402, F401
 from tests.ray_tmp_fixtures import ray_tmp  # noqa: E402, F401
 from tests.server_fixtures import live_server, reference, server_ray_address  # noqa: E402, F401
