@@ -44,6 +44,7 @@ def test_lookup_takes_the_nearest_token_count(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("entry,match", [([16, 64, 64, 4], "want"), ([24, 64, 64, 4, 3], "block_m"),
                                          ([16, 64, 64, 4, 3, "cublas"], "want"),
                                          ([16, 64, 64, 4, 3, [64, 64, 4]], "want"),
+                                         ([16, 64, 64, 4, 3, [64, "x", 4, 3]], "want"),
                                          ([16, 64, 64, 4, 3, "triton", [24, 64, 4, 3]], "block_n")])
 def test_malformed_entry_is_named(tmp_path, entry, match) -> None:
     path = tmp_path / "bad.json"

@@ -71,9 +71,12 @@ def _entry(value: list, where: str) -> MoeTiles:
     rest = value[5:]
     backend = rest.pop(0) if rest and isinstance(rest[0], str) else "triton"
     down = rest.pop(0) if rest and isinstance(rest[0], list) else None
-    if rest or backend not in BACKENDS or (down is not None and len(down) != 4):
-        raise ValueError(f"{where}: want {want}, got {value}")
-    tiles = MoeTiles(*map(int, value[:5]), backend, tuple(map(int, down)) if down is not None else None)
+    try:
+        if rest or backend not in BACKENDS or (down is not None and len(down) != 4):
+            raise ValueError
+        tiles = MoeTiles(*map(int, value[:5]), backend, tuple(map(int, down)) if down is not None else None)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: want {want}, got {value}") from None
     for gemm in (tiles, tiles.for_down()):
         for name in ("block_m", "block_n", "block_k"):
             size = getattr(gemm, name)
