@@ -12,6 +12,8 @@ each shape and token count T it prints, in microseconds per layer:
   triton     the fused path (align, gate_up + SiLU, down x weight, top-k sum), from a CUDA graph of
              20 calls (the GPU's time alone), then eagerly (one call, host launches included);
   grouped_mm the same align and sum around torch._grouped_mm, graphed;
+  pairs      no align: a program per token-expert pair, the top-k sum in down's last programs
+             (`moe_pairs`), graphed, at the triton tiles (for T <= 32);
   loop       the reference layer (a matmul per expert, one host sync), eager: today's path;
   dense mm   the same multiply-adds as two plain GEMMs (graphed): a compute reference for
              thousands of tokens, where arithmetic, not the weight-read floor, binds;
@@ -19,7 +21,8 @@ and each one's ratio to the floor, the bf16 max |triton - loop|, and the tiles t
 
 --tune times candidate tiles (block_m, block_n, block_k, warps, stages; 24 or 72 per token count)
 for each shape and token count, graphed, keeps the fastest, then tries the down GEMM on tiles of
-its own (24, gate_up's fixed; kept for a 2% gain), or grouped_mm where it is faster still,
+its own (24, gate_up's fixed; kept for a 2% gain); up to 8 tokens the per-pair layout on the
+same candidates too; then grouped_mm where it is faster still,
 and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
 the engine reads at start;
 STRATA_MOE_TILES=FILE tries a table without replacing the bundled one. `--tp N` benchmarks or
@@ -54,6 +57,7 @@ from strata.model.kernels.fused_moe import fused_moe  # noqa: E402
 from strata.model.kernels.moe_tuning import TILES_FILE, MoeTiles, lookup, shape_key  # noqa: E402
 from strata.model.layers.moe import FusedMoE  # noqa: E402
 
+PAIRS_MAX_TOKENS = 8  # the per-pair layout is swept up to here: past it experts share pairs often
 TINY = dict(num_experts=8, num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=32)
 
 
@@ -105,7 +109,7 @@ def bench(args, device: torch.device, dtype: torch.dtype) -> None:
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu (interpreter: timings mean nothing)'}, "
           f"torch {torch.__version__}, {dtype}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, tp={args.tp}, "
           f"microseconds per layer (x floor)")
-    heads = ["floor", "triton graph", "triton eager", "grouped_mm", "loop eager", "dense mm"]
+    heads = ["floor", "triton graph", "triton eager", "grouped_mm", "pairs", "loop eager", "dense mm"]
     print(f"{'shape':<15}{'T':>6}" + "".join(f"{h:>20}" for h in heads) + f"{'max |diff|':>12}  tiles")
     for name in args.shapes.split(","):
         for tokens in map(int, args.tokens.split(",")):
@@ -119,6 +123,8 @@ def bench(args, device: torch.device, dtype: torch.dtype) -> None:
                 continue
             times = [graph_us(case.fused("triton"), args.iters), eager_us(case.fused("triton"), args.iters)]
             times.append(graph_us(case.fused("grouped_mm"), args.iters) if dtype == torch.bfloat16 else float("nan"))
+            times.append(graph_us(case.fused("pairs", replace(tiles, backend="pairs")), args.iters)
+                         if tokens <= 32 else float("nan"))
             times.append(eager_us(case.loop(), args.iters))
             times.append(graph_us(case.dense(), args.iters))
             cells = [f"{floor:.1f}"] + [f"{t:.1f} ({t / floor:.1f}x)" for t in times]
@@ -149,9 +155,9 @@ def fastest(case: Case, want: torch.Tensor, tiles_list, iters: int, quick: bool,
     best, best_us = None, float("inf")
     for tiles in tiles_list:
         try:
-            got = case.fused("triton", tiles)()
+            got = case.fused(tiles.backend, tiles)()
             torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
-            us = graph_us(case.fused("triton", tiles), iters) if not quick else 0.0
+            us = graph_us(case.fused(tiles.backend, tiles), iters) if not quick else 0.0
         except Exception as err:  # a tile that does not fit or miscomputes is skipped
             print(f"  {label} {tiles}: skipped ({type(err).__name__}: {str(err)[:80]})")
             continue
@@ -179,11 +185,22 @@ def tune(args, device: torch.device, dtype: torch.dtype) -> None:
             if with_down is not None and (quick or down_us < 0.98 * best_us):
                 print(f"{label}: down's own tiles {with_down.down}: {best_us:.1f} -> {down_us:.1f} us")
                 best, best_us = with_down, down_us
+            if tokens <= PAIRS_MAX_TOKENS:  # no align: taken only for a clear (2%) gain
+                grid = [replace(t, backend="pairs") for t in candidates(tokens, top_k, experts, quick)]
+                pairs, pairs_us = fastest(case, want, grid, args.iters, quick, f"{label} pairs")
+                own = [replace(pairs, down=d) for d in down_candidates(quick)] if pairs is not None else []
+                pairs_down, pairs_down_us = fastest(case, want, own, args.iters, quick, f"{label} pairs down")
+                if pairs_down is not None and (quick or pairs_down_us < 0.98 * pairs_us):
+                    pairs, pairs_us = pairs_down, pairs_down_us
+                print(f"{label}: aligned {best_us:.1f} us {best}, pairs {pairs_us:.1f} us {pairs}")
+                if pairs is not None and (quick or pairs_us < 0.98 * best_us):
+                    best, best_us = pairs, pairs_us
             entry: list = [best.block_m, best.block_n, best.block_k, best.num_warps, best.num_stages]
+            entry += [best.backend] if best.backend != "triton" else []
             if not quick and dtype == torch.bfloat16:
                 grouped = graph_us(case.fused("grouped_mm", best), args.iters)
                 if grouped < best_us:
-                    entry, best = entry + ["grouped_mm"], replace(best, down=None)
+                    entry, best = entry[:5] + ["grouped_mm"], replace(best, down=None)
                 print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
             entries[str(tokens)] = entry + ([list(best.down)] if best.down is not None else [])
     table.setdefault("_about", "see strata.model.kernels.moe_tuning")

@@ -121,8 +121,28 @@ def test_fused_matches_reference(dtype, tokens, top_k, experts, only) -> None:
     assert torch.equal(layer.take_counts(), counted)  # the fused path counts as the reference does
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,only", [(7, 1, 8, None), (2, 8, 16, None), (20, 2, 8, [5, 6])],
+    ids=["top1", "top8", "two-experts-only"],
+)
+def test_pairs_layout_matches_reference(dtype, tokens, top_k, experts, only) -> None:
+    """No align: a program per pair, the top-k sum in down's last programs; counts as the reference,
+    and a second launch gives the same (the arrival counters were re-armed)."""
+    layer = make_layer(experts, dtype)
+    weights, ids = routing(tokens, top_k, experts, only)
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    want = layer.forward_reference(x, weights, ids)
+    counted = layer.take_counts()
+    got = run_fused(layer, x, weights, ids, backend="pairs")
+    check(got, want)
+    assert torch.equal(layer.take_counts(), counted)
+    assert torch.equal(run_fused(layer, x, weights, ids, backend="pairs"), got)
+
+
+@pytest.mark.parametrize("backend", ["triton", "pairs"])
 @pytest.mark.parametrize("ep", [False, True], ids=["split", "expert-parallel"])
-def test_ranks_shares_add_up(ep: bool) -> None:
+def test_ranks_shares_add_up(ep: bool, backend: str) -> None:
     """Each rank's fused share matches its reference share; the shares add up to the one-rank layer."""
     full = make_layer(8, torch.float32)
     weights, ids = routing(6, 2, 8, [0, 1, 2, 5])  # with EP, rank 1 (experts 4..7) gets one expert
@@ -130,18 +150,19 @@ def test_ranks_shares_add_up(ep: bool) -> None:
     total = torch.zeros_like(x)
     for rank in (0, 1):
         part = make_layer(8, torch.float32, tp=2, rank=rank, ep=ep, full=full)
-        share = run_fused(part, x, weights, ids)
+        share = run_fused(part, x, weights, ids, backend=backend)
         check(share, part.forward_reference(x, weights, ids))
         total += share
     check(total, full.forward_reference(x, weights, ids))
 
 
-def test_expert_rank_with_no_pairs_gives_zeros() -> None:
+@pytest.mark.parametrize("backend", ["triton", "pairs"])
+def test_expert_rank_with_no_pairs_gives_zeros(backend: str) -> None:
     full = make_layer(8, torch.float32)
     part = make_layer(8, torch.float32, tp=2, rank=1, ep=True, full=full)
     weights, ids = routing(4, 2, 8, [0, 1, 2, 3])
     x = torch.randn(4, HIDDEN).to(DEVICE)
-    assert torch.equal(run_fused(part, x, weights, ids), torch.zeros_like(x))
+    assert torch.equal(run_fused(part, x, weights, ids, backend=backend), torch.zeros_like(x))
     assert part.take_counts().sum().item() == 8  # counted all the same: the load report sees them
 
 
@@ -158,13 +179,29 @@ def test_grouped_mm_backend_matches_reference(ep: bool) -> None:
                                **TOLERANCE.get(dtype, dict(atol=3e-2, rtol=2e-2)))
 
 
-def test_down_gemm_with_tiles_of_its_own() -> None:
-    """gate_up and down on different column blocks, K steps, warps and stages (one align)."""
+@pytest.mark.parametrize("backend", ["triton", "pairs"])
+def test_down_gemm_with_tiles_of_its_own(backend: str) -> None:
+    """gate_up and down on different column blocks, K steps, warps and stages."""
     layer = make_layer(16, torch.float32)
     weights, ids = routing(5, 4, 16)
     x = torch.randn(5, HIDDEN).to(DEVICE)
     tiles = MoeTiles(16, 16, 16, 4, 2, down=(32, 32, 2, 3))
-    check(run_fused(layer, x, weights, ids, tiles=tiles), layer.forward_reference(x, weights, ids))
+    check(run_fused(layer, x, weights, ids, backend, tiles), layer.forward_reference(x, weights, ids))
+
+
+def test_pairs_entry_of_the_table_is_taken(monkeypatch) -> None:
+    """A tiles entry naming "pairs" runs the per-pair layout and never the align."""
+    import strata.model.kernels.fused_moe as fm
+
+    def no_align(*args, **kwargs):
+        raise AssertionError("the pairs layout must not align")
+
+    monkeypatch.setattr(fm, "align_by_expert", no_align)
+    layer = make_layer(8, torch.float32)
+    weights, ids = routing(2, 2, 8)
+    x = torch.randn(2, HIDDEN).to(DEVICE)
+    got = run_fused(layer, x, weights, ids, backend=None, tiles=MoeTiles(16, 16, 16, 4, 2, "pairs"))
+    check(got, layer.forward_reference(x, weights, ids))
 
 
 def test_default_tiles_and_no_tokens() -> None:
@@ -177,7 +214,7 @@ def test_default_tiles_and_no_tokens() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm", "pairs"])
 @pytest.mark.parametrize("tokens", [1, 40, 300])
 def test_bf16_on_gpu_with_the_tiles_table(backend: str, tokens: int) -> None:
     """Compiled, bf16, the tiles the table (or the default) gives, one to three align launches."""
@@ -186,3 +223,23 @@ def test_bf16_on_gpu_with_the_tiles_table(backend: str, tokens: int) -> None:
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     got = run_fused(layer, x, weights, ids, backend=backend, tiles=None)
     torch.testing.assert_close(got, layer.forward_reference(x, weights, ids), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_pairs_layout_in_a_cuda_graph() -> None:
+    """The per-pair layout (its arrival counters re-armed by every launch) replays in a graph as it
+    runs eagerly, for new inputs copied into the captured ones."""
+    layer = make_layer(128, torch.bfloat16)
+    weights, ids = routing(2, 8, 128)
+    x = torch.randn(2, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda: run_fused(layer, x, weights, ids, backend="pairs", tiles=MoeTiles(16, 32, 64, 4, 3))  # noqa: E731
+    run()  # grows the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed in (1, 2):
+        new_w, new_ids = routing(2, 8, 128, seed=seed)
+        weights.copy_(new_w), ids.copy_(new_ids), x.normal_()
+        graph.replay()
+        torch.testing.assert_close(out, run(), atol=0, rtol=0)
+        torch.testing.assert_close(out, layer.forward_reference(x, weights, ids), atol=3e-2, rtol=2e-2)

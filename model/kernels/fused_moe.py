@@ -1,4 +1,5 @@
 """The routed experts of a MoE layer in three launches after the align step: gate_up, down, sum.
+(For a few tokens `moe_pairs` does without the align and the sum; `fused_moe` picks by the tiles.)
 
     gate_up  act[p]   = silu(x[p // k] @ w13[e, :I]^T) * (x[p // k] @ w13[e, I:]^T)   for pair p of expert e
     down     y[p]     = (act[p] @ w2[e]^T) * weight[p]
@@ -26,10 +27,11 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels import interpreting
-from strata.model.kernels.activation import silu_mul
 from strata.model.kernels.moe_align import AlignedPairs, align_by_expert
 from strata.model.kernels.moe_grouped_mm import grouped_mm_available, grouped_mm_experts
+from strata.model.kernels.moe_pairs import pair_experts
 from strata.model.kernels.moe_sum import sum_topk
+from strata.model.kernels.moe_tile import expert_tile
 from strata.model.kernels.moe_tuning import Backend, MoeTiles, lookup
 from strata.model.kernels.paged_attention import dot_precision
 
@@ -59,30 +61,11 @@ def _grouped_gemm_kernel(
     a_rows = (pairs // rows_per_a).to(tl.int64)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
-    ks = tl.arange(0, BLOCK_K)
-    a_at = a_ptr + a_rows[:, None] * a_sr + ks[None, :] * a_sk
-    b_at = b_ptr + expert * b_se + cols.to(tl.int64)[None, :] * b_sn + ks[:, None] * b_sk
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATE_UP:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        k_ok = ks < k_dim - k0
-        a = tl.load(a_at, mask=real[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_at, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if GATE_UP:  # the up rows of the same expert, I rows below the gate rows
-            up = tl.load(b_at + up_offset * b_sn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
-        a_at += BLOCK_K * a_sk
-        b_at += BLOCK_K * b_sk
-    dtype = c_ptr.dtype.element_ty
-    if GATE_UP:
-        out = silu_mul(acc.to(dtype), acc_up.to(dtype), PRECISE)
-    elif MUL_WEIGHT:
-        w = tl.load(weights_ptr + pairs, mask=real, other=0.0).to(dtype)
-        out = (acc.to(dtype).to(tl.float32) * w.to(tl.float32)[:, None]).to(dtype)
-    else:
-        out = acc.to(dtype)
+    out = expert_tile(
+        a_ptr, a_rows, real, a_sr, a_sk, b_ptr, expert, b_se, b_sn, b_sk, cols, col_ok, k_dim, up_offset,
+        weights_ptr, pairs, c_ptr.dtype.element_ty, GATE_UP, MUL_WEIGHT, PRECISE, DOT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     c_at = c_ptr + pairs.to(tl.int64)[:, None] * c_sr + cols[None, :]
     tl.store(c_at, out, mask=real[:, None] & col_ok[None, :])
 
@@ -130,16 +113,24 @@ def fused_moe(
     num_experts: int, expert_start: int = 0, expert_counts: torch.Tensor | None = None,
     tiles: MoeTiles | None = None, backend: Backend | None = None,
 ) -> torch.Tensor:
-    """Align, then the routed experts by the tiles' backend (`backend` overrides it); see
-    `fused_experts`. `expert_counts` [num_experts] gains this step's pairs per expert. Host-side
-    sizes only (T, k, shapes): capturable in a CUDA graph."""
+    """The routed experts by the tiles' backend (`backend` overrides it): per pair (`moe_pairs`, no
+    align), or align then our grouped GEMMs or grouped_mm; see `fused_experts`. `expert_counts`
+    [num_experts] gains this step's pairs per expert. Host-side sizes only (T, k, shapes):
+    capturable in a CUDA graph."""
     tokens, top_k = topk_ids.shape
     num_local = w13.shape[0]
     if tokens == 0:
         return torch.zeros_like(x)
     tiles = tiles or lookup(tokens, top_k, num_local, w2.shape[2], x.shape[1])
-    aligned = align_by_expert(topk_ids, num_experts, tiles.block_m, expert_start, num_local, expert_counts)
     # The table's grouped_mm is for bf16 on CUDA (where it was measured); asked for, it runs anywhere.
-    if backend == "grouped_mm" or (backend is None and tiles.backend == "grouped_mm" and grouped_mm_available(x)):
+    if backend is None:
+        backend = tiles.backend if tiles.backend != "grouped_mm" or grouped_mm_available(x) else "triton"
+    if backend == "pairs":
+        out = pair_experts(x, w13, w2, topk_weights, topk_ids, tiles, expert_start, expert_counts)
+        if out is not None:
+            return out
+        backend = "triton"  # its counters cannot grow inside a capture: the aligned GEMMs can
+    aligned = align_by_expert(topk_ids, num_experts, tiles.block_m, expert_start, num_local, expert_counts)
+    if backend == "grouped_mm":
         return grouped_mm_experts(x, w13, w2, topk_weights, topk_ids, aligned, expert_start)
     return fused_experts(x, w13, w2, topk_weights, topk_ids, aligned, tiles, expert_start)

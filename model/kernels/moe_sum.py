@@ -13,19 +13,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _sum_topk_kernel(
-    y_ptr, ids_ptr, out_ptr, hidden, y_sr, top_k, expert_start, num_local, BLOCK: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < hidden
+def token_sum(y_ptr, y_sr, ids_ptr, token, top_k, cols, col_ok, expert_start, num_local, BLOCK: tl.constexpr):
+    """Token `token`'s k rows of y (local experts only), columns `cols`, added in k order in float32.
+    Loads go to L2 (.cg), past this SM's L1: `moe_pairs` calls this on rows other programs wrote."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, top_k):
         pair = token * top_k + j
         e = tl.load(ids_ptr + pair)
         mine = (e >= expert_start) & (e < expert_start + num_local)  # another rank's expert adds nothing here
         keep = (col_ok & mine) != 0  # != 0: Triton's interpreter widens a scalar bool's broadcast to int32
-        acc += tl.load(y_ptr + pair * y_sr + cols, mask=keep, other=0.0).to(tl.float32)
+        acc += tl.load(y_ptr + pair * y_sr + cols, mask=keep, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _sum_topk_kernel(
+    y_ptr, ids_ptr, out_ptr, hidden, y_sr, top_k, expert_start, num_local, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < hidden
+    acc = token_sum(y_ptr, y_sr, ids_ptr, token, top_k, cols, col_ok, expert_start, num_local, BLOCK)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 

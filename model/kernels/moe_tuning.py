@@ -3,7 +3,8 @@
 `moe_tiles.json` (beside this module, written by `benchmarks/bench_moe.py --tune` on the GPU
 machine) maps "e{local experts}/i{local expert width}/h{hidden}" to {tokens: entry}, an entry being
 [block_m, block_n, block_k, num_warps, num_stages], then optionally a backend name, "triton" (our
-grouped GEMMs, the default) or "grouped_mm" (`torch._grouped_mm`, bf16 on CUDA), and optionally
+grouped GEMMs, the default), "grouped_mm" (`torch._grouped_mm`, bf16 on CUDA) or "pairs" (no align:
+a program per token-expert pair, `moe_pairs`, for a few tokens; block_m unused), and optionally
 the down GEMM's own [block_n, block_k, num_warps, num_stages] (its K and N are gate_up's swapped, so
 its best tiles may differ; without it down runs gate_up's; block_m is one, the align's). A step of T tokens
 takes the entry whose token count is nearest T (on a log scale); a shape the file does not name gets
@@ -26,8 +27,8 @@ logger = logging.getLogger("strata")
 
 TILES_FILE = Path(__file__).with_name("moe_tiles.json")
 TILES_ENV = "STRATA_MOE_TILES"
-Backend = Literal["triton", "grouped_mm"]
-BACKENDS = ("triton", "grouped_mm")
+Backend = Literal["triton", "grouped_mm", "pairs"]
+BACKENDS = ("triton", "grouped_mm", "pairs")
 
 
 @dataclass(frozen=True)

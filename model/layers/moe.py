@@ -36,7 +36,7 @@ from strata.model.layers.moe_router import TopKRouter
 ExpertPart = Literal["gate", "up", "down", "gate_up"]
 # auto: fused on CUDA (Triton or grouped_mm per the tiles data), reference elsewhere. The others
 # force one path, on any device (tests run the Triton kernels in the interpreter on CPU).
-MoeBackend = Literal["auto", "reference", "triton", "grouped_mm"]
+MoeBackend = Literal["auto", "reference", "triton", "grouped_mm", "pairs"]
 
 
 @dataclass(frozen=True)
