@@ -40,7 +40,8 @@ def compile_all() -> list[str]:
                                                     CHUNK=128, BLOCK=64))
     build(moe_align._count_kernel, align, dict(CHUNK=128, E_PAD=128))
     build(moe_align._scatter_kernel, align, dict(CHUNK=128, E_PAD=128))
-    build(moe_sum._sum_topk_kernel, dict(y_ptr=bf16, ids_ptr=i64, out_ptr=bf16), dict(BLOCK=1024), num_warps=4)
+    build(moe_sum._sum_topk_kernel, dict(y_ptr=bf16, ids_ptr=i64, out_ptr=bf16), dict(T_PAD=1, K_PAD=8, BLOCK=512),
+          num_warps=4)
     gemm = dict(a_ptr=bf16, b_ptr=bf16, c_ptr=bf16, weights_ptr="*fp32", sorted_ids_ptr=i32,
                 tile_experts_ptr=i32, used_tiles_ptr=i32)
     for tiles in {default_tiles(1, 8, 128), default_tiles(4096, 8, 128)}:
@@ -54,7 +55,8 @@ def compile_all() -> list[str]:
     for gate_up in (True, False):  # gate_up counts the load; down sums the top k in its last program
         build(moe_pairs._pair_gemm_kernel, pairs,
               dict(GATE_UP=gate_up, SUM_TOPK=not gate_up, COUNT=gate_up, PRECISE=True, DOT_PRECISION="tf32",
-                   BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), num_warps=4, num_stages=5)
+                   BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, T_PAD=2, K_PAD=8), num_warps=4,
+              num_stages=5)
     return done
 
 

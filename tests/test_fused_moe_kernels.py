@@ -140,6 +140,18 @@ def test_pairs_layout_matches_reference(dtype, tokens, top_k, experts, only) -> 
     assert torch.equal(run_fused(layer, x, weights, ids, backend="pairs"), got)
 
 
+def test_pairs_sum_in_several_passes(monkeypatch) -> None:
+    """More tokens than the last program loads at once: its sum takes passes of T_PAD tokens."""
+    import strata.model.kernels.moe_pairs as moe_pairs
+
+    monkeypatch.setattr(moe_pairs, "_SUM_TILE", 2 * 4 * 16)  # 2 tokens a pass at k=4, 16 columns
+    layer = make_layer(16, torch.float32)
+    weights, ids = routing(5, 4, 16)
+    x = torch.randn(5, HIDDEN).to(DEVICE)
+    assert moe_pairs._sum_tokens(5, 4, SMALL_TILES.block_n) == 2
+    check(run_fused(layer, x, weights, ids, backend="pairs"), layer.forward_reference(x, weights, ids))
+
+
 @pytest.mark.parametrize("backend", ["triton", "pairs"])
 @pytest.mark.parametrize("ep", [False, True], ids=["split", "expert-parallel"])
 def test_ranks_shares_add_up(ep: bool, backend: str) -> None:

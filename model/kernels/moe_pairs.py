@@ -10,8 +10,8 @@ rows are masked: tl.dot's least height is 16, the GEMMs only stream weights). Tw
     gate_up  act[p] = silu(x[p // k] @ gate_e^T) * (x[p // k] @ up_e^T); program (p, 0) also adds
              the pair to the load counters (an integer atomic: the same counts in any order)
     down     y[p] = (act[p] @ w2_e^T) * weight[p]; the last program of each column block to finish
-             (an atomic count, as the skinny matmul's split-K) adds every token's k rows in k order
-             (`moe_sum.token_sum`), so the top-k sum needs no launch of its own and does not depend
+             (an atomic count, as the skinny matmul's split-K) adds every token's k rows
+             (`moe_sum.tokens_sum`, a fixed order), so the top-k sum needs no launch of its own and does not depend
              on which program finished last
 
 Pairs of another rank's experts (expert parallelism) compute nothing but still arrive at the count.
@@ -27,13 +27,14 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels import interpreting
-from strata.model.kernels.moe_sum import token_sum
+from strata.model.kernels.moe_sum import tokens_sum
 from strata.model.kernels.moe_tile import expert_tile
 from strata.model.kernels.moe_tuning import MoeTiles
 from strata.model.kernels.paged_attention import dot_precision
 from strata.model.kernels.split_scratch import SplitScratch
 
 _BLOCK_M = 16  # tl.dot's least height; one row of it is real
+_SUM_TILE = 4096  # elements of the last program's [tokens, k, BLOCK_N] tile of rows to add
 _arrivals = SplitScratch()
 
 
@@ -44,6 +45,7 @@ def _pair_gemm_kernel(
     a_sr, a_sk, b_se, b_sn, b_sk, c_sr,
     GATE_UP: tl.constexpr, SUM_TOPK: tl.constexpr, COUNT: tl.constexpr, PRECISE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    T_PAD: tl.constexpr, K_PAD: tl.constexpr,
 ):
     pair, col_block = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + pair)
@@ -71,10 +73,19 @@ def _pair_gemm_kernel(
         counter = arrivals_ptr + col_block
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_pairs - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed")
-            for token in range(0, num_pairs // top_k):
-                acc = token_sum(c_ptr, c_sr, ids_ptr, token, top_k, cols, col_ok, expert_start, num_local,
-                                BLOCK_N)
-                tl.store(out_ptr + token * n_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            num_tokens = num_pairs // top_k
+            for first in range(0, num_tokens, T_PAD):  # one pass up to T_PAD tokens: their loads at once
+                acc = tokens_sum(c_ptr, c_sr, ids_ptr, first, num_tokens, top_k, cols, col_ok, expert_start,
+                                 num_local, T_PAD, K_PAD, BLOCK_N)
+                tokens = first + tl.arange(0, T_PAD)
+                at = out_ptr + tokens.to(tl.int64)[:, None] * n_out + cols[None, :]
+                tl.store(at, acc.to(out_ptr.dtype.element_ty), mask=(tokens < num_tokens)[:, None] & col_ok[None, :])
+
+
+def _sum_tokens(tokens: int, top_k: int, block_n: int) -> int:
+    """Tokens whose rows the last program loads at once (a power of 2; more take several passes)."""
+    fit = max(1, _SUM_TILE // (triton.next_power_of_2(top_k) * block_n))
+    return min(triton.next_power_of_2(tokens), 1 << (fit.bit_length() - 1))
 
 
 def _launch(a, b, c, tiles: MoeTiles, ids, rows_per_a: int, expert_start: int, gate_up: bool, *,
@@ -89,6 +100,7 @@ def _launch(a, b, c, tiles: MoeTiles, ids, rows_per_a: int, expert_start: int, g
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
         GATE_UP=gate_up, SUM_TOPK=out is not None, COUNT=counts is not None, PRECISE=not interpreting(),
         DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=_BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        T_PAD=_sum_tokens(num_pairs // top_k, top_k, tiles.block_n), K_PAD=triton.next_power_of_2(top_k),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
