@@ -3,8 +3,12 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
-#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels, decode-tp1, decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2, decode-tp4,
-#          decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep, moe-ep-a2a
+#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels,
+#          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
+#          $OUT/moe_tiles.json: try it with STRATA_MOE_TILES=$OUT/moe_tiles.json), decode-tp1,
+#          decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2,
+#          decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
+#          moe-ep-a2a
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,6 +33,9 @@ for step in $1; do
     gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
     tune-gemm)  run tune-gemm 400 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
+    tune-moe-decode) cp -n model/kernels/moe_tiles.json "$OUT/moe_tiles.json"  # merged into, then checked in
+                run tune-moe-decode 400 python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b --tokens 1,4 \
+                  --iters 20 --out "$OUT/moe_tiles.json" ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
