@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
+from strata.model.kernels.split_scratch import SplitScratch  # noqa: E402
 from strata.model.layers.linear import linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +104,7 @@ def test_split_k_matches_torch_and_rearms_its_counters(rows, n, k, tiles, dtype)
 def test_split_scratch_grows_and_keeps_what_graphs_captured():
     """A larger split product after a smaller one gets a larger buffer; the outgrown one is kept
     (a CUDA graph captured with it still writes there), and both products stay right."""
-    scratch = skinny._SplitScratch()
+    scratch = SplitScratch()
     dev = torch.device(DEVICE)
     small, _ = scratch.get(dev, 64, 4)
     assert scratch.get(dev, 32, 2)[0] is small  # fits: reused, the same address

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from strata.model.kernels.split_scratch import SplitScratch
+
 logger = logging.getLogger("strata")
 
 TILES_FILE = Path(__file__).with_name("skinny_tiles.json")
@@ -76,37 +78,7 @@ def _skinny_kernel(
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-class _SplitScratch:
-    """Split-K's float32 partials and int32 arrival counters for one device, grown (never while a
-    CUDA graph is captured: the runner's eager warm-up before capture grows them) and reused, so
-    a graph replays the same addresses. A buffer outgrown is kept, not freed: graphs captured
-    before still write to it. Every launch leaves the counters at zero."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self.retired: list[torch.Tensor] = []
-
-    def get(self, device: torch.device, partial_elems: int, counters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The two buffers, at least this large; None while capturing if they would have to grow."""
-        wants = ((torch.float32, partial_elems), (torch.int32, counters))
-        if any(self._short(dtype, device, numel) for dtype, numel in wants):
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            for dtype, numel in wants:
-                if self._short(dtype, device, numel):
-                    old = self.buffers.get((dtype, device))
-                    if old is not None:
-                        self.retired.append(old)
-                        numel = max(numel, 2 * old.numel())  # geometric: few retired buffers
-                    self.buffers[dtype, device] = torch.zeros(numel, dtype=dtype, device=device)
-        return self.buffers[torch.float32, device], self.buffers[torch.int32, device]
-
-    def _short(self, dtype: torch.dtype, device: torch.device, numel: int) -> bool:
-        buf = self.buffers.get((dtype, device))
-        return buf is None or buf.numel() < numel
-
-
-_scratch = _SplitScratch()
+_scratch = SplitScratch()
 
 
 def row_bucket(rows: int) -> int | None:

@@ -5,9 +5,11 @@ rank computes the same routing. No collective is needed to agree on it, and each
 the token-expert pairs of the experts it holds. Routing stays on the device: scores, top-k and the
 renormalisation have static shapes, nothing is read back to the host.
 
-Two computations of the same routing (`TopKRouter.backend`): on CUDA one Triton launch after the
-logits' matmul (`strata.model.kernels.moe_route`: scores, top-k and renormalisation fused; at batch
-1 a layer's routing costs its launches); elsewhere the torch ops, which are the kernel's reference.
+Two computations of the same routing (`TopKRouter.backend`): on CUDA Triton
+(`strata.model.kernels.moe_route`; at batch 1 a layer's routing costs its launches): for up to 32
+tokens one launch from the hidden states (the logits' matmul, scores, top-k and renormalisation),
+for more one launch after cuBLAS's logits; elsewhere the torch ops, which are the kernels'
+reference.
 """
 
 from __future__ import annotations
@@ -53,15 +55,16 @@ class TopKRouter(ReplicatedLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k] int64), best expert first."""
-        logits = F.linear(x, self.weight)
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if logits.is_cuda and triton_available() else "reference"
+            backend = "triton" if x.is_cuda and triton_available() else "reference"
         if backend == "reference":
-            return self.forward_reference(logits)
-        from strata.model.kernels.moe_route import route_topk  # Triton: imported where it runs
+            return self.forward_reference(F.linear(x, self.weight))
+        from strata.model.kernels import moe_route  # Triton: imported where it runs
 
-        return route_topk(logits, self.top_k, self.renormalize, self.scoring)
+        if moe_route.fuses(x, self.weight):  # decode sizes: the matmul and the routing in one launch
+            return moe_route.route_hidden_topk(x, self.weight, self.top_k, self.renormalize, self.scoring)
+        return moe_route.route_topk(F.linear(x, self.weight), self.top_k, self.renormalize, self.scoring)
 
     def forward_reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits [T, E] -> `forward`'s routing, in torch ops: the kernel's reference, and the
