@@ -22,7 +22,9 @@ and each one's ratio to the floor, the bf16 max |triton - loop|, and the tiles t
 --tune times candidate tiles (block_m, block_n, block_k, warps, stages; 24 or 72 per token count)
 for each shape and token count, graphed, keeps the fastest, then tries the down GEMM on tiles of
 its own (24, gate_up's fixed; kept for a 2% gain); up to 8 tokens the per-pair layout on the
-same candidates too; then grouped_mm where it is faster still,
+same candidates too; then grouped_mm where it is faster still; and for token counts up to 32 the
+router's one launch (matmul and routing, 24 candidates) against cuBLAS + route_topk, into
+`--router-out` (default: the bundled model/kernels/router_tiles.json) where it wins by 2%,
 and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
 the engine reads at start;
 STRATA_MOE_TILES=FILE tries a table without replacing the bundled one. `--tp N` benchmarks or
@@ -34,6 +36,7 @@ a 10-minute command.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -53,6 +56,7 @@ from benchmarks.roofline import measure_hbm_bandwidth  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 from strata.distributed.process_groups import single_rank_group  # noqa: E402
 from strata.model.context import ModelContext  # noqa: E402
+from strata.model.kernels import moe_route  # noqa: E402
 from strata.model.kernels.fused_moe import fused_moe  # noqa: E402
 from strata.model.kernels.moe_tuning import TILES_FILE, MoeTiles, lookup, shape_key  # noqa: E402
 from strata.model.layers.moe import FusedMoE  # noqa: E402
@@ -166,6 +170,43 @@ def fastest(case: Case, want: torch.Tensor, tiles_list, iters: int, quick: bool,
     return best, best_us
 
 
+def tune_router(name: str, tokens: int, args, device: torch.device, dtype: torch.dtype, table: dict) -> None:
+    """The router's one launch (matmul and routing) against cuBLAS + route_topk at `tokens` rows:
+    the fastest (block_k, split, warps) enters `table` only where it wins by 2%."""
+    experts, top_k, hidden, _ = moe_dims(name, 1)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    weight = torch.randn(experts, hidden, dtype=dtype, device=device) / hidden**0.5
+    two = lambda: moe_route.route_topk(torch.nn.functional.linear(x, weight), top_k, True)  # noqa: E731
+    want_ids = two()[1]
+    quick = device.type != "cuda"
+    grid = [(128, 1, 4)] if quick else list(itertools.product([64, 128, 256], [1, 2, 4, 8], [4, 8]))
+    best, best_us = None, float("inf")
+    for block_k, split, warps in grid:
+        one = functools.partial(moe_route.route_hidden_topk, x, weight, top_k, True, split=split,
+                                block_k=block_k, num_warps=warps)
+        if not torch.equal(one()[1], want_ids):  # random logits: ties are rare, a miscompute is not
+            print(f"  router {name} T={tokens} {(block_k, split, warps)}: other ids, skipped")
+            continue
+        us = 0.0 if quick else graph_us(one, args.iters)
+        if us < best_us:
+            best, best_us = (block_k, split, warps), us
+    two_us = 0.0 if quick else graph_us(two, args.iters)
+    key = moe_route.router_tile_key(experts, hidden, moe_route.row_bucket(tokens))
+    print(f"router {name:<15}T={tokens:<4} one launch {best_us:6.1f} us {best}   cuBLAS + route_topk {two_us:6.1f} us")
+    if best is not None and (quick or best_us < 0.98 * two_us):
+        table[key] = list(best)
+    else:
+        table.pop(key, None)
+
+
+def write_table(table: dict, path: str, about: str) -> None:
+    table.setdefault("_about", f"see {about}")
+    lines = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in sorted(table.items())]
+    with open(path, "w") as f:  # an entry a line, as the bundled files are written
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+    print(f"wrote {path}")
+
+
 def tune(args, device: torch.device, dtype: torch.dtype) -> None:
     quick = device.type != "cuda"
     table = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -203,11 +244,12 @@ def tune(args, device: torch.device, dtype: torch.dtype) -> None:
                     entry, best = entry[:5] + ["grouped_mm"], replace(best, down=None)
                 print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
             entries[str(tokens)] = entry + ([list(best.down)] if best.down is not None else [])
-    table.setdefault("_about", "see strata.model.kernels.moe_tuning")
-    lines = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in sorted(table.items())]
-    with open(args.out, "w") as f:  # a shape a line, as the bundled file is written
-        f.write("{\n" + ",\n".join(lines) + "\n}\n")
-    print(f"wrote {args.out}")
+    write_table(table, args.out, "strata.model.kernels.moe_tuning")
+    routers = json.load(open(args.router_out)) if os.path.exists(args.router_out) else {}
+    for name in args.shapes.split(","):
+        for tokens in sorted({t for t in map(int, args.tokens.split(",")) if t <= moe_route.FUSED_MAX_TOKENS}):
+            tune_router(name, tokens, args, device, dtype, routers)
+    write_table(routers, args.router_out, "strata.model.kernels.moe_route")
 
 
 def main() -> None:
@@ -218,6 +260,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--out", default=str(TILES_FILE))
+    parser.add_argument("--router-out", default=str(moe_route.ROUTER_TILES_FILE),
+                        help="where --tune writes the router's table (one launch or two, per rows bucket)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -227,6 +271,8 @@ def main() -> None:
         args.shapes, args.tokens = "tiny", "1,9"
         if args.out == str(TILES_FILE):
             args.out = os.path.join(tempfile.gettempdir(), "moe_tiles_check.json")
+        if args.router_out == str(moe_route.ROUTER_TILES_FILE):
+            args.router_out = os.path.join(tempfile.gettempdir(), "router_tiles_check.json")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     (tune if args.tune else bench)(args, device, dtype)

@@ -5,7 +5,7 @@
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
-#          $OUT/moe_tiles.json: try it with STRATA_MOE_TILES=$OUT/moe_tiles.json), decode-tp1,
+#          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
 #          decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2,
 #          decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
 #          moe-ep-a2a
@@ -35,7 +35,7 @@ for step in $1; do
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
     tune-moe-decode) cp -n model/kernels/moe_tiles.json "$OUT/moe_tiles.json"  # merged into, then checked in
                 run tune-moe-decode 400 python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b --tokens 1,4 \
-                  --iters 20 --out "$OUT/moe_tiles.json" ;;
+                  --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;

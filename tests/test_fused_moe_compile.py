@@ -22,7 +22,7 @@ def compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from strata.model.kernels import fused_moe, moe_align, moe_pairs, moe_sum
+    from strata.model.kernels import fused_moe, moe_align, moe_pairs, moe_route, moe_sum
     from strata.model.kernels.moe_tuning import default_tiles
 
     done = []
@@ -57,6 +57,11 @@ def compile_all() -> list[str]:
               dict(GATE_UP=gate_up, SUM_TOPK=not gate_up, COUNT=gate_up, PRECISE=True, DOT_PRECISION="tf32",
                    BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, T_PAD=2, K_PAD=8), num_warps=4,
               num_stages=5)
+    route = dict(x_ptr=bf16, w_ptr=bf16, weights_ptr="*fp32", ids_ptr=i64, partial_ptr="*fp32", arrivals_ptr=i32)
+    for rows, split in ((16, 4), (32, 1)):  # the router's matmul and routing in one launch
+        build(moe_route._hidden_route_kernel, route,
+              dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, E_PAD=128, K_PAD=8, BLOCK_M=rows, BLOCK_E=16,
+                   BLOCK_K=256, SPLIT=split), num_warps=4)
     return done
 
 
@@ -69,7 +74,7 @@ def test_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("bytes shared") == 11, run.stdout
+    assert run.stdout.count("bytes shared") == 13, run.stdout
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ def test_fused_falls_back_when_its_scratch_cannot_grow(monkeypatch) -> None:
 
 @pytest.mark.parametrize("tokens,fused", [(1, True), (32, True), (33, False)])
 def test_router_takes_the_fused_launch_for_few_tokens(tokens: int, fused: bool, monkeypatch) -> None:
-    """backend 'triton': up to 32 tokens one fused launch (F.linear never runs), more the logits'
-    matmul then `route_topk`; both route as the torch path does."""
+    """backend 'triton', a shape the tiles table names: up to 32 tokens one fused launch (F.linear
+    never runs), more the logits' matmul then `route_topk`; both route as the torch path does."""
     x, w = exact_hidden(tokens, 60, torch.float32, hidden=64)
     layer = router(60, 4, True, "softmax", hidden=64).to(DEVICE)
     with torch.no_grad():
@@ -140,11 +140,23 @@ def test_router_takes_the_fused_launch_for_few_tokens(tokens: int, fused: bool, 
 
     for name in ("route_hidden_topk", "route_topk"):
         monkeypatch.setattr(moe_route, name, spy(name))
+    tuned = {moe_route.router_tile_key(60, 64, bucket): (32, 2, 4) for bucket in (16, 32)}
+    monkeypatch.setattr(moe_route, "load_tiles", lambda *args: tuned)
     monkeypatch.setattr(TopKRouter, "backend", "triton")
     weights, ids = layer(x)
     assert calls == (["route_hidden_topk"] if fused else ["route_topk"])
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_w, **TOLERANCE[torch.float32])
+
+
+def test_router_keeps_two_launches_for_a_shape_the_table_does_not_name(monkeypatch) -> None:
+    x, w = exact_hidden(2, 8, torch.float16)
+    monkeypatch.setattr(moe_route, "load_tiles", lambda *args: {moe_route.router_tile_key(8, 64, 16): (32, 1, 4)})
+    assert moe_route.fused_tiles(x, w) is None  # another hidden size
+    named = {moe_route.router_tile_key(8, x.shape[1], 16): (32, 1, 4)}
+    monkeypatch.setattr(moe_route, "load_tiles", lambda *args: named)
+    assert moe_route.fused_tiles(x, w) == (32, 1, 4)
+    assert moe_route.fused_tiles(x, w.float()) is None
 
 
 def test_router_keeps_two_launches_for_a_weight_of_another_dtype() -> None:

@@ -15,7 +15,9 @@ A NaN score counts as the best (as in torch.topk), so every id is a distinct exp
 the experts' kernels never index past their weights. Sizes depend on T, E and k only and nothing
 is read back to the host, so a CUDA graph can capture it.
 
-For decode batches (T <= 32) `route_hidden_topk` folds the logits' matmul in too: at T=1 cuBLAS's
+For decode batches (T <= 32) of a shape `router_tiles.json` names (written by `benchmarks/bench_moe.py
+--tune` on the GPU machine, where the one launch beat the two), `route_hidden_topk` folds the
+logits' matmul in too: at T=1 cuBLAS's
 [T, H] x [E, H]^T is a launch of its own (~5 us for Qwen3-30B-A3B's 512 KB router weight, bound by
 its overhead) before the routing's (~2 us). Programs split E and H as skinny_matmul's split-K does;
 the last of the whole grid to finish sums their float32 partials and routes with the same code
@@ -24,6 +26,7 @@ the last of the whole grid to finish sums their float32 partials and routes with
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels import interpreting
-from strata.model.kernels.skinny_matmul import ROW_BUCKETS, row_bucket
+from strata.model.kernels.skinny_matmul import ROW_BUCKETS, load_tiles, row_bucket, rows_times_w
 from strata.model.kernels.split_scratch import SplitScratch
 
 # Elements of a program's [ROWS, E_PAD] tile: several rows per program when E is small. The
@@ -48,6 +51,7 @@ _MIN_PROGRAMS = 32  # split H until the grid has this many: the 512 KB weight st
 _MAX_SPLIT = 8  # the last program reads split x [rows, E] partials back: keep that read short
 _FUSED_WARPS = 4  # the last program's [32, 128] routing tile: 32 values a thread
 _scratch = SplitScratch()  # the router's own: skinny_matmul's may be in use on another stream
+ROUTER_TILES_FILE = Path(__file__).with_name("router_tiles.json")
 
 
 @triton.jit
@@ -107,7 +111,7 @@ def _hidden_route_kernel(
     x_ptr, w_ptr, weights_ptr, ids_ptr, partial_ptr, arrivals_ptr, tokens, num_experts, hidden, k_per_split,
     s_xm, s_xk, s_we, s_wk,
     TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, E_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     col_block, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -115,15 +119,8 @@ def _hidden_route_kernel(
     row_ok, col_ok = rows < tokens, cols < num_experts
     k_start = split * k_per_split
     k_end = tl.minimum(hidden, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * s_we + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
-                    other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+    acc = rows_times_w(x_ptr, w_ptr, rows, cols, row_ok, col_ok, k_start, k_end, s_xm, s_xk, s_we, s_wk,
+                       BLOCK_M, BLOCK_E, BLOCK_K)
     # Every program stores its float32 partial [BLOCK_M, BLOCK_E] at [split, row, expert]; the last
     # of the whole grid to arrive (routing needs a row's every expert: one counter, acq_rel at GPU
     # scope, after a barrier that puts every thread's stores first) adds them in split order (the
@@ -139,7 +136,7 @@ def _hidden_route_kernel(
         ok = row_ok[:, None] & (experts < num_experts)[None, :]
         row_logits = partial_ptr + rows[:, None] * num_experts + experts[None, :]
         logits = tl.zeros((BLOCK_M, E_PAD), dtype=tl.float32)
-        for s in range(0, tl.num_programs(1)):
+        for s in tl.static_range(SPLIT):  # unrolled: the SPLIT loads in flight together
             logits += tl.load(row_logits + s * BLOCK_M * num_experts, mask=ok, other=0.0, cache_modifier=".cg")
         logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output is
         _route_rows(logits, rows, tokens, num_experts, weights_ptr, ids_ptr, TOP_K, SIGMOID, RENORMALIZE, E_PAD,
@@ -183,16 +180,31 @@ def fuses(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.dtype == x.dtype)
 
 
+def router_tile_key(num_experts: int, hidden: int, bucket: int) -> str:
+    return f"e{num_experts}/h{hidden}/m{bucket}"
+
+
+def fused_tiles(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int] | None:
+    """(block_k, split, num_warps) when the router should take the one launch (`fuses`, and a shape
+    and rows bucket the table names), else None (the logits' matmul, then `route_topk`)."""
+    if not fuses(x, weight):
+        return None
+    key = router_tile_key(weight.shape[0], weight.shape[1], row_bucket(max(x.shape[0], 1)))
+    entry = load_tiles(str(ROUTER_TILES_FILE), "MoE router tiles").get(key)
+    return (entry[0], entry[1], entry[2]) if entry is not None and len(entry) == 3 else None
+
+
 def route_hidden_topk(
     x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
-    scoring: Literal["softmax", "sigmoid"] = "softmax", split: int | None = None,
+    scoring: Literal["softmax", "sigmoid"] = "softmax", split: int | None = None, block_k: int | None = None,
+    num_warps: int = _FUSED_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T <= 32, H] and the router's weight [E, H] -> `route_topk(F.linear(x, weight), ...)`, in one
-    launch: the logits' matmul (split over H among `split` programs per expert block; None: enough
-    for ~_MIN_PROGRAMS programs) and the routing in the last program to finish. The logits are
-    rounded to x's dtype before scoring, as F.linear's are; their float32 sum may differ from
-    cuBLAS's in the last bit. While a CUDA graph is captured and the scratch would have to grow, it
-    is the two launches instead."""
+    launch: the logits' matmul (split over H among `split` programs per expert block, in steps of
+    `block_k`; None: enough for ~_MIN_PROGRAMS programs, 256-column steps) and the routing in the
+    last program to finish. The logits are rounded to x's dtype before scoring, as F.linear's are;
+    their float32 sum may differ from cuBLAS's in the last bit. While a CUDA graph is captured and
+    the scratch would have to grow, it is the two launches instead."""
     if not fuses(x, weight):
         raise ValueError(f"route_hidden_topk takes x [T <= {FUSED_MAX_TOKENS}, H] (16-bit or float32) and weight "
                          f"[E, H] of its dtype; got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
@@ -211,7 +223,7 @@ def route_hidden_topk(
         split = min(_MAX_SPLIT, triton.cdiv(_MIN_PROGRAMS, col_blocks))
     if split < 1:
         raise ValueError(f"route_hidden_topk: split must be >= 1, got {split}")
-    block_k = min(_BLOCK_K, max(16, triton.next_power_of_2(triton.cdiv(hidden, split))))
+    block_k = block_k or min(_BLOCK_K, max(16, triton.next_power_of_2(triton.cdiv(hidden, split))))
     k_per_split = triton.cdiv(triton.cdiv(hidden, split), block_k) * block_k
     split = triton.cdiv(hidden, k_per_split)  # no split left without H
     bucket = row_bucket(tokens)
@@ -221,7 +233,7 @@ def route_hidden_topk(
     _hidden_route_kernel[(col_blocks, split)](
         x, weight, weights, ids, *buffers, tokens, num_experts, hidden, k_per_split, *x.stride(), *weight.stride(),
         TOP_K=top_k, SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize, E_PAD=triton.next_power_of_2(num_experts),
-        K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bucket, BLOCK_E=_BLOCK_E, BLOCK_K=block_k,
-        num_warps=_FUSED_WARPS,
+        K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bucket, BLOCK_E=_BLOCK_E, BLOCK_K=block_k, SPLIT=split,
+        num_warps=num_warps,
     )
     return weights, ids

@@ -37,6 +37,23 @@ ROW_BUCKETS = (16, 32)  # rows padded to a tl.dot-friendly height; more rows go 
 
 
 @triton.jit
+def rows_times_w(x_ptr, w_ptr, rows, cols, row_ok, col_ok, k_start, k_end, s_xm, s_xk, s_wn, s_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows, k_start:k_end] @ w[cols, k_start:k_end]^T in float32: a program's [BLOCK_M, BLOCK_N]
+    tile, W streamed once (also the fused MoE router's logits, `moe_route`)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
+                    other=0.0)
+        acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+    return acc
+
+
+@triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, y_ptr, partial_ptr, arrivals_ptr, M, N, K, k_per_split,
     s_xm, s_xk, s_wn, s_wk, s_ym, s_yn,
@@ -48,15 +65,8 @@ def _skinny_kernel(
     row_ok, col_ok = rows < M, cols < N
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
-        x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * s_wn + ks[:, None] * s_wk, mask=col_ok[None, :] & k_ok[:, None],
-                    other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="ieee" if x.dtype == tl.float32 else "tf32")
+    acc = rows_times_w(x_ptr, w_ptr, rows, cols, row_ok, col_ok, k_start, k_end, s_xm, s_xk, s_wn, s_wk,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     out = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
     if SPLIT > 1:
         # Each split stores its float32 partial; the last of a column block's splits to finish
@@ -117,15 +127,15 @@ def tile_key(n: int, k: int, bucket: int) -> str:
 
 
 @functools.cache
-def load_tiles(path: str = str(TILES_FILE)) -> dict[str, tuple[int, ...]]:
+def load_tiles(path: str = str(TILES_FILE), what: str = "skinny matmul tiles") -> dict[str, tuple[int, ...]]:
     """(N, K, rows bucket) key -> (block_n, block_k, warps, stages[, split]); {} when the file is
-    unreadable."""
+    unreadable. Other tables of int tuples (`moe_route`'s) are read by the same code."""
     try:
         with open(path) as f:
             raw = json.load(f)
         return {key: tuple(int(v) for v in value) for key, value in raw.items() if not key.startswith("_")}
     except (OSError, ValueError, TypeError) as err:
-        logger.warning("skinny matmul tiles: cannot read %s (%s); every matmul stays on cuBLAS", path, err)
+        logger.warning("%s: cannot read %s (%s); every shape stays on its untuned path", what, path, err)
         return {}
 
 

@@ -6,10 +6,10 @@ the token-expert pairs of the experts it holds. Routing stays on the device: sco
 renormalisation have static shapes, nothing is read back to the host.
 
 Two computations of the same routing (`TopKRouter.backend`): on CUDA Triton
-(`strata.model.kernels.moe_route`; at batch 1 a layer's routing costs its launches): for up to 32
-tokens one launch from the hidden states (the logits' matmul, scores, top-k and renormalisation),
-for more one launch after cuBLAS's logits; elsewhere the torch ops, which are the kernels'
-reference.
+(`strata.model.kernels.moe_route`; at batch 1 a layer's routing costs its launches): up to 32
+tokens of a shape its tuning table names, one launch from the hidden states (the logits' matmul,
+scores, top-k and renormalisation); otherwise one launch after cuBLAS's logits. Elsewhere the torch
+ops, which are the kernels' reference.
 """
 
 from __future__ import annotations
@@ -62,8 +62,11 @@ class TopKRouter(ReplicatedLinear):
             return self.forward_reference(F.linear(x, self.weight))
         from strata.model.kernels import moe_route  # Triton: imported where it runs
 
-        if moe_route.fuses(x, self.weight):  # decode sizes: the matmul and the routing in one launch
-            return moe_route.route_hidden_topk(x, self.weight, self.top_k, self.renormalize, self.scoring)
+        tiles = moe_route.fused_tiles(x, self.weight)  # decode sizes the tuning found faster fused
+        if tiles is not None:
+            block_k, split, num_warps = tiles
+            return moe_route.route_hidden_topk(x, self.weight, self.top_k, self.renormalize, self.scoring,
+                                               split=split, block_k=block_k, num_warps=num_warps)
         return moe_route.route_topk(F.linear(x, self.weight), self.top_k, self.renormalize, self.scoring)
 
     def forward_reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
