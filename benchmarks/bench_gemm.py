@@ -30,11 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import measure_hbm_bandwidth  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
+from strata.model.kernels import skinny_gate_up  # noqa: E402
 from strata.model.kernels import skinny_matmul as skinny  # noqa: E402
+from strata.model.kernels.activation import silu_and_mul  # noqa: E402
 
 TUNE_SHAPES = ("llama-3.1-8b", "qwen2-7b", "qwen3-8b")
 # (block_n, block_k, warps, stages, split): split-K only where K leaves each split a few tiles
 CANDIDATES = [(n, k, 4, s, split) for n in (16, 32, 64) for k in (128, 256) for s in (3, 4, 5) for split in (1, 2, 4)]
+# (block_n, block_k, warps, stages) of the fused gate_up: two accumulators, so no 256-wide K at 64 columns
+GATE_UP_CANDIDATES = [(n, k, 4, s) for n in (16, 32, 64) for k in (64, 128, 256) for s in (3, 4, 5) if n * k <= 8192]
 
 
 def layer_projections(shape: dict) -> dict[str, tuple[int, int]]:
@@ -122,9 +126,48 @@ def tune(out: str, shape_names: list[str]) -> None:
                   f"{best_ms / 48 * 1000:.1f} us per matmul -> {verdict}", flush=True)
         ws = None
         torch.cuda.empty_cache()
+    tune_gate_up(table, shape_names)
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {len(table) - 1} entries to {out} (tuned now: {', '.join(shape_names)})")
+
+
+def tune_gate_up(table: dict, shape_names: list[str]) -> None:
+    """Dense gate_up with its SiLU-and-mul in one launch (skinny_gate_up) against cuBLAS then the
+    activation kernel: an entry only where the one launch wins by 3%."""
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    shapes = {layer_projections(SHAPES[name])["gate_up"] for name in shape_names if not SHAPES[name].get("num_experts")}
+    for k, n in sorted(shapes):
+        ws = [torch.randn(n, k, dtype=dtype, device=dev) * 0.02 for _ in range(8)]
+        low = 1
+        for bucket in skinny.ROW_BUCKETS:
+            xs = [torch.randn(rows, k, dtype=dtype, device=dev) for rows in (low, bucket)]
+            low = bucket + 1
+            two = stack_ms(lambda x, w: silu_and_mul(torch.nn.functional.linear(x, w)), xs, ws)
+            want = silu_and_mul(torch.nn.functional.linear(xs[1], ws[0])).float()
+            best, best_ms = None, two
+            for tiles in GATE_UP_CANDIDATES:
+                try:
+                    if not torch.allclose(skinny_gate_up.gate_up_silu(xs[1], ws[0], *tiles).float(), want,
+                                          atol=2e-2, rtol=2e-2):
+                        print(f"  gate_up {n}x{k}/m{bucket} {tiles}: wrong result, skipped")
+                        continue
+                    ms = stack_ms(lambda x, w, t=tiles: skinny_gate_up.gate_up_silu(x, w, *t), xs, ws)
+                except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
+                    print(f"  gate_up {n}x{k}/m{bucket} {tiles}: {type(err).__name__}, skipped")
+                    continue
+                if ms < best_ms:
+                    best, best_ms = tiles, ms
+            key = skinny_gate_up.gate_up_key(n, k, bucket)
+            taken = best is not None and best_ms < 0.97 * two
+            if taken:
+                table[key] = list(best)
+            else:
+                table.pop(key, None)
+            print(f"gate_up {n}x{k} rows<={bucket}: cuBLAS + silu_and_mul {two / 16 * 1000:.1f} us, one launch "
+                  f"{best_ms / 16 * 1000:.1f} us {best if taken else '(not taken)'}", flush=True)
+        ws = None
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

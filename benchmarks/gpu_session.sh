@@ -31,7 +31,7 @@ for step in $1; do
                 run decode-qwen3 150 $B --shape qwen3-8b --tp 1 --backend mp --decode-batches 1,32 $J ;;
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
     gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
-    tune-gemm)  run tune-gemm 400 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
+    tune-gemm)  run tune-gemm 550 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
     tune-moe-decode) cp -n model/kernels/moe_tiles.json "$OUT/moe_tiles.json"  # merged into, then checked in
                 run tune-moe-decode 400 python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b --tokens 1,4 \

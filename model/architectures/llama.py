@@ -115,7 +115,7 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x, self.act))
 
 
 # Builds the feed-forward block of one decoder layer: (config, ctx, layer index) -> module whose

@@ -8,6 +8,7 @@ never reads the parts of a checkpoint tensor that belong to other ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -115,6 +116,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), ctx, bias=bias)
         self.part_sizes = [_divide(n, ctx.tp_size, "output_size") for n in output_sizes]
+
+    def forward_silu_and_mul(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """act(self(x)) for a [gate; up] pair of equal parts, act being SiLU-and-mul: on CUDA for
+        decode-sized x one launch where the tuned table names this shape (the activation's launch
+        saved), else the matmul then `act`."""
+        if (self.bias is None and len(self.part_sizes) == 2 and self.part_sizes[0] == self.part_sizes[1]
+                and x.is_cuda and x.dim() == 2 and x.shape[0] <= 32 and triton_available()):
+            from strata.model.kernels.skinny_gate_up import gate_up_silu, gate_up_tiles_for
+
+            tiles = gate_up_tiles_for(x, self.weight)
+            if tiles is not None:
+                return gate_up_silu(x, self.weight, *tiles)
+        return act(self(x))
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedSlice, shard_id: Any = None) -> None:
         if not isinstance(shard_id, int):
