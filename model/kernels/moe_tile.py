@@ -2,7 +2,8 @@
 
 The aligned layout (`strata.model.kernels.fused_moe`: rows sorted and padded by expert) and the
 per-pair layout (`strata.model.kernels.moe_pairs`: one pair a program, for a few tokens) differ only
-in which rows a program takes and where its result goes; the product is this. Rows are gathered
+in which rows a program takes and where its result goes; the product is this. A dense MLP's gate_up
+is one expert's (`strata.model.kernels.skinny_gate_up`). Rows are gathered
 from `a` through `a_rows` (masked by `real`); `b` is the expert's [N, K] weight read as [K, N] tiles.
 
     gate_up   silu(a @ gate^T) * (a @ up^T), the up rows `up_offset` rows below the gate rows
