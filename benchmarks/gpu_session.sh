@@ -6,8 +6,8 @@
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
 #          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
-#          decode-qwen, profile-b1, profile-b32 (GPU time per decode step by kernel), decode-tp2,
-#          decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
+#          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32 (GPU time per
+#          decode step by kernel), decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
 #          moe-ep-a2a
 set -u
 OUT=${OUT:-/tmp/out}
@@ -38,6 +38,7 @@ for step in $1; do
                   --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
+    decode-moe) run decode-moe 200 $B --shape qwen3-30b-a3b --tp 1 --backend mp --decode-batches 1,32 $J ;;
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
     profile-b1) run profile-b1 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 1 ;;
     profile-b32) run profile-b32 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 32 ;;
