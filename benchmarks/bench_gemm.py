@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gemm.py [--shape llama-3.1-8b] [--batches 1,32]
     python benchmarks/bench_gemm.py --tune [--tune-shapes a,b] [--out FILE]   # the skinny matmul's table
+    python benchmarks/bench_gemm.py --tune --only gate_up [--out FILE]      # only the fused gate_up's entries
 
 --tune times, for every projection of the --tune-shapes (default Llama-3.1-8B, Qwen2-7B and Qwen3-8B;
 of an MoE shape only the attention's, its experts run in the grouped kernels) and each rows
@@ -82,10 +83,10 @@ def tuned_projections(name: str) -> list[tuple[int, int]]:
     return [projections[p] for p in names]
 
 
-def tune(out: str, shape_names: list[str]) -> None:
+def tune(out: str, shape_names: list[str], only: str) -> None:
     """The skinny matmul's table: per (N, K, rows bucket), the fastest tiles where they beat cuBLAS."""
     dtype, dev = torch.bfloat16, torch.device("cuda")
-    shapes = {nk for name in shape_names for nk in tuned_projections(name)}
+    shapes = {nk for name in shape_names for nk in tuned_projections(name)} if only != "gate_up" else set()
     table = json.loads(skinny.TILES_FILE.read_text())
     if os.path.exists(out):
         table = json.loads(open(out).read())
@@ -126,7 +127,8 @@ def tune(out: str, shape_names: list[str]) -> None:
                   f"{best_ms / 48 * 1000:.1f} us per matmul -> {verdict}", flush=True)
         ws = None
         torch.cuda.empty_cache()
-    tune_gate_up(table, shape_names)
+    if only != "skinny":
+        tune_gate_up(table, shape_names)
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {len(table) - 1} entries to {out} (tuned now: {', '.join(shape_names)})")
@@ -177,9 +179,11 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-shapes", default=",".join(TUNE_SHAPES))
     ap.add_argument("--out", default=str(skinny.TILES_FILE))
+    ap.add_argument("--only", choices=["all", "skinny", "gate_up"], default="all",
+                    help="with --tune: the skinny matmul's entries, the fused gate_up's, or both")
     args = ap.parse_args()
     if args.tune:
-        return tune(args.out, args.tune_shapes.split(","))
+        return tune(args.out, args.tune_shapes.split(","), args.only)
     shape = SHAPES[args.shape]
     bandwidth = measure_hbm_bandwidth()
     dtype, dev = torch.bfloat16, torch.device("cuda")

@@ -19,14 +19,15 @@ each shape and token count T it prints, in microseconds per layer:
              thousands of tokens, where arithmetic, not the weight-read floor, binds;
 and each one's ratio to the floor, the bf16 max |triton - loop|, and the tiles the table gives T.
 
---tune times candidate tiles (block_m, block_n, block_k, warps, stages; 24 or 72 per token count)
-for each shape and token count, graphed, keeps the fastest, then tries the down GEMM on tiles of
-its own (24, gate_up's fixed; kept for a 2% gain); up to 8 tokens the per-pair layout on the
-same candidates too; then grouped_mm where it is faster still; and for token counts up to 32 the
-router's one launch (matmul and routing, 24 candidates) against cuBLAS + route_topk, into
-`--router-out` (default: the bundled model/kernels/router_tiles.json) where it wins by 2%,
-and merges them into `--out` (default: the bundled model/kernels/moe_tiles.json), which
-the engine reads at start;
+--tune first tunes the router: for token counts up to 32, its one launch (matmul and routing,
+24 candidates) against cuBLAS + route_topk, into `--router-out` (default: the bundled
+model/kernels/router_tiles.json) where it wins by 2%. Then it times candidate tiles (block_m,
+block_n, block_k, warps, stages; 24 or 72 per token count) for each shape and token count,
+graphed, keeps the fastest, then tries the down GEMM on tiles of its own (24, gate_up's fixed;
+kept for a 2% gain); up to 8 tokens the per-pair layout on the same candidates too; then
+grouped_mm where it is faster still, and merges them into `--out` (default: the bundled
+model/kernels/moe_tiles.json), which the engine reads at start. Each table is written as soon as
+an entry lands, so a sweep stopped at a time limit keeps what it measured.
 STRATA_MOE_TILES=FILE tries a table without replacing the bundled one. `--tp N` benchmarks or
 tunes the shape of one rank of N with split experts (expert width / N). A full sweep compiles a
 few hundred kernels: run one shape per call (`--shapes qwen3-30b-a3b --iters 20`) to stay within
@@ -209,6 +210,13 @@ def write_table(table: dict, path: str, about: str) -> None:
 
 def tune(args, device: torch.device, dtype: torch.dtype) -> None:
     quick = device.type != "cuda"
+    # The router first (a few seconds), and each table written as soon as an entry lands: a sweep
+    # stopped at a command's time limit keeps what it measured.
+    routers = json.load(open(args.router_out)) if os.path.exists(args.router_out) else {}
+    for name in args.shapes.split(","):
+        for tokens in sorted({t for t in map(int, args.tokens.split(",")) if t <= moe_route.FUSED_MAX_TOKENS}):
+            tune_router(name, tokens, args, device, dtype, routers)
+    write_table(routers, args.router_out, "strata.model.kernels.moe_route")
     table = json.load(open(args.out)) if os.path.exists(args.out) else {}
     for name in args.shapes.split(","):
         experts, top_k, hidden, width = moe_dims(name, args.tp)
@@ -244,12 +252,7 @@ def tune(args, device: torch.device, dtype: torch.dtype) -> None:
                     entry, best = entry[:5] + ["grouped_mm"], replace(best, down=None)
                 print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
             entries[str(tokens)] = entry + ([list(best.down)] if best.down is not None else [])
-    write_table(table, args.out, "strata.model.kernels.moe_tuning")
-    routers = json.load(open(args.router_out)) if os.path.exists(args.router_out) else {}
-    for name in args.shapes.split(","):
-        for tokens in sorted({t for t in map(int, args.tokens.split(",")) if t <= moe_route.FUSED_MAX_TOKENS}):
-            tune_router(name, tokens, args, device, dtype, routers)
-    write_table(routers, args.router_out, "strata.model.kernels.moe_route")
+            write_table(table, args.out, "strata.model.kernels.moe_tuning")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
-#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), moe-kernels,
+#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), tune-gemm, tune-gate-up (the fused gate_up's entries alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
 #          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
 #          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32 (GPU time per
@@ -32,8 +32,9 @@ for step in $1; do
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
     gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
     tune-gemm)  run tune-gemm 550 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
+    tune-gate-up) run tune-gate-up 300 python3 benchmarks/bench_gemm.py --tune --only gate_up --out "$OUT/skinny_tiles.json" ;;
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
-    tune-moe-decode) cp -n model/kernels/moe_tiles.json "$OUT/moe_tiles.json"  # merged into, then checked in
+    tune-moe-decode) cp -n model/kernels/moe_tiles.json model/kernels/router_tiles.json "$OUT/"  # merged into
                 run tune-moe-decode 400 python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b --tokens 1,4 \
                   --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
