@@ -83,6 +83,24 @@ def tuned_projections(name: str) -> list[tuple[int, int]]:
     return [projections[p] for p in names]
 
 
+def fastest(kernel, candidates, want: torch.Tensor, xs, ws, to_beat_ms: float, label: str):
+    """(tiles, ms) of the candidate `kernel(x, w, *tiles)` fastest over the stack, if one beats
+    `to_beat_ms` and computes `want` for the last input; else (None, to_beat_ms)."""
+    best, best_ms = None, to_beat_ms
+    for tiles in candidates:
+        try:
+            if not torch.allclose(kernel(xs[-1], ws[0], *tiles).float(), want.float(), atol=2e-2, rtol=2e-2):
+                print(f"  {label} {tiles}: wrong result, skipped")
+                continue
+            ms = stack_ms(lambda x, w, t=tiles: kernel(x, w, *t), xs, ws)
+        except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
+            print(f"  {label} {tiles}: {type(err).__name__}, skipped")
+            continue
+        if ms < best_ms:
+            best, best_ms = tiles, ms
+    return best, best_ms
+
+
 def tune(out: str, shape_names: list[str], only: str) -> None:
     """The skinny matmul's table: per (N, K, rows bucket), the fastest tiles where they beat cuBLAS."""
     dtype, dev = torch.bfloat16, torch.device("cuda")
@@ -97,22 +115,9 @@ def tune(out: str, shape_names: list[str], only: str) -> None:
             xs = [torch.randn(rows, k, dtype=dtype, device=dev) for rows in (low, bucket)]
             low = bucket + 1
             cublas = stack_ms(torch.nn.functional.linear, xs, ws)
-            best, best_ms = None, cublas
-            for tiles in CANDIDATES:
-                if k // tiles[4] < 2 * tiles[1]:
-                    continue
-                try:
-                    ref = torch.nn.functional.linear(xs[1], ws[0])
-                    got = skinny.skinny_matmul(xs[1], ws[0], *tiles)
-                    if not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
-                        print(f"  {n}x{k}/m{bucket} {tiles}: wrong result, skipped")
-                        continue
-                    ms = stack_ms(lambda x, w, t=tiles: skinny.skinny_matmul(x, w, *t), xs, ws)
-                except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
-                    print(f"  {n}x{k}/m{bucket} {tiles}: {type(err).__name__}, skipped")
-                    continue
-                if ms < best_ms:
-                    best, best_ms = tiles, ms
+            fits = [t for t in CANDIDATES if k // t[4] >= 2 * t[1]]
+            best, best_ms = fastest(skinny.skinny_matmul, fits, torch.nn.functional.linear(xs[1], ws[0]),
+                                    xs, ws, cublas, f"{n}x{k}/m{bucket}")
             key, verdict = skinny.tile_key(n, k, bucket), "cuBLAS kept"
             if best is not None and best_ms < 0.97 * cublas:
                 table[key] = list(best[:4] if best[4] == 1 else best)
@@ -146,20 +151,9 @@ def tune_gate_up(table: dict, shape_names: list[str]) -> None:
             xs = [torch.randn(rows, k, dtype=dtype, device=dev) for rows in (low, bucket)]
             low = bucket + 1
             two = stack_ms(lambda x, w: silu_and_mul(torch.nn.functional.linear(x, w)), xs, ws)
-            want = silu_and_mul(torch.nn.functional.linear(xs[1], ws[0])).float()
-            best, best_ms = None, two
-            for tiles in GATE_UP_CANDIDATES:
-                try:
-                    if not torch.allclose(skinny_gate_up.gate_up_silu(xs[1], ws[0], *tiles).float(), want,
-                                          atol=2e-2, rtol=2e-2):
-                        print(f"  gate_up {n}x{k}/m{bucket} {tiles}: wrong result, skipped")
-                        continue
-                    ms = stack_ms(lambda x, w, t=tiles: skinny_gate_up.gate_up_silu(x, w, *t), xs, ws)
-                except Exception as err:  # noqa: BLE001 - a candidate that does not compile is skipped
-                    print(f"  gate_up {n}x{k}/m{bucket} {tiles}: {type(err).__name__}, skipped")
-                    continue
-                if ms < best_ms:
-                    best, best_ms = tiles, ms
+            want = silu_and_mul(torch.nn.functional.linear(xs[1], ws[0]))
+            best, best_ms = fastest(skinny_gate_up.gate_up_silu, GATE_UP_CANDIDATES, want, xs, ws, two,
+                                    f"gate_up {n}x{k}/m{bucket}")
             key = skinny_gate_up.gate_up_key(n, k, bucket)
             taken = best is not None and best_ms < 0.97 * two
             if taken:

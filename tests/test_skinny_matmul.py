@@ -64,6 +64,16 @@ def test_only_tuned_16_bit_cuda_products_take_the_kernel(monkeypatch, tmp_path):
     torch.testing.assert_close(linear(x, w, b), x @ w.T + 1, **TOLERANCE[torch.float32])
 
 
+def test_a_malformed_entry_is_reported_once_and_left_untuned(caplog):
+    with caplog.at_level("WARNING"):
+        assert skinny.entry_of_length((16, 32, 4), (4, 5), "32x64/m16", "test tiles") is None
+        assert skinny.entry_of_length((16, 32, 4), (4, 5), "32x64/m16", "test tiles") is None
+        assert skinny.entry_of_length((16, 32, 4, 3), (4, 5), "32x64/m16", "test tiles") == (16, 32, 4, 3)
+        assert skinny.entry_of_length(None, (4, 5), "32x64/m16", "test tiles") is None
+    warned = [r.getMessage() for r in caplog.records if "test tiles" in r.getMessage()]
+    assert len(warned) == 1 and "32x64/m16" in warned[0] and "wants 4 or 5" in warned[0]
+
+
 def test_bundled_table_reads():
     assert all(len(v) in (4, 5) for v in skinny.load_tiles().values())
 

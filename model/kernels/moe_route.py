@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from strata.model.kernels import interpreting
-from strata.model.kernels.skinny_matmul import ROW_BUCKETS, load_tiles, row_bucket, rows_times_w
+from strata.model.kernels.skinny_matmul import ROW_BUCKETS, entry_of_length, load_tiles, row_bucket, rows_times_w
 from strata.model.kernels.split_scratch import SplitScratch
 
 # Elements of a program's [ROWS, E_PAD] tile: several rows per program when E is small. The
@@ -190,8 +190,9 @@ def fused_tiles(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int] |
     if not fuses(x, weight):
         return None
     key = router_tile_key(weight.shape[0], weight.shape[1], row_bucket(max(x.shape[0], 1)))
-    entry = load_tiles(str(ROUTER_TILES_FILE), "MoE router tiles").get(key)
-    return (entry[0], entry[1], entry[2]) if entry is not None and len(entry) == 3 else None
+    what = "MoE router tiles"
+    entry = entry_of_length(load_tiles(str(ROUTER_TILES_FILE), what).get(key), (3,), key, what)
+    return (entry[0], entry[1], entry[2]) if entry is not None else None
 
 
 def route_hidden_topk(

@@ -20,7 +20,7 @@ import triton.language as tl
 from strata.model.kernels import interpreting
 from strata.model.kernels.moe_tile import expert_tile
 from strata.model.kernels.paged_attention import dot_precision
-from strata.model.kernels.skinny_matmul import ROW_BUCKETS, load_tiles, row_bucket, tile_key
+from strata.model.kernels.skinny_matmul import ROW_BUCKETS, entry_of_length, load_tiles, row_bucket, tile_key
 
 
 @triton.jit
@@ -69,5 +69,8 @@ def gate_up_tiles_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, 
     if not x.is_cuda or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     bucket = row_bucket(x.shape[0])
-    entry = load_tiles().get(gate_up_key(weight.shape[0], weight.shape[1], bucket)) if bucket else None
-    return (entry[0], entry[1], entry[2], entry[3]) if entry is not None and len(entry) == 4 else None
+    if bucket is None:
+        return None
+    key = gate_up_key(weight.shape[0], weight.shape[1], bucket)
+    entry = entry_of_length(load_tiles().get(key), (4,), key, "fused gate_up tiles")
+    return (entry[0], entry[1], entry[2], entry[3]) if entry is not None else None

@@ -139,6 +139,21 @@ def load_tiles(path: str = str(TILES_FILE), what: str = "skinny matmul tiles") -
         return {}
 
 
+def entry_of_length(entry: tuple[int, ...] | None, lengths: tuple[int, ...], key: str, what: str):
+    """A table entry when it holds one of `lengths` numbers; a malformed one is logged (once) and
+    read as no entry, so a hand-edited table leaves that shape untuned instead of failing a step."""
+    if entry is None or len(entry) in lengths:
+        return entry
+    _warn_malformed(what, key, entry, lengths)
+    return None
+
+
+@functools.cache
+def _warn_malformed(what: str, key: str, entry: tuple[int, ...], lengths: tuple[int, ...]) -> None:
+    logger.warning("%s: entry %s = %s holds %d numbers, wants %s; ignored, that shape stays untuned",
+                   what, key, list(entry), len(entry), " or ".join(map(str, lengths)))
+
+
 def tiles_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...] | None:
     """The tuned tiles when this product should take the kernel (16-bit, on CUDA, few rows, a
     shape the table names), else None (cuBLAS)."""
@@ -147,4 +162,5 @@ def tiles_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...] | None:
     bucket = row_bucket(x.shape[0])
     if bucket is None:
         return None
-    return load_tiles().get(tile_key(weight.shape[0], weight.shape[1], bucket))
+    key = tile_key(weight.shape[0], weight.shape[1], bucket)
+    return entry_of_length(load_tiles().get(key), (4, 5), key, "skinny matmul tiles")
