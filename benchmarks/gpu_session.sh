@@ -2,7 +2,8 @@
 # One device session: GPU tests, then benchmarks; every log lands in $OUT.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
-#          is re-synced between calls), tests-one (one GPU: HF parity with Triton attention, graphs
+#          is re-synced between calls), tables-base / tables-new (swap in the tile tables carried in
+#          .base/, then back: a baseline in the same run), tests-one (one GPU: HF parity with Triton attention, graphs
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), tune-gemm, tune-gate-up (the fused gate_up's entries alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
 #          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
@@ -17,13 +18,18 @@ export RAY_DEDUP_LOGS=0 PYTHONPATH=$PWD:/tmp/site
 B="python3 benchmarks/bench_engine.py"
 J="--json-out $OUT/results.jsonl"
 TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
-run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
+# TAG=-base names a step's log apart (decode-moe-base.log), for a same-run baseline.
+run() { local name=$1${TAG:-} limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
         echo "rc=$?"; grep -E "all matmuls|decode batch|throughput:|TTFT|HF generate|passed|failed|Error|KV cache size|Maximum concurrency|GPU time per|engine, batch" "$OUT/$name.log" | head -20; }
+TABLES="moe_tiles.json router_tiles.json skinny_tiles.json"
 for step in $1; do
   case $step in
     setup)      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
                   --target /tmp/site .whl/*.whl >/dev/null
                 for d in app actors model placement; do ln -sfn ../$d strata/$d; done ;;
+    tables-base) mkdir -p /tmp/tables-new  # the tables as they were before this change (carried in .base/)
+                for t in $TABLES; do cp -n model/kernels/$t /tmp/tables-new/; cp .base/$t model/kernels/; done ;;
+    tables-new) cp /tmp/tables-new/*.json model/kernels/ ;;
     tests-one)  run tests-one ${TESTS_LIMIT:-400} python3 -m pytest -m gpu -q tests/test_gpu_one.py \
                   tests/test_input_buffers.py tests/test_sampler.py tests/test_fused_ops.py \
                   tests/test_triton_attention.py ${TESTS_K:+-k "$TESTS_K"} ;;
