@@ -31,7 +31,7 @@ from strata.model.kernels.moe_sum import tokens_sum
 from strata.model.kernels.moe_tile import expert_tile
 from strata.model.kernels.moe_tuning import MoeTiles
 from strata.model.kernels.paged_attention import dot_precision
-from strata.model.kernels.split_scratch import SplitScratch
+from strata.model.kernels.split_scratch import SplitScratch, last_to_arrive
 
 _BLOCK_M = 16  # tl.dot's least height; one row of it is real
 _SUM_TILE = 4096  # elements of the last program's [tokens, k, BLOCK_N] tile of rows to add
@@ -67,12 +67,7 @@ def _pair_gemm_kernel(
         c_at = c_ptr + pairs.to(tl.int64)[:, None] * c_sr + cols[None, :]
         tl.store(c_at, out, mask=real[:, None] & col_ok[None, :])
     if SUM_TOPK:
-        # Every thread's store comes before the count (the barrier), the count is acq_rel at GPU
-        # scope, and the last arrival re-arms it for the next launch (a graph replays it).
-        tl.debug_barrier()
-        counter = arrivals_ptr + col_block
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_pairs - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed")
+        if last_to_arrive(arrivals_ptr + col_block, num_pairs):  # the column block's last pair sums
             num_tokens = num_pairs // top_k
             for first in range(0, num_tokens, T_PAD):  # one pass up to T_PAD tokens: their loads at once
                 acc = tokens_sum(c_ptr, c_sr, ids_ptr, first, num_tokens, top_k, cols, col_ok, expert_start,

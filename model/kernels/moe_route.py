@@ -36,7 +36,7 @@ import triton.language as tl
 
 from strata.model.kernels import interpreting
 from strata.model.kernels.skinny_matmul import ROW_BUCKETS, entry_of_length, load_tiles, row_bucket, rows_times_w
-from strata.model.kernels.split_scratch import SplitScratch
+from strata.model.kernels.split_scratch import SplitScratch, last_to_arrive
 
 # Elements of a program's [ROWS, E_PAD] tile: several rows per program when E is small. The
 # interpreter's cost is per program and per op, not per element, so it takes larger tiles.
@@ -128,10 +128,7 @@ def _hidden_route_kernel(
     # it) and routes. Partials are read from L2 (.cg), past this SM's L1.
     tile = rows[:, None] * num_experts + cols[None, :]
     tl.store(partial_ptr + split * BLOCK_M * num_experts + tile, acc, mask=row_ok[:, None] & col_ok[None, :])
-    tl.debug_barrier()
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    if tl.atomic_add(arrivals_ptr, 1, sem="acq_rel") == programs - 1:
-        tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed")
+    if last_to_arrive(arrivals_ptr, tl.num_programs(0) * tl.num_programs(1)):
         experts = tl.arange(0, E_PAD)
         ok = row_ok[:, None] & (experts < num_experts)[None, :]
         row_logits = partial_ptr + rows[:, None] * num_experts + experts[None, :]

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.model.kernels.split_scratch import SplitScratch
+from strata.model.kernels.split_scratch import SplitScratch, last_to_arrive
 
 logger = logging.getLogger("strata")
 
@@ -70,16 +70,10 @@ def _skinny_kernel(
     out = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
     if SPLIT > 1:
         # Each split stores its float32 partial; the last of a column block's splits to finish
-        # (an atomic count, acq_rel at GPU scope, after a barrier that puts every thread's stores
-        # first) adds them in split order, so the sum does not depend on which finished first,
-        # and re-arms the counter for the next launch (a graph replays it). Partials are read
-        # from L2 (.cg), past this SM's L1.
+        # adds them in split order, so the sum does not depend on which finished first.
         part = partial_ptr + rows[:, None] * N + cols[None, :]
         tl.store(part + split * BLOCK_M * N, acc, mask=col_ok[None, :])
-        tl.debug_barrier()
-        counter = arrivals_ptr + col_block
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed")
+        if last_to_arrive(arrivals_ptr + col_block, SPLIT):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 acc += tl.load(part + s * BLOCK_M * N, mask=col_ok[None, :], other=0.0, cache_modifier=".cg")

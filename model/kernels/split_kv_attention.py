@@ -30,6 +30,7 @@ import triton.language as tl
 from strata.model.kernels.paged_attention import LOG2E, _attend_keys, dot_precision, tile_config
 from strata.model.kernels.rotary import _check as _check_rotary_inputs
 from strata.model.kernels.rotary import _rows_of
+from strata.model.kernels.split_scratch import last_to_arrive
 from strata.model.kernels.tuning import TileConfig
 
 QKNormWeights = tuple[torch.Tensor, torch.Tensor, float]  # q_norm weight, k_norm weight, eps
@@ -180,13 +181,8 @@ def _split_kv_kernel(
              acc / tl.where(has_keys, l_i, 1.0)[:, None], mask=out_ok)
 
     # The last of this (sequence, kv head)'s segments to finish weighs them all together: no
-    # second launch. The barrier puts every thread's partial stores before the count (acq_rel, GPU
-    # scope); the last program re-arms the counter for the next layer and the next step (graphs
-    # replay it) and reads the partials from L2 (.cg), past this SM's L1.
-    tl.debug_barrier()
-    counter = count_ptr + seq * num_kv_heads + kv_head
-    if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
-        tl.atomic_xchg(counter, 0, sem="relaxed")
+    # second launch.
+    if last_to_arrive(count_ptr + seq * num_kv_heads + kv_head, used):
         m = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: an empty partial (lse -inf) weighs 0
         total = tl.zeros([BLOCK_M], tl.float32)
         out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

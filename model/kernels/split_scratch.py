@@ -1,12 +1,28 @@
-"""Scratch for kernels whose programs meet in the last one to finish (split-K partials).
+"""Kernels whose programs meet in the last one to finish: their scratch and the arrival count.
 
-`skinny_matmul`'s split-K and `moe_route`'s fused router each keep one: float32 partials and int32
-arrival counters per device, at addresses a CUDA graph can replay.
+`skinny_matmul`'s split-K and `moe_route`'s fused router each keep a `SplitScratch`: float32
+partials and int32 arrival counters per device, at addresses a CUDA graph can replay.
+`last_to_arrive` is the count itself, shared by those two, split-KV attention and `moe_pairs`.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, arrivals):
+    """Whether this program is the last of `arrivals` to reach `counter_ptr`; that one re-arms the
+    counter to zero for the next launch (a CUDA graph replays it). The barrier puts every thread's
+    stores before the count, and the count is acq_rel at GPU scope, so the last program sees every
+    other program's partials (read them from L2, `.cg`, past this SM's L1)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+    return last
 
 
 class SplitScratch:
