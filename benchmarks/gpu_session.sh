@@ -3,7 +3,8 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
 #   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
 #          is re-synced between calls), tables-base / tables-new (swap in the tile tables carried in
-#          .base/, then back: a baseline in the same run), tests-one (one GPU: HF parity with Triton attention, graphs
+#          .base/, then back: a baseline in the same run), take-tables (the tables a tune step wrote
+#          to $OUT, into the tree), kernel-tests (the Triton kernels' bf16 GPU tests), tests-one (one GPU: HF parity with Triton attention, graphs
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), tune-gemm, tune-gate-up (the fused gate_up's entries alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
 #          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
@@ -38,11 +39,16 @@ for step in $1; do
     kernels)    run kernels 200 sh -c "python3 benchmarks/bench_attention.py && python3 benchmarks/bench_fused_ops.py" ;;
     gemm)       run gemm 120 python3 benchmarks/bench_gemm.py --shape llama-3.1-8b --batches 1,32 ;;
     tune-gemm)  run tune-gemm 550 python3 benchmarks/bench_gemm.py --tune --out "$OUT/skinny_tiles.json" ;;
-    tune-gate-up) run tune-gate-up 300 python3 benchmarks/bench_gemm.py --tune --only gate_up --out "$OUT/skinny_tiles.json" ;;
+    tune-gate-up) run tune-gate-up ${TUNE_LIMIT:-300} python3 benchmarks/bench_gemm.py --tune --only gate_up \
+                  --tune-shapes ${TUNE_SHAPES:-llama-3.1-8b,qwen2-7b,qwen3-8b} --out "$OUT/skinny_tiles.json" ;;
     moe-kernels) run moe-kernels 300 python3 benchmarks/bench_moe.py ;;
     tune-moe-decode) cp -n model/kernels/moe_tiles.json model/kernels/router_tiles.json "$OUT/"  # merged into
-                run tune-moe-decode 400 python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b --tokens 1,4 \
-                  --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
+                run tune-moe-decode ${TUNE_LIMIT:-400} python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b \
+                  --tokens ${TUNE_TOKENS:-1,4} --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
+    take-tables) for t in $TABLES; do if [ -f "$OUT/$t" ]; then cp "$OUT/$t" model/kernels/; fi; done ;;  # what a tune step wrote
+    kernel-tests) run kernel-tests ${TESTS_LIMIT:-170} python3 -m pytest -m gpu -q tests/test_fused_moe_kernels.py \
+                  tests/test_moe_route_fused.py tests/test_skinny_gate_up.py tests/test_skinny_matmul.py \
+                  tests/test_triton_attention.py ;;
     tune)       run tune 500 python3 benchmarks/tune_attention.py --out "$OUT/attention_tiles.json" ;;
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-moe) run decode-moe 200 $B --shape qwen3-30b-a3b --tp 1 --backend mp --decode-batches 1,32 $J ;;
