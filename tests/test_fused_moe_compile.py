@@ -1,4 +1,5 @@
-"""The fused MoE kernels compile for an H100/H200 (sm_90, bf16) on a machine without a GPU.
+"""The fused MoE kernels and the skinny split-K matmul compile for an H100/H200 (sm_90, bf16)
+on a machine without a GPU.
 
 Triton's interpreter accepts code the compiler rejects (and the reverse), so the CPU tests alone do
 not say the kernels build. Triton compiles to a cubin with no device present; it needs the kernels
@@ -22,7 +23,7 @@ def compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from strata.model.kernels import fused_moe, moe_align, moe_pairs, moe_route, moe_sum, skinny_gate_up
+    from strata.model.kernels import fused_moe, moe_align, moe_pairs, moe_route, moe_sum, skinny_gate_up, skinny_matmul
     from strata.model.kernels.moe_tuning import default_tiles
 
     done = []
@@ -64,6 +65,9 @@ def compile_all() -> list[str]:
                    BLOCK_K=256, SPLIT=split), num_warps=4)
     build(skinny_gate_up._gate_up_kernel, dict(x_ptr=bf16, w_ptr=bf16, y_ptr=bf16),  # the dense MLP's, same tile
           dict(PRECISE=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), num_warps=4, num_stages=4)
+    build(skinny_matmul._skinny_kernel, dict(x_ptr=bf16, w_ptr=bf16, y_ptr=bf16, partial_ptr="*fp32",
+                                             arrivals_ptr=i32),  # split-K: partials meet in the last split
+          dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT=2), num_warps=4, num_stages=4)
     return done
 
 
@@ -76,7 +80,7 @@ def test_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("bytes shared") == 14, run.stdout
+    assert run.stdout.count("bytes shared") == 15, run.stdout
 
 
 if __name__ == "__main__":

@@ -122,10 +122,8 @@ def _hidden_route_kernel(
     acc = rows_times_w(x_ptr, w_ptr, rows, cols, row_ok, col_ok, k_start, k_end, s_xm, s_xk, s_we, s_wk,
                        BLOCK_M, BLOCK_E, BLOCK_K)
     # Every program stores its float32 partial [BLOCK_M, BLOCK_E] at [split, row, expert]; the last
-    # of the whole grid to arrive (routing needs a row's every expert: one counter, acq_rel at GPU
-    # scope, after a barrier that puts every thread's stores first) adds them in split order (the
-    # same sum whichever finished first), re-arms the counter for the next launch (a graph replays
-    # it) and routes. Partials are read from L2 (.cg), past this SM's L1.
+    # of the whole grid to arrive (routing needs a row's every expert: one counter) adds them in
+    # split order (the same sum whichever finished first) and routes.
     tile = rows[:, None] * num_experts + cols[None, :]
     tl.store(partial_ptr + split * BLOCK_M * num_experts + tile, acc, mask=row_ok[:, None] & col_ok[None, :])
     if last_to_arrive(arrivals_ptr, tl.num_programs(0) * tl.num_programs(1)):
