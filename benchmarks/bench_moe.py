@@ -236,23 +236,60 @@ def tune(args, device: torch.device, dtype: torch.dtype) -> None:
                 best, best_us = with_down, down_us
             if tokens <= PAIRS_MAX_TOKENS:  # no align: taken only for a clear (2%) gain
                 grid = [replace(t, backend="pairs") for t in candidates(tokens, top_k, experts, quick)]
-                pairs, pairs_us = fastest(case, want, grid, args.iters, quick, f"{label} pairs")
-                own = [replace(pairs, down=d) for d in down_candidates(quick)] if pairs is not None else []
-                pairs_down, pairs_down_us = fastest(case, want, own, args.iters, quick, f"{label} pairs down")
-                if pairs_down is not None and (quick or pairs_down_us < 0.98 * pairs_us):
-                    pairs, pairs_us = pairs_down, pairs_down_us
-                print(f"{label}: aligned {best_us:.1f} us {best}, pairs {pairs_us:.1f} us {pairs}")
-                if pairs is not None and (quick or pairs_us < 0.98 * best_us):
-                    best, best_us = pairs, pairs_us
-            entry: list = [best.block_m, best.block_n, best.block_k, best.num_warps, best.num_stages]
-            entry += [best.backend] if best.backend != "triton" else []
+                best, best_us = pairs_or_aligned(case, want, grid, best, best_us, args.iters, quick, label)
             if not quick and dtype == torch.bfloat16:
                 grouped = graph_us(case.fused("grouped_mm", best), args.iters)
+                print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {table_entry(best)}   "
+                      f"grouped_mm {grouped:8.1f} us")
                 if grouped < best_us:
-                    entry, best = entry[:5] + ["grouped_mm"], replace(best, down=None)
-                print(f"{name:<15}T={tokens:<6} triton {best_us:8.1f} us {entry[:5]}   grouped_mm {grouped:8.1f} us")
-            entries[str(tokens)] = entry + ([list(best.down)] if best.down is not None else [])
+                    best = replace(best, backend="grouped_mm", down=None)
+            entries[str(tokens)] = table_entry(best)
             write_table(table, args.out, "strata.model.kernels.moe_tuning")
+
+
+def table_entry(tiles: MoeTiles) -> list:
+    """A moe_tiles.json entry: the five tiles, the backend unless "triton", down's own tiles if any."""
+    entry: list = [tiles.block_m, tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages]
+    entry += [tiles.backend] if tiles.backend != "triton" else []
+    return entry + ([list(tiles.down)] if tiles.down is not None else [])
+
+
+def pairs_or_aligned(case: Case, want: torch.Tensor, grid: list[MoeTiles], aligned: MoeTiles, aligned_us: float,
+                     iters: int, quick: bool, label: str) -> tuple[MoeTiles, float]:
+    """The fastest per-pair tiles of `grid`, then down's own with them, against the aligned layout's
+    best: (tiles, us) of the faster, the per-pair layout only for a clear (2%) gain."""
+    pairs, pairs_us = fastest(case, want, grid, iters, quick, f"{label} pairs")
+    own = [replace(pairs, down=d) for d in down_candidates(quick)] if pairs is not None else []
+    pairs_down, pairs_down_us = fastest(case, want, own, iters, quick, f"{label} pairs down")
+    if pairs_down is not None and (quick or pairs_down_us < 0.98 * pairs_us):
+        pairs, pairs_us = pairs_down, pairs_down_us
+    print(f"{label}: aligned {aligned_us:.1f} us {aligned}, pairs {pairs_us:.1f} us {pairs}")
+    if pairs is not None and (quick or pairs_us < 0.98 * aligned_us):
+        return pairs, pairs_us
+    return aligned, aligned_us
+
+
+def tune_pairs(args, device: torch.device, dtype: torch.dtype) -> None:
+    """--pairs-only: the per-pair layout against the table's aligned entry as it stands (measured,
+    not re-swept), on a neighbourhood of that entry's tiles: a few dozen compiles, not hundreds."""
+    quick = device.type != "cuda"
+    table = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    for name in args.shapes.split(","):
+        experts, top_k, hidden, width = moe_dims(name, args.tp)
+        entries = table.setdefault(shape_key(experts, width, hidden), {})
+        for tokens in [t for t in map(int, args.tokens.split(",")) if t <= PAIRS_MAX_TOKENS]:
+            case = Case(name, tokens, args.tp, device, dtype)
+            want = case.loop()()
+            aligned = lookup(tokens, top_k, experts, width, hidden)
+            aligned_us = 0.0 if quick else graph_us(case.fused(aligned.backend, aligned), args.iters)
+            near = itertools.product([16, 32, 64], [64, 128, 256], sorted({3, aligned.num_stages}))
+            grid = [replace(aligned, block_n=n, block_k=k, num_stages=s, backend="pairs", down=None)
+                    for n, k, s in near]
+            best, _ = pairs_or_aligned(case, want, grid[:1] if quick else grid, aligned, aligned_us, args.iters, quick,
+                                       f"{name} T={tokens}")
+            if best is not aligned:
+                entries[str(tokens)] = table_entry(best)
+                write_table(table, args.out, "strata.model.kernels.moe_tuning")
 
 
 def main() -> None:
@@ -262,6 +299,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--pairs-only", action="store_true",
+                        help="with --tune: only the per-pair layout, against the table's aligned entries as they stand")
     parser.add_argument("--out", default=str(TILES_FILE))
     parser.add_argument("--router-out", default=str(moe_route.ROUTER_TILES_FILE),
                         help="where --tune writes the router's table (one launch or two, per rows bucket)")
@@ -278,7 +317,7 @@ def main() -> None:
             args.router_out = os.path.join(tempfile.gettempdir(), "router_tiles_check.json")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    (tune if args.tune else bench)(args, device, dtype)
+    (tune_pairs if args.tune and args.pairs_only else tune if args.tune else bench)(args, device, dtype)
 
 
 if __name__ == "__main__":

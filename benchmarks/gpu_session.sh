@@ -7,7 +7,8 @@
 #          to $OUT, into the tree), kernel-tests (the Triton kernels' bf16 GPU tests), tests-one (one GPU: HF parity with Triton attention, graphs
 #          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), tune-gemm, tune-gate-up (the fused gate_up's entries alone), moe-kernels,
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
-#          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), decode-tp1,
+#          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), tune-moe-pairs
+#          (only the per-pair layout, against the table's aligned entries: minutes less), decode-tp1,
 #          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32 (GPU time per
 #          decode step by kernel), decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
 #          moe-ep-a2a
@@ -45,6 +46,9 @@ for step in $1; do
     tune-moe-decode) cp -n model/kernels/moe_tiles.json model/kernels/router_tiles.json "$OUT/"  # merged into
                 run tune-moe-decode ${TUNE_LIMIT:-400} python3 benchmarks/bench_moe.py --tune --shapes qwen3-30b-a3b \
                   --tokens ${TUNE_TOKENS:-1,4} --iters 20 --out "$OUT/moe_tiles.json" --router-out "$OUT/router_tiles.json" ;;
+    tune-moe-pairs) cp -n model/kernels/moe_tiles.json "$OUT/"
+                run tune-moe-pairs ${TUNE_LIMIT:-200} python3 benchmarks/bench_moe.py --tune --pairs-only \
+                  --shapes qwen3-30b-a3b --tokens ${TUNE_TOKENS:-1} --iters 20 --out "$OUT/moe_tiles.json" ;;
     take-tables) for t in $TABLES; do if [ -f "$OUT/$t" ]; then cp "$OUT/$t" model/kernels/; fi; done ;;  # what a tune step wrote
     kernel-tests) run kernel-tests ${TESTS_LIMIT:-170} python3 -m pytest -m gpu -q tests/test_fused_moe_kernels.py \
                   tests/test_moe_route_fused.py tests/test_skinny_gate_up.py tests/test_skinny_matmul.py \

@@ -66,3 +66,15 @@ def test_tuning_script_writes_a_table(tmp_path) -> None:
                     "--tune", "--out", str(out)], check=True, env=env, capture_output=True, timeout=300)
     table = load_tiles(str(out))
     assert set(table[shape_key(8, 32, 64)]) == {1, 9}
+
+
+def test_pairs_only_tuning_writes_a_per_pair_entry(tmp_path) -> None:
+    """`--tune --pairs-only` (the interpreter takes any per-pair candidate that computes right):
+    the one-token entry becomes a "pairs" entry that the loader reads; nothing else is swept."""
+    out = tmp_path / "tiles.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_moe.py"), "--device", "cpu",
+                    "--tune", "--pairs-only", "--out", str(out)], check=True, env=env, capture_output=True,
+                   timeout=300)
+    entries = load_tiles(str(out))[shape_key(8, 32, 64)]
+    assert set(entries) == {1} and entries[1].backend == "pairs"

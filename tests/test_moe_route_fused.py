@@ -31,23 +31,30 @@ SHAPES = [(8, 2, 1), (60, 4, 3), (128, 8, 1), (128, 8, 17)]
 
 def exact_hidden(tokens: int, experts: int, dtype: torch.dtype, hidden: int = HIDDEN,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] and W [E, H] whose product is exact (small multiples of 1/16: every partial sum is
-    exact in float16 and float32) and, row by row, a shuffled grid of step 1/16 (distinct logits).
+    """x [T, H] and W [E, H] whose product is exact (small multiples of 1/16, each W value within 16:
+    exact in bfloat16 too, and every partial sum exact in float32) and, row by row, a shuffled grid
+    of step 1/16 (distinct logits).
 
-    x is dense {-1, 0, 1} on most columns (each W column counts for every expert), plus one column
-    of its own per token, scattered over H (every split counts), whose 1 picks a column of W that
-    makes up the difference to the wanted logits."""
+    x is dense {-1, 0, 1} on most columns (each W column counts for every expert), plus a few
+    columns of its own per token, scattered over H (every split counts), whose 1s pick columns of W
+    that make up the difference to the wanted logits, in parts small enough for bfloat16's 8 bits."""
     gen = torch.Generator().manual_seed(seed)
     want = torch.stack([torch.randperm(experts, generator=gen) for _ in range(tokens)]).double()
     want = (want - experts / 2) / 16
-    own = torch.randperm(hidden, generator=gen)[:tokens]  # token t's own column of x
     x = torch.randint(-1, 2, (tokens, hidden), generator=gen).double()
     w = torch.randint(-2, 3, (experts, hidden), generator=gen).double() / 8
-    x[:, own] = 0.0
-    x[torch.arange(tokens), own] = 1.0
-    w[:, own] = 0.0
-    w[:, own] = (want - x.double() @ w.T).T
-    assert torch.equal(x @ w.T, want) and w.abs().max() < 64  # exact in float16 too
+    parts = 4 if hidden >= 8 * tokens else 1  # 4 own columns a token where H has room
+    own = torch.randperm(hidden, generator=gen)[:tokens * parts].view(tokens, parts)
+    x[:, own.flatten()] = 0.0
+    w[:, own.flatten()] = 0.0
+    rest = (want - x @ w.T).T  # [E, T]: what the own columns must add
+    for part in range(parts):
+        x[torch.arange(tokens), own[:, part]] = 1.0
+        share = rest if part == parts - 1 else torch.round(rest * 16 / (parts - part)) / 16
+        w[:, own[:, part]] = share
+        rest = rest - share
+    assert torch.equal(x @ w.T, want) and w.abs().max() <= 16, "W's own columns need more parts"
+    assert torch.equal(w.to(torch.bfloat16).double(), w)  # exact in every dtype the tests use
     return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
 
 
