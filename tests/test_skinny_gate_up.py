@@ -91,3 +91,18 @@ def test_bf16_llama_shape_on_gpu(rows):
     x.normal_()
     graph.replay()
     torch.testing.assert_close(out, reference(x, w), **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bundled_entries_on_gpu():
+    """Every gate_up entry of the bundled table, at its bucket's fewest and most rows, in bf16."""
+    entries = {k: v for k, v in skinny_gate_up.load_tiles().items() if k.startswith("gate_up/")}
+    for key, tiles in entries.items():
+        shape, bucket = key.removeprefix("gate_up/").split("/m")
+        n, k = map(int, shape.split("x"))
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        for rows in (int(bucket) - 15, int(bucket)):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(skinny_gate_up.gate_up_silu(x, w, *tiles), reference(x, w),
+                                       **TOLERANCE[torch.bfloat16])

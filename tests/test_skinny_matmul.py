@@ -84,6 +84,8 @@ def test_tuned_shapes_match_cublas_in_bfloat16():
     """Every product the bundled table sends to the kernel, at its bucket's fewest and most rows,
     within bf16 rounding of cuBLAS (both accumulate in float32)."""
     for key, tiles in skinny.load_tiles().items():
+        if key.startswith("gate_up/"):  # the fused gate_up's entries: test_skinny_gate_up checks them
+            continue
         shape, bucket = key.split("/m")
         n, k = map(int, shape.split("x"))
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
