@@ -60,6 +60,8 @@ def main() -> None:
                     help="with --ep: how tokens reach their experts' ranks (EngineConfig.ep_dispatch)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--decode-batches", default="", help="comma-separated batch sizes, e.g. 1,32")
+    ap.add_argument("--decode-steps", type=int, default=64, help="decode steps a timed run takes")
+    ap.add_argument("--decode-repeats", type=int, default=5, help="timed runs per batch size (the median is reported)")
     ap.add_argument("--num-prompts", type=int, default=0, help="offline throughput run size (0: skip)")
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
@@ -86,7 +88,8 @@ def main() -> None:
         record["kv_cache_tokens"] = facts[0]["num_blocks"] * llm.config.block_size
         record["gpu"] = facts[0]["gpu"]
         for batch in [int(b) for b in args.decode_batches.split(",") if b]:
-            runs = decode_ms_per_token(llm, batch, shape["vocab_size"])
+            runs = decode_ms_per_token(llm, batch, shape["vocab_size"], steps=args.decode_steps,
+                                       repeats=args.decode_repeats)
             ms = runs[len(runs) // 2]
             floor = decode_step_floor_s(shape, facts, batch, 160, args.tp, bandwidth) * 1000
             record[f"decode_b{batch}_ms"] = round(ms, 2)
