@@ -9,8 +9,8 @@
 #          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
 #          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), tune-moe-pairs
 #          (only the per-pair layout, against the table's aligned entries: minutes less), decode-tp1,
-#          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32 (GPU time per
-#          decode step by kernel), decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
+#          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32, profile-moe-b1 (GPU time
+#          per decode step by kernel), decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
 #          moe-ep-a2a
 set -u
 OUT=${OUT:-/tmp/out}
@@ -61,6 +61,8 @@ for step in $1; do
     decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
     profile-b1) run profile-b1 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 1 ;;
     profile-b32) run profile-b32 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 32 ;;
+    profile-moe-b1) run profile-moe-b1 200 python3 benchmarks/profile_decode.py --shape qwen3-30b-a3b --num-prompts 0 \
+                  --profile-batch 1 ;;
     decode-tp2) run decode-tp2 150 $B --shape llama-3.1-8b --tp 2 --decode-batches 1,32 $J ;;
     decode-tp4) run decode-tp4 150 $B --shape llama-3.1-8b --tp 4 --decode-batches 1,32 $J ;;
     decode-pp2) run decode-pp2 150 $B --shape llama-3.1-8b --pp 2 --decode-batches 1,32 $J ;;
