@@ -21,7 +21,8 @@ B="python3 benchmarks/bench_engine.py"
 J="--json-out $OUT/results.jsonl"
 TPUT="--num-prompts ${NUM_PROMPTS:-1000} --input-len 1024 --output-len 128"
 # TAG=-base names a step's log apart (decode-moe-base.log), for a same-run baseline; DECODE_ARGS
-# (e.g. "--decode-steps 128 --decode-repeats 9") and DECODE_BATCHES reach decode-moe's bench_engine.
+# (e.g. "--decode-steps 128 --decode-repeats 9") and DECODE_BATCHES reach decode-moe's and decode-tp1's
+# bench_engine.
 run() { local name=$1${TAG:-} limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
         echo "rc=$?"; grep -E "all matmuls|decode batch|throughput:|TTFT|HF generate|passed|failed|Error|KV cache size|Maximum concurrency|GPU time per|engine, batch" "$OUT/$name.log" | head -20; }
 TABLES="moe_tiles.json router_tiles.json skinny_tiles.json"
@@ -58,7 +59,8 @@ for step in $1; do
     tests)      run tests ${TESTS_LIMIT:-300} python3 -m pytest -m gpu -q tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     decode-moe) run decode-moe 200 $B --shape qwen3-30b-a3b --tp 1 --backend mp --decode-batches ${DECODE_BATCHES:-1,32} \
                   ${DECODE_ARGS:-} $J ;;
-    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches 1,32 --ttft $J ;;
+    decode-tp1) run decode-tp1 150 $B --shape llama-3.1-8b --tp 1 --backend mp --decode-batches ${DECODE_BATCHES:-1,32} \
+                  --ttft ${DECODE_ARGS:-} $J ;;
     profile-b1) run profile-b1 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 1 ;;
     profile-b32) run profile-b32 200 python3 benchmarks/profile_decode.py --num-prompts 0 --profile-batch 32 ;;
     profile-moe-b1) run profile-moe-b1 200 python3 benchmarks/profile_decode.py --shape qwen3-30b-a3b --num-prompts 0 \
