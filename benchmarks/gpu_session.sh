@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then benchmarks; every log lands in $OUT.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "<step> <step> ..."
-#   steps: setup (carried .whl wheels + the package-dir links; needed in every device call: the tree
-#          is re-synced between calls), tables-base / tables-new (swap in the tile tables carried in
-#          .base/, then back: a baseline in the same run), take-tables (the tables a tune step wrote
-#          to $OUT, into the tree), kernel-tests (the Triton kernels' bf16 GPU tests), tests-one (one GPU: HF parity with Triton attention, graphs
-#          vs eager, kernels), tests (2+ GPUs), gemm (the step's matmuls alone), tune-gemm, tune-gate-up (the fused gate_up's entries alone), moe-kernels,
-#          tune-moe-decode (the per-pair MoE layout against the aligned one at 1 and 4 tokens, into
-#          $OUT/moe_tiles.json, try it with STRATA_MOE_TILES=; and the router's one launch), tune-moe-pairs
-#          (only the per-pair layout, against the table's aligned entries: minutes less), decode-tp1,
-#          decode-qwen, decode-moe (Qwen3-30B-A3B, tp=1), profile-b1, profile-b32, profile-moe-b1 (GPU time
-#          per decode step by kernel), decode-tp2, decode-tp4, decode-pp2, hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep,
-#          moe-ep-a2a
+#   setup           the carried .whl wheels and the package-dir links; in every call (the tree is
+#                   re-synced between calls)
+#   tables-base / tables-new   swap in the tile tables carried in .base/, then back: a same-run baseline
+#   take-tables     the tables a tune step wrote to $OUT, into the tree
+#   pack            every log into $OUT/logs.tar.gz (at most 8 files of $OUT come back); put it last
+#   kernel-tests    the Triton kernels' bf16 GPU tests
+#   tests-one       one GPU: HF parity with Triton attention, graphs vs eager, kernels
+#   tests           2+ GPUs
+#   gemm, tune-gemm, tune-gate-up   the step's matmuls alone; their tune; the fused gate_up's alone
+#   moe-kernels     one MoE layer, every path
+#   tune-moe-decode the router's one launch, then the MoE tiles (aligned and per-pair) at 1 and 4
+#                   tokens, into $OUT (try a table with STRATA_MOE_TILES=)
+#   tune-moe-pairs  only the per-pair layout, against the table's entries: minutes less
+#   decode-tp1, decode-qwen, decode-moe (Qwen3-30B-A3B), decode-tp2, decode-tp4, decode-pp2
+#   profile-b1, profile-b32, profile-moe-b1   GPU time per decode step by kernel
+#   hf, tput-tp1, tput-tp2, tput-pp2, kernels, tune, moe-tp, moe-ep, moe-ep-a2a
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -51,6 +56,7 @@ for step in $1; do
     tune-moe-pairs) cp -n model/kernels/moe_tiles.json "$OUT/"
                 run tune-moe-pairs ${TUNE_LIMIT:-200} python3 benchmarks/bench_moe.py --tune --pairs-only \
                   --shapes qwen3-30b-a3b --tokens ${TUNE_TOKENS:-1} --iters 20 --out "$OUT/moe_tiles.json" ;;
+    pack)       (cd "$OUT" && ls *.log >/dev/null 2>&1 && tar -czf logs.tar.gz --remove-files *.log) ;;  # 8 files come back
     take-tables) for t in $TABLES; do if [ -f "$OUT/$t" ]; then cp "$OUT/$t" model/kernels/; fi; done ;;  # what a tune step wrote
     kernel-tests) run kernel-tests ${TESTS_LIMIT:-170} python3 -m pytest -m gpu -q tests/test_fused_moe_kernels.py \
                   tests/test_moe_route_fused.py tests/test_skinny_gate_up.py tests/test_skinny_matmul.py \
