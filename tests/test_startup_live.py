@@ -236,8 +236,7 @@ def _foreign_ray():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
         [session] = (Path(root) / "ray").glob("session_2*")
-        _wait_until_quiet(proc)
-        yield port, session / "logs", [p for p in psutil.Process(proc.pid).children(recursive=True) if _alive(p)]
+        yield port, session / "logs", _started_processes(proc)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -246,8 +245,8 @@ def _foreign_ray():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _wait_until_quiet(proc: subprocess.Popen, deadline_s: float = 60.0) -> None:
-    """Until the foreign Ray's processes are done starting (under half a core for a second).
+def _started_processes(proc: subprocess.Popen, deadline_s: float = 60.0) -> list[psutil.Process]:
+    """The foreign Ray's live processes, once they are done starting (under half a core for a second).
     "Ray runtime started" comes while its agents still import: on two cores they starved our
     private Ray's raylet past Ray's fixed 30 s registration wait (seen once in CI)."""
     deadline = time.monotonic() + deadline_s
@@ -262,7 +261,8 @@ def _wait_until_quiet(proc: subprocess.Popen, deadline_s: float = 60.0) -> None:
             with contextlib.suppress(psutil.Error):
                 busy += p.cpu_percent(None)
         if busy < 50.0:
-            return
+            break
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if _alive(p)]
 
 
 # How much later than its normal start `LLM()` may be ready beside a stale file and a foreign Ray:
